@@ -1,0 +1,243 @@
+//! The one error-code table.
+//!
+//! Every failure that leaves the library carries a stable dotted code
+//! (`verify.checksum_mismatch`, `repo.locked`, ...). The code decides the
+//! class, and the class decides both the HTTP status and the CLI exit code of
+//! the contract (`shared/spec/api-reference.md`). Nothing else maps errors.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::fmt;
+
+/// The contract's error classes: one HTTP status and one CLI exit code each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    Misuse,
+    AuthRequired,
+    AuthDenied,
+    NotFound,
+    Conflict,
+    Preflight,
+    Verify,
+    Unavailable,
+    Unimplemented,
+    Internal,
+}
+
+impl Class {
+    pub fn http_status(self) -> u16 {
+        match self {
+            Class::Misuse => 400,
+            Class::AuthRequired => 401,
+            Class::AuthDenied => 403,
+            Class::NotFound => 404,
+            Class::Conflict => 409,
+            Class::Preflight => 412,
+            Class::Verify => 422,
+            Class::Unavailable => 503,
+            Class::Unimplemented => 501,
+            Class::Internal => 500,
+        }
+    }
+
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Class::Misuse => 2,
+            Class::AuthRequired | Class::AuthDenied => 3,
+            Class::Preflight => 4,
+            Class::NotFound => 6,
+            Class::Conflict => 7,
+            Class::Unavailable => 8,
+            Class::Verify => 9,
+            Class::Unimplemented | Class::Internal => 1,
+        }
+    }
+}
+
+/// Every code the library emits: `(code, class, retryable)`.
+/// Documented in `docs/specs/errors.md`; a test keeps the two in step.
+pub const CODES: &[(&str, Class, bool)] = &[
+    ("usage.invalid_argument", Class::Misuse, false),
+    ("usage.invalid_time", Class::Misuse, false),
+    ("auth.key_required", Class::AuthRequired, false),
+    ("auth.bad_key", Class::AuthDenied, false),
+    ("authz.denied", Class::AuthDenied, false),
+    ("repo.not_found", Class::NotFound, false),
+    ("repo.already_exists", Class::Conflict, false),
+    ("repo.locked", Class::Conflict, true),
+    ("repo.format_unsupported", Class::Misuse, false),
+    ("repo.config_invalid", Class::Verify, false),
+    ("deployment.not_found", Class::NotFound, false),
+    ("deployment.conflict", Class::Conflict, false),
+    ("deployment.invalid", Class::Misuse, false),
+    ("backup.not_found", Class::NotFound, false),
+    ("backup.source_unreadable", Class::Preflight, false),
+    ("restore.target_not_empty", Class::Preflight, false),
+    ("restore.target_invalid", Class::Preflight, false),
+    ("verify.checksum_mismatch", Class::Verify, false),
+    ("verify.decrypt_failed", Class::Verify, false),
+    ("verify.malformed", Class::Verify, false),
+    ("verify.truncated", Class::Verify, false),
+    ("verify.missing_object", Class::Verify, false),
+    ("verify.signature_invalid", Class::Verify, false),
+    ("storage.unreachable", Class::Unavailable, true),
+    ("storage.io", Class::Internal, true),
+    ("io.read_failed", Class::Internal, false),
+    ("io.write_failed", Class::Internal, false),
+    ("pipeline.aborted", Class::Internal, false),
+    ("unimplemented", Class::Unimplemented, false),
+    ("internal", Class::Internal, false),
+];
+
+/// Looks a code up in [`CODES`]. Unknown codes are internal errors.
+pub fn lookup(code: &str) -> (Class, bool) {
+    CODES
+        .iter()
+        .find(|(c, _, _)| *c == code)
+        .map(|(_, class, retry)| (*class, *retry))
+        .unwrap_or((Class::Internal, false))
+}
+
+/// What to do about an error: the contract's `suggestion` object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Suggestion {
+    pub human: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    pub doc_url: String,
+}
+
+/// A coded error: what the CLI prints and the API returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub code: Cow<'static, str>,
+    pub message: String,
+    pub subject: Map<String, Value>,
+    pub suggestion: Option<Suggestion>,
+}
+
+impl Problem {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        debug_assert!(
+            CODES.iter().any(|(c, _, _)| *c == code),
+            "error code {code} missing from CODES"
+        );
+        Problem {
+            code: Cow::Borrowed(code),
+            message: message.into(),
+            subject: Map::new(),
+            suggestion: None,
+        }
+    }
+
+    pub fn class(&self) -> Class {
+        lookup(&self.code).0
+    }
+
+    pub fn retryable(&self) -> bool {
+        lookup(&self.code).1
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        self.class().exit_code()
+    }
+
+    pub fn http_status(&self) -> u16 {
+        self.class().http_status()
+    }
+
+    /// Adds one `subject` field (`deployment`, `backup_id`, `pack`, ...).
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.subject.insert(key.to_string(), value.into());
+        self
+    }
+
+    pub fn suggest(mut self, human: impl Into<String>, command: Option<String>) -> Self {
+        let slug = self.code.replace(['.', '_'], "-");
+        self.suggestion = Some(Suggestion {
+            human: human.into(),
+            command,
+            doc_url: format!("https://docs.pghardstorage.org/runbooks/{slug}"),
+        });
+        self
+    }
+
+    /// Prefixes the message with context, keeping the code.
+    pub fn context(mut self, what: impl fmt::Display) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Problem::new("internal", message)
+    }
+
+    pub fn io(code: &'static str, what: impl fmt::Display, err: &std::io::Error) -> Self {
+        Problem::new(code, format!("{what}: {err}"))
+    }
+
+    /// The contract's `error` object.
+    pub fn to_json(&self) -> Value {
+        let mut error = Map::new();
+        error.insert("code".into(), Value::String(self.code.to_string()));
+        error.insert("message".into(), Value::String(self.message.clone()));
+        error.insert("subject".into(), Value::Object(self.subject.clone()));
+        if let Some(s) = &self.suggestion {
+            error.insert(
+                "suggestion".into(),
+                serde_json::to_value(s).unwrap_or(Value::Null),
+            );
+        }
+        Value::Object(error)
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Problem {}
+
+pub type Result<T, E = Problem> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_table_maps_status_and_exit() {
+        let cases = [
+            ("usage.invalid_argument", 400, 2),
+            ("auth.key_required", 401, 3),
+            ("authz.denied", 403, 3),
+            ("backup.not_found", 404, 6),
+            ("repo.locked", 409, 7),
+            ("restore.target_not_empty", 412, 4),
+            ("verify.checksum_mismatch", 422, 9),
+            ("storage.unreachable", 503, 8),
+            ("internal", 500, 1),
+        ];
+        for (code, http, exit) in cases {
+            let (class, _) = lookup(code);
+            assert_eq!(class.http_status(), http, "{code}");
+            assert_eq!(class.exit_code(), exit, "{code}");
+        }
+    }
+
+    #[test]
+    fn codes_are_unique_and_dotted() {
+        let mut seen = std::collections::HashSet::new();
+        for (code, _, _) in CODES {
+            assert!(seen.insert(*code), "duplicate {code}");
+            assert!(
+                code.chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '.' || c == '_'),
+                "{code}"
+            );
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! Repository format v1: the byte layouts every stage and reader share.
+//! Normative description: `docs/specs/format.md`. Every parser here takes
+//! untrusted bytes, returns `verify.*` problems instead of panicking, and has
+//! a fuzz target.
+
+use crate::stage::ChunkId;
+use crate::Problem;
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+// ---------------------------------------------------------------- config
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkerParams {
+    pub algorithm: String,
+    pub min_size: u32,
+    pub avg_size: u32,
+    pub max_size: u32,
+    pub normalization: u8,
+}
+
+impl Default for ChunkerParams {
+    fn default() -> Self {
+        ChunkerParams {
+            algorithm: "fastcdc-v2020".into(),
+            min_size: 256 << 10,
+            avg_size: 1 << 20,
+            max_size: 4 << 20,
+            normalization: 1,
+        }
+    }
+}
+
+impl ChunkerParams {
+    pub fn validate(&self) -> Result<(), Problem> {
+        let ok = self.algorithm == "fastcdc-v2020"
+            && self.min_size >= 64
+            && self.avg_size >= 256
+            && self.max_size <= 16 << 20
+            && self.min_size < self.avg_size
+            && self.avg_size < self.max_size
+            && self.min_size % 2 == 0
+            && self.avg_size % 2 == 0
+            && self.max_size % 2 == 0
+            && self.normalization <= 3;
+        if ok {
+            Ok(())
+        } else {
+            Err(Problem::new(
+                "usage.invalid_argument",
+                format!(
+                    "chunker parameters {}/{}/{} are invalid: need even sizes with \
+                     64 <= min < avg < max <= 16 MiB and avg >= 256",
+                    self.min_size, self.avg_size, self.max_size
+                ),
+            )
+            .suggest("Pass --chunk-size MIN,AVG,MAX, e.g. 262144,1048576,4194304", None))
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionParams {
+    /// `zstd` or `none`.
+    pub algorithm: String,
+    pub level: i32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConfig {
+    pub format_version: u32,
+    pub repo_id: String,
+    pub created_at: String,
+    pub chunker: ChunkerParams,
+    pub compression: CompressionParams,
+    /// `aes-256-gcm` or `none`.
+    pub encryption: String,
+    pub pack_target_bytes: u64,
+}
+
+// ---------------------------------------------------------------- keys
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "alg", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Kdf {
+    Argon2id {
+        m_kib: u32,
+        t: u32,
+        p: u32,
+        salt: String,
+    },
+    /// The KEK is the 32 bytes of a key file (hex).
+    KeyFile,
+}
+
+/// A random master key wrapped (AES-256-GCM) by a key-encryption key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEnvelope {
+    pub version: u32,
+    pub key_id: String,
+    pub created_at: String,
+    pub kdf: Kdf,
+    /// hex(nonce[12] | ciphertext | tag[16]) of the 32-byte master key.
+    pub wrapped: String,
+}
+
+// ---------------------------------------------------------------- chunk envelope
+
+/// First byte of every chunk envelope of format v1.
+pub const ENVELOPE_V1: u8 = 0xC1;
+pub const NONCE_LEN: usize = 12;
+pub const TAG_LEN: usize = 16;
+/// Largest plaintext a chunk may claim (the chunker's hard maximum).
+pub const MAX_CHUNK: u32 = 16 << 20;
+
+/// A parsed chunk envelope: `ENVELOPE_V1 | flags | raw_len u32le | nonce? | body`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct EnvelopeView<'a> {
+    pub flags: u8,
+    pub raw_len: u32,
+    pub nonce: Option<[u8; NONCE_LEN]>,
+    /// Ciphertext + tag when encrypted, else the (compressed) plaintext.
+    pub body: &'a [u8],
+}
+
+pub fn envelope_header(flags: u8, raw_len: u32, nonce: Option<&[u8; NONCE_LEN]>) -> Vec<u8> {
+    let mut h = Vec::with_capacity(6 + NONCE_LEN);
+    h.push(ENVELOPE_V1);
+    h.push(flags);
+    h.extend_from_slice(&raw_len.to_le_bytes());
+    if let Some(n) = nonce {
+        h.extend_from_slice(n);
+    }
+    h
+}
+
+/// The associated data that binds a chunk's ciphertext to its id and to the
+/// envelope header (version, flags, plaintext length).
+pub fn chunk_aad(id: &ChunkId, flags: u8, raw_len: u32) -> [u8; 38] {
+    let mut aad = [0u8; 38];
+    aad[0] = ENVELOPE_V1;
+    aad[1] = flags;
+    aad[2..6].copy_from_slice(&raw_len.to_le_bytes());
+    aad[6..].copy_from_slice(&id.0);
+    aad
+}
+
+pub fn parse_envelope(bytes: &[u8]) -> Result<EnvelopeView<'_>, Problem> {
+    use crate::stage::flags::*;
+    let bad = |m: &str| Problem::new("verify.malformed", format!("chunk envelope: {m}"));
+    if bytes.len() < 6 {
+        return Err(Problem::new("verify.truncated", "chunk envelope shorter than its header"));
+    }
+    if bytes[0] != ENVELOPE_V1 {
+        return Err(bad("unknown envelope version"));
+    }
+    let flags = bytes[1];
+    if flags & !(COMPRESSED_ZSTD | ENCRYPTED_AES256GCM) != 0 {
+        return Err(bad("unknown flags"));
+    }
+    let raw_len = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
+    if raw_len > MAX_CHUNK {
+        return Err(bad("plaintext length over the 16 MiB maximum"));
+    }
+    let mut rest = &bytes[6..];
+    let nonce = if flags & ENCRYPTED_AES256GCM != 0 {
+        if rest.len() < NONCE_LEN + TAG_LEN {
+            return Err(Problem::new("verify.truncated", "chunk envelope: truncated nonce or tag"));
+        }
+        let mut n = [0u8; NONCE_LEN];
+        n.copy_from_slice(&rest[..NONCE_LEN]);
+        rest = &rest[NONCE_LEN..];
+        Some(n)
+    } else {
+        None
+    };
+    if flags & COMPRESSED_ZSTD == 0 && nonce.is_none() && rest.len() != raw_len as usize {
+        return Err(Problem::new("verify.truncated", "chunk envelope: raw body length mismatch"));
+    }
+    Ok(EnvelopeView {
+        flags,
+        raw_len,
+        nonce,
+        body: rest,
+    })
+}
+
+// ---------------------------------------------------------------- packs
+
+pub const PACK_MAGIC: &[u8; 8] = b"PHSPACK\x01";
+pub const PACK_END: &[u8; 8] = b"PHSPEND\x01";
+const INDEX_ENTRY: usize = 32 + 8 + 4;
+
+/// Where one chunk's envelope lies inside a pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackEntry {
+    pub id: ChunkId,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Encodes a pack index: `count u32le | (id | offset u64le | len u32le)* | blake3[32]`.
+pub fn encode_pack_index(entries: &[PackEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + entries.len() * INDEX_ENTRY + 32);
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        out.extend_from_slice(&e.id.0);
+        out.extend_from_slice(&e.offset.to_le_bytes());
+        out.extend_from_slice(&e.len.to_le_bytes());
+    }
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+pub fn decode_pack_index(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
+    let trunc = || Problem::new("verify.truncated", "pack index truncated");
+    if bytes.len() < 4 + 32 {
+        return Err(trunc());
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(Problem::new("verify.checksum_mismatch", "pack index checksum mismatch"));
+    }
+    let count = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
+    let rest = &body[4..];
+    if rest.len() != count.checked_mul(INDEX_ENTRY).ok_or_else(trunc)? {
+        return Err(Problem::new("verify.malformed", "pack index length does not match its count"));
+    }
+    let mut out = Vec::with_capacity(count);
+    for rec in rest.chunks_exact(INDEX_ENTRY) {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&rec[..32]);
+        let mut off = [0u8; 8];
+        off.copy_from_slice(&rec[32..40]);
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&rec[40..44]);
+        out.push(PackEntry {
+            id: ChunkId(id),
+            offset: u64::from_le_bytes(off),
+            len: u32::from_le_bytes(len),
+        });
+    }
+    Ok(out)
+}
+
+/// Builds a pack in memory: `PACK_MAGIC | envelopes | index | index_len u32le | PACK_END`.
+#[derive(Default)]
+pub struct PackBuilder {
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl PackBuilder {
+    pub fn new(capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity);
+        buf.extend_from_slice(PACK_MAGIC);
+        PackBuilder {
+            buf,
+            entries: Vec::new(),
+        }
+    }
+    pub fn add(&mut self, id: ChunkId, envelope: &[u8]) {
+        self.entries.push(PackEntry {
+            id,
+            offset: self.buf.len() as u64,
+            len: envelope.len() as u32,
+        });
+        self.buf.extend_from_slice(envelope);
+    }
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    /// Seals the pack; returns its bytes and entries.
+    pub fn finish(mut self) -> (Vec<u8>, Vec<PackEntry>) {
+        let index = encode_pack_index(&self.entries);
+        self.buf.extend_from_slice(&index);
+        self.buf.extend_from_slice(&(index.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(PACK_END);
+        (self.buf, self.entries)
+    }
+}
+
+/// Reads a whole pack: checks framing and returns its entries.
+pub fn parse_pack(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
+    let trunc = |m: &str| Problem::new("verify.truncated", format!("pack: {m}"));
+    if bytes.len() < PACK_MAGIC.len() + 12 {
+        return Err(trunc("shorter than header and footer"));
+    }
+    if &bytes[..8] != PACK_MAGIC {
+        return Err(Problem::new("verify.malformed", "pack: bad magic"));
+    }
+    let end = bytes.len();
+    if &bytes[end - 8..] != PACK_END {
+        return Err(trunc("footer missing"));
+    }
+    let mut l = [0u8; 4];
+    l.copy_from_slice(&bytes[end - 12..end - 8]);
+    let index_len = u32::from_le_bytes(l) as usize;
+    let index_start = (end - 12)
+        .checked_sub(index_len)
+        .filter(|s| *s >= 8)
+        .ok_or_else(|| trunc("index length exceeds pack"))?;
+    let entries = decode_pack_index(&bytes[index_start..end - 12])?;
+    for e in &entries {
+        let stop = e.offset.checked_add(e.len as u64);
+        if e.offset < 8 || stop.is_none_or(|s| s > index_start as u64) {
+            return Err(Problem::new("verify.malformed", "pack: entry outside the data area"));
+        }
+    }
+    Ok(entries)
+}
+
+// ---------------------------------------------------------------- sealed objects
+
+/// Manifests, index objects and other metadata are "sealed":
+/// `magic[8] | flags u8 | nonce[12]? | body | mac[32]` where `mac` is keyed
+/// BLAKE3 over everything before it plus the object's key, and `body` is the
+/// (zstd-compressed, maybe encrypted) JSON or binary payload.
+pub const MANIFEST_MAGIC: &[u8; 8] = b"PHSMANI\x01";
+pub const INDEX_MAGIC: &[u8; 8] = b"PHSINDX\x01";
+pub const DEPLOYMENT_MAGIC: &[u8; 8] = b"PHSDEPL\x01";
+pub const MAC_LEN: usize = 32;
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct SealedView<'a> {
+    pub flags: u8,
+    pub nonce: Option<[u8; NONCE_LEN]>,
+    pub body: &'a [u8],
+    /// Bytes the MAC covers (everything before it).
+    pub signed: &'a [u8],
+    pub mac: [u8; MAC_LEN],
+}
+
+pub fn parse_sealed<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<SealedView<'a>, Problem> {
+    use crate::stage::flags::*;
+    if bytes.len() < 8 + 1 + MAC_LEN {
+        return Err(Problem::new("verify.truncated", "sealed object truncated"));
+    }
+    if &bytes[..8] != magic {
+        return Err(Problem::new("verify.malformed", "sealed object: wrong magic"));
+    }
+    let (signed, mac_bytes) = bytes.split_at(bytes.len() - MAC_LEN);
+    let mut mac = [0u8; MAC_LEN];
+    mac.copy_from_slice(mac_bytes);
+    let flags = signed[8];
+    if flags & !(COMPRESSED_ZSTD | ENCRYPTED_AES256GCM) != 0 {
+        return Err(Problem::new("verify.malformed", "sealed object: unknown flags"));
+    }
+    let mut body = &signed[9..];
+    let nonce = if flags & ENCRYPTED_AES256GCM != 0 {
+        if body.len() < NONCE_LEN + TAG_LEN {
+            return Err(Problem::new("verify.truncated", "sealed object: truncated nonce"));
+        }
+        let mut n = [0u8; NONCE_LEN];
+        n.copy_from_slice(&body[..NONCE_LEN]);
+        body = &body[NONCE_LEN..];
+        Some(n)
+    } else {
+        None
+    };
+    Ok(SealedView {
+        flags,
+        nonce,
+        body,
+        signed,
+        mac,
+    })
+}
+
+// ---------------------------------------------------------------- manifests
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// One path of a backed-up tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Relative, `/`-separated; hex of the raw bytes when `path_hex` is set.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub path_hex: bool,
+    pub kind: EntryKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_s: i64,
+    pub mtime_ns: u32,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<(ChunkId, u32)>,
+}
+
+impl Entry {
+    /// The raw path bytes.
+    pub fn path_bytes(&self) -> Result<Vec<u8>, Problem> {
+        if self.path_hex {
+            hex::decode(&self.path)
+                .map_err(|_| Problem::new("verify.malformed", "manifest: bad hex path"))
+        } else {
+            Ok(self.path.as_bytes().to_vec())
+        }
+    }
+
+    pub fn set_path_bytes(&mut self, raw: &[u8]) {
+        match std::str::from_utf8(raw) {
+            Ok(s) => {
+                self.path = s.to_string();
+                self.path_hex = false;
+            }
+            Err(_) => {
+                self.path = hex::encode(raw);
+                self.path_hex = true;
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes_logical: u64,
+    pub bytes_added: u64,
+    pub chunks: u64,
+    pub chunks_new: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub backup_id: String,
+    pub deployment: String,
+    pub kind: String,
+    pub source: serde_json::Value,
+    pub started_at: String,
+    pub finished_at: String,
+    pub chunker: ChunkerParams,
+    pub stats: BackupStats,
+    pub entries: Vec<Entry>,
+}
+
+impl Manifest {
+    /// Structural checks a reader runs after the MAC verified.
+    pub fn validate(&self) -> Result<(), Problem> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(Problem::new(
+                "repo.format_unsupported",
+                format!("manifest format {} is not supported", self.format_version),
+            ));
+        }
+        for e in &self.entries {
+            let raw = e.path_bytes()?;
+            let bad = raw.is_empty()
+                || raw.starts_with(b"/")
+                || raw.split(|b| *b == b'/').any(|c| c == b".." || c == b"." || c.is_empty())
+                || raw.contains(&0);
+            if bad {
+                return Err(Problem::new(
+                    "verify.malformed",
+                    format!("manifest: unsafe path {:?}", e.path),
+                ));
+            }
+            let sum: u64 = e.chunks.iter().map(|(_, l)| *l as u64).sum();
+            if e.kind == EntryKind::File && sum != e.size {
+                return Err(Problem::new(
+                    "verify.malformed",
+                    format!("manifest: chunks of {:?} do not add up to its size", e.path),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_roundtrip_and_truncation() {
+        let mut b = PackBuilder::new(1024);
+        b.add(ChunkId([1; 32]), b"hello");
+        b.add(ChunkId([2; 32]), b"world!");
+        let (bytes, entries) = b.finish();
+        assert_eq!(parse_pack(&bytes).expect("parse"), entries);
+        for cut in 0..bytes.len() {
+            assert!(parse_pack(&bytes[..cut]).is_err(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn envelope_rejects_garbage() {
+        assert!(parse_envelope(&[]).is_err());
+        assert!(parse_envelope(&[0xC1, 0x80, 0, 0, 0, 0]).is_err());
+        let h = envelope_header(0, 3, None);
+        let mut e = h.clone();
+        e.extend_from_slice(b"abc");
+        let v = parse_envelope(&e).expect("ok");
+        assert_eq!(v.body, b"abc");
+    }
+}

@@ -1,0 +1,74 @@
+//! Storage backends are plain byte stores behind one small trait.
+//!
+//! A call returns only once its effect is durable: `put` and
+//! `put_if_absent` mean fsync + rename on disk and a completed (conditional)
+//! PUT on S3. Retry, fault injection and throttling are wrappers implementing
+//! the same trait.
+
+use crate::Problem;
+use bytes::Bytes;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+}
+
+pub trait Store: Send + Sync {
+    /// Where it stores (for messages; never includes credentials).
+    fn describe(&self) -> String;
+    /// Writes or replaces `key`, durably.
+    fn put(&self, key: &str, data: Bytes) -> Result<(), Problem>;
+    /// Writes `key` only if absent; `Ok(false)` when it already exists.
+    fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, Problem>;
+    /// `Ok(None)` when absent.
+    fn get(&self, key: &str) -> Result<Option<Bytes>, Problem>;
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, Problem>;
+    /// Size of `key`, `None` when absent.
+    fn head(&self, key: &str) -> Result<Option<u64>, Problem>;
+    /// Every object under `prefix`, sorted by key.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, Problem>;
+    /// Removes `key`; absent is not an error.
+    fn delete(&self, key: &str) -> Result<(), Problem>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Delays every write: the "artificially slow storage" of the backpressure
+/// tests, and a way to rehearse a slow bucket.
+pub struct Throttled {
+    pub inner: DynStore,
+    pub put_delay: Duration,
+}
+
+impl Store for Throttled {
+    fn describe(&self) -> String {
+        format!("{} (throttled {:?}/put)", self.inner.describe(), self.put_delay)
+    }
+    fn put(&self, key: &str, data: Bytes) -> Result<(), Problem> {
+        std::thread::sleep(self.put_delay);
+        self.inner.put(key, data)
+    }
+    fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, Problem> {
+        std::thread::sleep(self.put_delay);
+        self.inner.put_if_absent(key, data)
+    }
+    fn get(&self, key: &str) -> Result<Option<Bytes>, Problem> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, Problem> {
+        self.inner.get_range(key, range)
+    }
+    fn head(&self, key: &str) -> Result<Option<u64>, Problem> {
+        self.inner.head(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, Problem> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), Problem> {
+        self.inner.delete(key)
+    }
+}

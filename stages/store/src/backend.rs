@@ -1,0 +1,291 @@
+//! The [`Store`] trait over `object_store`, made blocking with a private
+//! runtime so pipeline threads can call it directly.
+//!
+//! object_store's local backend writes a temporary file and renames it into
+//! place but does not fsync; for the durability rule (a manifest only after
+//! every object it names is on stable storage) this wrapper fsyncs the file
+//! and its directory before `put` returns.
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as OsPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use pg_hardstorage_engine::store::{DynStore, ObjectInfo, Store};
+use pg_hardstorage_engine::Problem;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct ObjectStoreBackend {
+    inner: Arc<dyn ObjectStore>,
+    rt: tokio::runtime::Runtime,
+    /// Root directory of a local repository (fsync target).
+    local_root: Option<PathBuf>,
+    prefix: String,
+    describe: String,
+}
+
+/// Opens a repository location: `/path`, `file:///path`, `s3://bucket/prefix`
+/// (endpoint, region and keys from `AWS_*`), or `memory://`.
+pub fn open_store(url: &str, create_dir: bool) -> Result<DynStore, Problem> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("store-io")
+        .enable_all()
+        .build()
+        .map_err(|e| Problem::internal(format!("tokio runtime: {e}")))?;
+    let bad = |m: String| {
+        Problem::new("usage.invalid_argument", m).suggest(
+            "Use /path, file:///path, s3://bucket/prefix or memory://",
+            None,
+        )
+    };
+    if url == "memory://" || url.starts_with("memory://") {
+        return Ok(Arc::new(ObjectStoreBackend {
+            inner: Arc::new(InMemory::new()),
+            rt,
+            local_root: None,
+            prefix: String::new(),
+            describe: "memory://".into(),
+        }));
+    }
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad(format!("repository URL {url:?} names no bucket")));
+        }
+        let mut b = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_retry(RetryConfig {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(15),
+                ..Default::default()
+            });
+        if let Ok(ep) = std::env::var("AWS_ENDPOINT_URL") {
+            b = b.with_endpoint(&ep).with_allow_http(ep.starts_with("http://"));
+        }
+        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+            b = b.with_region("us-east-1");
+        }
+        let s3 = b
+            .build()
+            .map_err(|e| bad(format!("S3 configuration for {url:?}: {e}")))?;
+        return Ok(Arc::new(ObjectStoreBackend {
+            inner: Arc::new(s3),
+            rt,
+            local_root: None,
+            prefix: prefix.trim_matches('/').to_string(),
+            describe: format!("s3://{bucket}/{}", prefix.trim_matches('/')),
+        }));
+    }
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    if path.is_empty() || !path.starts_with('/') && url.contains("://") {
+        return Err(bad(format!("unsupported repository URL {url:?}")));
+    }
+    let root = std::path::absolute(path)
+        .map_err(|e| bad(format!("repository path {path:?}: {e}")))?;
+    if create_dir {
+        std::fs::create_dir_all(&root)
+            .map_err(|e| Problem::io("io.write_failed", format!("create {}", root.display()), &e))?;
+    }
+    if !root.is_dir() {
+        return Err(Problem::new(
+            "repo.not_found",
+            format!("no repository directory at {}", root.display()),
+        )
+        .suggest("Create one first", Some("pg_hardstorage repo init".into())));
+    }
+    let local = LocalFileSystem::new_with_prefix(&root)
+        .map_err(|e| bad(format!("repository path {}: {e}", root.display())))?;
+    Ok(Arc::new(ObjectStoreBackend {
+        inner: Arc::new(local),
+        rt,
+        local_root: Some(root.clone()),
+        prefix: String::new(),
+        describe: root.display().to_string(),
+    }))
+}
+
+fn map_err(key: &str, e: object_store::Error) -> Problem {
+    let text = e.to_string();
+    let unreachable = matches!(e, object_store::Error::Generic { .. })
+        && (text.contains("connect") || text.contains("timed out") || text.contains("dns"));
+    let code = if unreachable {
+        "storage.unreachable"
+    } else {
+        "storage.io"
+    };
+    Problem::new(code, format!("{key}: {text}")).with("object", key)
+}
+
+impl ObjectStoreBackend {
+    fn path(&self, key: &str) -> OsPath {
+        if self.prefix.is_empty() {
+            OsPath::from(key)
+        } else {
+            OsPath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    fn sync_local(&self, key: &str) -> Result<(), Problem> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let file = root.join(key);
+        let sync = |p: &std::path::Path| -> std::io::Result<()> {
+            std::fs::File::open(p)?.sync_all()
+        };
+        sync(&file)
+            .map_err(|e| Problem::io("io.write_failed", format!("fsync {}", file.display()), &e))?;
+        if let Some(dir) = file.parent() {
+            sync(dir).map_err(|e| {
+                Problem::io("io.write_failed", format!("fsync {}", dir.display()), &e)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn put_mode(&self, key: &str, data: Bytes, mode: PutMode) -> Result<bool, Problem> {
+        let path = self.path(key);
+        let opts = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        let r = self
+            .rt
+            .block_on(self.inner.put_opts(&path, PutPayload::from(data), opts));
+        match r {
+            Ok(_) => {
+                self.sync_local(key)?;
+                Ok(true)
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(map_err(key, e)),
+        }
+    }
+}
+
+impl Store for ObjectStoreBackend {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn put(&self, key: &str, data: Bytes) -> Result<(), Problem> {
+        self.put_mode(key, data, PutMode::Overwrite).map(|_| ())
+    }
+
+    fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, Problem> {
+        self.put_mode(key, data, PutMode::Create)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Bytes>, Problem> {
+        let path = self.path(key);
+        let r = self.rt.block_on(async {
+            let g = self.inner.get(&path).await?;
+            g.bytes().await
+        });
+        match r {
+            Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(map_err(key, e)),
+        }
+    }
+
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, Problem> {
+        let path = self.path(key);
+        match self.rt.block_on(self.inner.get_range(&path, range.clone())) {
+            Ok(b) if b.len() as u64 == range.end - range.start => Ok(b),
+            Ok(_) => Err(Problem::new(
+                "verify.truncated",
+                format!("{key}: short read of {range:?}"),
+            )
+            .with("object", key)),
+            Err(object_store::Error::NotFound { .. }) => Err(Problem::new(
+                "verify.missing_object",
+                format!("{key} is missing from the repository"),
+            )
+            .with("object", key)),
+            Err(e) => {
+                let text = e.to_string();
+                if text.contains("out of bounds") || text.contains("Range") || text.contains("range") {
+                    Err(Problem::new("verify.truncated", format!("{key}: {text}")).with("object", key))
+                } else {
+                    Err(map_err(key, e))
+                }
+            }
+        }
+    }
+
+    fn head(&self, key: &str) -> Result<Option<u64>, Problem> {
+        match self.rt.block_on(self.inner.head(&self.path(key))) {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(map_err(key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, Problem> {
+        let p = self.path(prefix.trim_end_matches('/'));
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let r: Result<Vec<_>, _> = self
+            .rt
+            .block_on(self.inner.list(Some(&p)).try_collect::<Vec<_>>());
+        match r {
+            Ok(metas) => {
+                let mut out: Vec<ObjectInfo> = metas
+                    .into_iter()
+                    .map(|m| ObjectInfo {
+                        key: m.location.as_ref().get(strip..).unwrap_or_default().to_string(),
+                        size: m.size,
+                    })
+                    .collect();
+                out.sort_by(|a, b| a.key.cmp(&b.key));
+                Ok(out)
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+            Err(e) => Err(map_err(prefix, e)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<(), Problem> {
+        match self.rt.block_on(self.inner.delete(&self.path(key))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(map_err(key, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(store: &dyn Store) {
+        assert_eq!(store.get("a/b").expect("get"), None);
+        assert!(store.put_if_absent("a/b", Bytes::from_static(b"one")).expect("put"));
+        assert!(!store.put_if_absent("a/b", Bytes::from_static(b"two")).expect("put"));
+        assert_eq!(store.get("a/b").expect("get").as_deref(), Some(&b"one"[..]));
+        assert_eq!(store.get_range("a/b", 1..3).expect("range").as_ref(), b"ne");
+        store.put("a/c", Bytes::from_static(b"x")).expect("put");
+        let keys: Vec<_> = store.list("a/").expect("list").into_iter().map(|o| o.key).collect();
+        assert_eq!(keys, vec!["a/b", "a/c"]);
+        assert_eq!(store.head("a/c").expect("head"), Some(1));
+        store.delete("a/c").expect("delete");
+        store.delete("a/c").expect("delete twice");
+        assert_eq!(store.head("a/c").expect("head"), None);
+        assert!(store.list("nothing/").expect("list").is_empty());
+    }
+
+    #[test]
+    fn local_and_memory_backends_behave_alike() {
+        let dir = tempfile::tempdir().expect("tmp");
+        exercise(&*open_store(dir.path().to_str().expect("utf8"), false).expect("local"));
+        exercise(&*open_store("memory://", false).expect("memory"));
+    }
+}

@@ -1,0 +1,9 @@
+//! storage_put: chunk envelopes grouped into pack objects, written through
+//! `object_store` (local directory, S3-compatible, in memory).
+#![deny(clippy::unwrap_used)]
+
+mod backend;
+mod packer;
+
+pub use backend::{open_store, ObjectStoreBackend};
+pub use packer::{OnPackDurable, PackSink, PackSinkConfig};
