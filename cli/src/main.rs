@@ -1,1 +1,220 @@
-fn main() {}
+//! `pg_hardstorage`: the command-line face of the library. Every command
+//! calls the same library function the REST API calls, and prints the same
+//! body under `-o json`.
+
+mod commands;
+mod output;
+mod progress;
+
+use clap::{Args, Parser, Subcommand};
+use output::{Format, Out};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "pg_hardstorage", version, about = "Fast, verifying PostgreSQL backups")]
+pub struct Cli {
+    /// Repository: /path, file:///path, s3://bucket/prefix or memory://
+    #[arg(long, global = true, env = "PG_HARDSTORAGE_REPO")]
+    pub repo: Option<String>,
+    /// JSON file with defaults: {"repo": "...", "key_file": "..."}
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Output format (table on a terminal, json otherwise)
+    #[arg(short = 'o', long = "output", global = true, value_enum)]
+    pub output: Option<Format>,
+    /// Print nothing but errors
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Key file holding the repository KEK (instead of PG_HARDSTORAGE_PASSPHRASE)
+    #[arg(long, global = true)]
+    pub key_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create and inspect repositories
+    #[command(subcommand)]
+    Repo(RepoCmd),
+    /// Named backup sources
+    #[command(subcommand)]
+    Deployment(DeploymentCmd),
+    /// Take, list, show and verify backups
+    #[command(subcommand)]
+    Backup(BackupCmd),
+    /// Restore a backup into a directory
+    Restore(RestoreArgs),
+    /// WAL archiving (PostgreSQL deployments)
+    Wal {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Key management
+    Kms {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Audit log
+    Audit {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Health report
+    Doctor {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// API tokens
+    Token {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the REST API server
+    Serve {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Measure pipeline throughput and name the bottleneck stage
+    Bench(BenchArgs),
+    /// Print shell completions
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCmd {
+    /// Initialise a new repository
+    Init {
+        #[arg(long, default_value = "aes-256-gcm", value_parser = ["aes-256-gcm", "none"])]
+        encryption: String,
+        /// zstd, zstd:LEVEL or none
+        #[arg(long, default_value = "zstd:3")]
+        compression: String,
+        /// MIN,AVG,MAX chunk sizes in bytes
+        #[arg(long)]
+        chunk_size: Option<String>,
+        /// Target pack size in bytes
+        #[arg(long)]
+        pack_size: Option<u64>,
+    },
+    /// Show the repository configuration and deployments
+    Show,
+    Check,
+    Usage,
+    Gc {
+        #[arg(long)]
+        apply: bool,
+    },
+    Scrub {
+        #[arg(long)]
+        apply: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeploymentCmd {
+    /// Create a deployment (idempotent on NAME)
+    Create {
+        name: String,
+        #[arg(long, conflicts_with = "path", required_unless_present = "path")]
+        pg: Option<String>,
+        #[arg(long, requires = "pg")]
+        pgdata: Option<PathBuf>,
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+    List,
+    Show { name: String },
+    Update {
+        name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Remove a deployment (its backups are kept)
+    Delete { name: String },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PipelineArgs {
+    /// Worker threads (default: one per core)
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Byte budget of each pipeline edge
+    #[arg(long)]
+    pub queue_bytes: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCmd {
+    /// Take a backup of a deployment
+    Run {
+        deployment: String,
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    List { deployment: Option<String> },
+    Show { id: String },
+    Verify { id: String },
+    Delete { id: String },
+    Hold { id: String },
+    Release { id: String },
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    pub deployment: String,
+    /// Backup id or `latest`
+    #[arg(long)]
+    pub backup: String,
+    #[arg(long)]
+    pub target: PathBuf,
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long)]
+    pub to_lsn: Option<String>,
+    #[arg(long)]
+    pub to_name: Option<String>,
+    #[arg(long, default_value = "auto", value_parser = ["auto", "skip", "require"])]
+    pub verify: String,
+    /// Write into a non-empty target
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Bytes of generated input (e.g. 2G, 512M)
+    #[arg(long, default_value = "1G")]
+    pub size: String,
+    /// 0 = random, 1 = highly compressible text
+    #[arg(long, default_value_t = 0.5)]
+    pub compressibility: f64,
+    /// Read this directory instead of generating data
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Bytes per generated file
+    #[arg(long, default_value = "64M")]
+    pub file_size: String,
+    /// Bytes each single-core stage rate is measured on
+    #[arg(long, default_value = "128M")]
+    pub sample: String,
+    #[arg(long, default_value_t = 3)]
+    pub zstd_level: i32,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let mut out = Out::new(cli.output, cli.quiet);
+    let code = match commands::run(&cli, &mut out) {
+        Ok(()) => 0,
+        Err(p) => {
+            out.failure(&p);
+            p.exit_code()
+        }
+    };
+    std::process::exit(code);
+}

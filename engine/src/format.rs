@@ -470,6 +470,9 @@ impl Manifest {
         }
         for e in &self.entries {
             let raw = e.path_bytes()?;
+            if raw == b"." && e.kind == EntryKind::Dir {
+                continue; // the backed-up root itself
+            }
             let bad = raw.is_empty()
                 || raw.starts_with(b"/")
                 || raw.split(|b| *b == b'/').any(|c| c == b".." || c == b"." || c.is_empty())

@@ -1,1 +1,2 @@
-
+//! Test helpers: temporary repositories and trees. (PostgreSQL and S3
+//! helpers join here as the issues that need them land.)

@@ -1,0 +1,384 @@
+//! One function per command; each returns the JSON body the API returns.
+
+use crate::output::{bytes, Out};
+use crate::{BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, PipelineArgs, RepoCmd, RestoreArgs};
+use clap::CommandFactory;
+use pg_hardstorage_engine::format::ChunkerParams;
+use pg_hardstorage_engine::pipeline::PipelineConfig;
+use pg_hardstorage_engine::store::{DynStore, Throttled};
+use pg_hardstorage_engine::Problem;
+use pg_hardstorage_repo::backup::{backup_path, BackupOptions};
+use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
+use pg_hardstorage_repo::restore::{restore, RestoreOptions};
+use pg_hardstorage_repo::{bench, catalog, verify, InitOptions, KeySource, Repository};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+type R = Result<(), Problem>;
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    repo: Option<String>,
+    key_file: Option<std::path::PathBuf>,
+}
+
+fn config(cli: &Cli) -> Result<ConfigFile, Problem> {
+    let Some(path) = &cli.config else {
+        return Ok(ConfigFile::default());
+    };
+    let raw = std::fs::read(path)
+        .map_err(|e| Problem::io("usage.invalid_argument", format!("--config {}", path.display()), &e))?;
+    serde_json::from_slice(&raw).map_err(|e| {
+        Problem::new("usage.invalid_argument", format!("--config {}: {e}", path.display()))
+    })
+}
+
+fn store(cli: &Cli, create: bool) -> Result<DynStore, Problem> {
+    let cfg = config(cli)?;
+    let url = cli.repo.clone().or(cfg.repo).ok_or_else(|| {
+        Problem::new("usage.invalid_argument", "no repository given")
+            .suggest("Pass --repo or set PG_HARDSTORAGE_REPO", Some("export PG_HARDSTORAGE_REPO=/var/lib/pg_hardstorage".into()))
+    })?;
+    let s = phs_store::open_store(&url, create)?;
+    // A rehearsal knob for slow storage (and the crash and backpressure tests).
+    match std::env::var("PG_HARDSTORAGE_FAULT_PUT_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        Some(ms) => Ok(Arc::new(Throttled {
+            inner: s,
+            put_delay: Duration::from_millis(ms),
+        })),
+        None => Ok(s),
+    }
+}
+
+fn key_source(cli: &Cli) -> Result<KeySource, Problem> {
+    let cfg = config(cli)?;
+    KeySource::from_env(cli.key_file.clone().or(cfg.key_file))
+}
+
+fn open(cli: &Cli) -> Result<Repository, Problem> {
+    Repository::open(store(cli, false)?, &key_source(cli)?)
+}
+
+fn unimplemented(what: &str) -> Problem {
+    Problem::new(
+        "unimplemented",
+        format!("`{what}` is not implemented in this build yet"),
+    )
+    .suggest("See the project's open issues for when it lands", None)
+}
+
+fn pipeline_cfg(p: &PipelineArgs) -> PipelineConfig {
+    let mut c = PipelineConfig::default();
+    if let Some(w) = p.workers {
+        c.workers = w.max(1);
+    }
+    if let Some(q) = p.queue_bytes {
+        c.queue_bytes = q.max(1 << 20);
+    }
+    if let Some(ms) = std::env::var("PG_HARDSTORAGE_PROGRESS_MS").ok().and_then(|v| v.parse().ok()) {
+        c.progress_every = Duration::from_millis(ms);
+    }
+    c
+}
+
+pub fn run(cli: &Cli, out: &mut Out) -> R {
+    match &cli.command {
+        Command::Repo(c) => repo(cli, out, c),
+        Command::Deployment(c) => deployment_cmd(cli, out, c),
+        Command::Backup(c) => backup(cli, out, c),
+        Command::Restore(a) => restore_cmd(cli, out, a),
+        Command::Bench(a) => bench_cmd(out, a),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "pg_hardstorage", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Wal { .. } => Err(unimplemented("wal")),
+        Command::Kms { .. } => Err(unimplemented("kms")),
+        Command::Audit { .. } => Err(unimplemented("audit")),
+        Command::Doctor { .. } => Err(unimplemented("doctor")),
+        Command::Token { .. } => Err(unimplemented("token")),
+        Command::Serve { .. } => Err(unimplemented("serve")),
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, Problem> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match t[i..].to_ascii_uppercase().as_str() {
+                "K" | "KB" | "KIB" => 1u64 << 10,
+                "M" | "MB" | "MIB" => 1 << 20,
+                "G" | "GB" | "GIB" => 1 << 30,
+                "T" | "TB" | "TIB" => 1 << 40,
+                "B" => 1,
+                _ => return Err(Problem::new("usage.invalid_argument", format!("bad size {s:?}"))),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    num.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|n| *n >= 0.0)
+        .map(|n| (n * mult as f64) as u64)
+        .ok_or_else(|| Problem::new("usage.invalid_argument", format!("bad size {s:?} (e.g. 2G, 512M, 1048576)")))
+}
+
+fn repo(cli: &Cli, out: &mut Out, c: &RepoCmd) -> R {
+    match c {
+        RepoCmd::Init {
+            encryption,
+            compression,
+            chunk_size,
+            pack_size,
+        } => {
+            let zstd_level = match compression.as_str() {
+                "none" => None,
+                "zstd" => Some(3),
+                other => match other.strip_prefix("zstd:").and_then(|l| l.parse::<i32>().ok()) {
+                    Some(l) if (1..=22).contains(&l) => Some(l),
+                    _ => {
+                        return Err(Problem::new(
+                            "usage.invalid_argument",
+                            format!("--compression {other:?}: use zstd, zstd:LEVEL (1-22) or none"),
+                        ))
+                    }
+                },
+            };
+            let mut chunker = ChunkerParams::default();
+            if let Some(cs) = chunk_size {
+                let v: Vec<u32> = cs.split(',').filter_map(|x| parse_size(x).ok()).map(|x| x as u32).collect();
+                let [min, avg, max] = v.as_slice() else {
+                    return Err(Problem::new("usage.invalid_argument", format!("--chunk-size {cs:?}: want MIN,AVG,MAX")));
+                };
+                chunker.min_size = *min;
+                chunker.avg_size = *avg;
+                chunker.max_size = *max;
+            }
+            let mut opts = InitOptions {
+                encryption: encryption == "aes-256-gcm",
+                zstd_level,
+                chunker,
+                ..Default::default()
+            };
+            if let Some(p) = pack_size {
+                opts.pack_target_bytes = (*p).clamp(1 << 16, 1 << 30);
+            }
+            let r = Repository::init(store(cli, true)?, &key_source(cli)?, opts)?;
+            let body = json!({"repo": r.store.describe(), "config": r.config, "key_id": r.keys.key_id});
+            out.success("repo.init", body, |b| {
+                format!("initialised repository {} (key {})\n", b["repo"].as_str().unwrap_or(""), b["key_id"].as_str().unwrap_or(""))
+            });
+            Ok(())
+        }
+        RepoCmd::Show => {
+            let r = open(cli)?;
+            let deps: Vec<Value> = deployment::list(&r)?.iter().map(Deployment::public).collect();
+            let body = json!({"repo": r.store.describe(), "config": r.config, "deployments": deps});
+            out.success("repos.show", body, |b| {
+                format!(
+                    "repository {}\nformat v{}  encryption {}  compression {}\ndeployments: {}\n",
+                    b["repo"].as_str().unwrap_or(""),
+                    b["config"]["format_version"],
+                    b["config"]["encryption"].as_str().unwrap_or(""),
+                    b["config"]["compression"]["algorithm"].as_str().unwrap_or(""),
+                    b["deployments"].as_array().map_or(0, |a| a.len())
+                )
+            });
+            Ok(())
+        }
+        RepoCmd::Check => Err(unimplemented("repo check")),
+        RepoCmd::Usage => Err(unimplemented("repo usage")),
+        RepoCmd::Gc { .. } => Err(unimplemented("repo gc")),
+        RepoCmd::Scrub { .. } => Err(unimplemented("repo scrub")),
+    }
+}
+
+fn deployment_table(b: &Value) -> String {
+    let mut s = String::new();
+    let list = b.as_array().cloned().unwrap_or_else(|| vec![b.clone()]);
+    let _ = writeln!(s, "{:<24} {:<9} SOURCE", "NAME", "KIND");
+    for d in list {
+        let src = d["path"].as_str().or(d["pg"].as_str()).unwrap_or("");
+        let _ = writeln!(s, "{:<24} {:<9} {src}", d["name"].as_str().unwrap_or(""), d["kind"].as_str().unwrap_or(""));
+    }
+    s
+}
+
+fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
+    let r = open(cli)?;
+    match c {
+        DeploymentCmd::Create { name, pg, pgdata, path } => {
+            let d = Deployment {
+                name: name.clone(),
+                kind: if path.is_some() { Kind::Path } else { Kind::Postgres },
+                path: path.as_ref().map(|p| p.display().to_string()),
+                pg: pg.clone(),
+                pgdata: pgdata.as_ref().map(|p| p.display().to_string()),
+                created_at: pg_hardstorage_engine::event::now_rfc3339(),
+            };
+            let (d, created) = deployment::create(&r, d)?;
+            let mut body = d.public();
+            body["created"] = json!(created);
+            out.success("deployments.create", body, deployment_table);
+        }
+        DeploymentCmd::List => {
+            let body = Value::Array(deployment::list(&r)?.iter().map(Deployment::public).collect());
+            out.success("deployments.list", body, deployment_table);
+        }
+        DeploymentCmd::Show { name } => {
+            let body = deployment::get(&r, name)?.public();
+            out.success("deployments.show", body, deployment_table);
+        }
+        DeploymentCmd::Update { .. } => return Err(unimplemented("deployment update")),
+        DeploymentCmd::Delete { name } => {
+            let d = deployment::delete(&r, name)?;
+            let mut body = d.public();
+            body["deleted"] = json!(true);
+            body["backups_kept"] = json!(true);
+            out.success("deployments.delete", body, |_| format!("deleted deployment {name} (backups kept)\n"));
+        }
+    }
+    Ok(())
+}
+
+fn backups_table(b: &Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{:<44} {:>8} {:>11} {:>11}  FINISHED", "BACKUP", "FILES", "LOGICAL", "ADDED");
+    for x in b.as_array().cloned().unwrap_or_default() {
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8} {:>11} {:>11}  {}",
+            x["backup_id"].as_str().unwrap_or(""),
+            x["files"],
+            bytes(x["bytes_logical"].as_u64().unwrap_or(0)),
+            bytes(x["bytes_added"].as_u64().unwrap_or(0)),
+            x["finished_at"].as_str().unwrap_or("")
+        );
+    }
+    s
+}
+
+fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
+    match c {
+        BackupCmd::Run { deployment, pipeline } => {
+            let r = open(cli)?;
+            let d = deployment::get(&r, deployment)?;
+            if d.kind != Kind::Path {
+                return Err(unimplemented("backup run for postgres deployments"));
+            }
+            out.stream_events();
+            let opts = BackupOptions {
+                pipeline: pipeline_cfg(pipeline),
+                read_backend: None,
+            };
+            let m = backup_path(&r, deployment, &out.bus, &opts)?;
+            let body = serde_json::to_value(pg_hardstorage_repo::backup::BackupSummary::of(&m)).unwrap_or_default();
+            out.success("backups.take", body, |b| {
+                format!(
+                    "backup {} done: {} files, {} read, {} added\n",
+                    b["backup_id"].as_str().unwrap_or(""),
+                    b["files"],
+                    bytes(b["bytes_logical"].as_u64().unwrap_or(0)),
+                    bytes(b["bytes_added"].as_u64().unwrap_or(0))
+                )
+            });
+        }
+        BackupCmd::List { deployment } => {
+            let r = open(cli)?;
+            if let Some(d) = deployment {
+                deployment::validate_name(d)?;
+            }
+            let body = serde_json::to_value(catalog::list(&r, deployment.as_deref())?).unwrap_or_default();
+            out.success("backups.list", body, backups_table);
+        }
+        BackupCmd::Show { id } => {
+            let r = open(cli)?;
+            let m = catalog::load(&r, id)?;
+            let body = serde_json::to_value(&m).unwrap_or_default();
+            out.success("backups.show", body, |b| {
+                format!(
+                    "backup {}\ndeployment {}\nstarted {}  finished {}\nfiles {}  bytes {}  added {}\n",
+                    b["backup_id"].as_str().unwrap_or(""),
+                    b["deployment"].as_str().unwrap_or(""),
+                    b["started_at"].as_str().unwrap_or(""),
+                    b["finished_at"].as_str().unwrap_or(""),
+                    b["stats"]["files"],
+                    bytes(b["stats"]["bytes_logical"].as_u64().unwrap_or(0)),
+                    bytes(b["stats"]["bytes_added"].as_u64().unwrap_or(0)),
+                )
+            });
+        }
+        BackupCmd::Verify { id } => {
+            let r = open(cli)?;
+            let m = catalog::load(&r, id)?;
+            out.stream_events();
+            let threads = pg_hardstorage_engine::pipeline::default_workers();
+            let s = verify::verify(&r, &m, &out.bus, threads)?;
+            let body = serde_json::to_value(s).unwrap_or_default();
+            out.success("backups.verify", body, |b| {
+                format!(
+                    "backup {} verified: {} chunks in {} packs, {}\n",
+                    b["backup_id"].as_str().unwrap_or(""),
+                    b["chunks"],
+                    b["packs"],
+                    bytes(b["bytes"].as_u64().unwrap_or(0))
+                )
+            });
+        }
+        BackupCmd::Delete { .. } => return Err(unimplemented("backup delete")),
+        BackupCmd::Hold { .. } => return Err(unimplemented("backup hold")),
+        BackupCmd::Release { .. } => return Err(unimplemented("backup release")),
+    }
+    Ok(())
+}
+
+fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
+    if a.to.is_some() || a.to_lsn.is_some() || a.to_name.is_some() {
+        return Err(unimplemented("point-in-time restore (--to, --to-lsn, --to-name)"));
+    }
+    let r = open(cli)?;
+    deployment::validate_name(&a.deployment)?;
+    let m = catalog::resolve(&r, &a.deployment, &a.backup)?;
+    out.stream_events();
+    let opts = RestoreOptions {
+        target: a.target.clone(),
+        force: a.force,
+        threads: a.threads.unwrap_or_else(pg_hardstorage_engine::pipeline::default_workers),
+    };
+    let s = restore(&r, &m, &opts, &out.bus)?;
+    let body = serde_json::to_value(s).unwrap_or_default();
+    out.success("restores.initiate", body, |b| {
+        format!(
+            "restored {} into {}: {} files, {}\n",
+            b["backup_id"].as_str().unwrap_or(""),
+            b["target"].as_str().unwrap_or(""),
+            b["files"],
+            bytes(b["bytes"].as_u64().unwrap_or(0))
+        )
+    });
+    Ok(())
+}
+
+fn bench_cmd(out: &mut Out, a: &BenchArgs) -> R {
+    if !(0.0..=1.0).contains(&a.compressibility) {
+        return Err(Problem::new("usage.invalid_argument", "--compressibility must be within 0..1"));
+    }
+    let opts = bench::BenchOptions {
+        size: parse_size(&a.size)?,
+        file_size: parse_size(&a.file_size)?.max(1),
+        compressibility: a.compressibility,
+        dir: a.dir.clone(),
+        sample: parse_size(&a.sample)?.max(1 << 20),
+        zstd_level: a.zstd_level,
+        pipeline: pipeline_cfg(&a.pipeline),
+    };
+    let report = bench::run(&opts, &out.bus)?;
+    let body = serde_json::to_value(&report).unwrap_or_default();
+    out.success("bench", body, |_| report.table());
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! Finding backups: list, show, resolve `latest`.
+
+use crate::backup::{snapshot_key, BackupSummary};
+use crate::Repository;
+use pg_hardstorage_engine::format::{Manifest, MANIFEST_MAGIC};
+use pg_hardstorage_engine::Problem;
+
+pub fn load_manifest(repo: &Repository, deployment: &str, backup_id: &str) -> Result<Manifest, Problem> {
+    let key = snapshot_key(deployment, backup_id);
+    let body = repo.get_sealed(MANIFEST_MAGIC, &key)?.ok_or_else(|| not_found(backup_id))?;
+    let m: Manifest = serde_json::from_slice(&body)
+        .map_err(|e| Problem::new("verify.malformed", format!("manifest {backup_id}: {e}")))?;
+    if m.backup_id != backup_id || m.deployment != deployment {
+        return Err(Problem::new(
+            "verify.signature_invalid",
+            format!("manifest {key} names another backup ({})", m.backup_id),
+        ));
+    }
+    m.validate()?;
+    Ok(m)
+}
+
+fn not_found(backup_id: &str) -> Problem {
+    Problem::new("backup.not_found", format!("no backup {backup_id:?}"))
+        .with("backup_id", backup_id)
+        .suggest("List the backups", Some("pg_hardstorage backup list".into()))
+}
+
+/// The deployment a backup id belongs to: `<deployment>.<kind>.<stamp>`.
+pub fn deployment_of(backup_id: &str) -> Result<&str, Problem> {
+    match backup_id.split('.').collect::<Vec<_>>().as_slice() {
+        [d, _, _] if !d.is_empty() => Ok(d),
+        _ => Err(Problem::new(
+            "usage.invalid_argument",
+            format!("{backup_id:?} is not a backup id (<deployment>.<kind>.<YYYYMMDDTHHMMSSZ>)"),
+        )),
+    }
+}
+
+pub fn load(repo: &Repository, backup_id: &str) -> Result<Manifest, Problem> {
+    let d = deployment_of(backup_id)?;
+    load_manifest(repo, d, backup_id)
+}
+
+/// Committed backups, oldest first; only complete manifests exist at all.
+pub fn list(repo: &Repository, deployment: Option<&str>) -> Result<Vec<BackupSummary>, Problem> {
+    let prefix = match deployment {
+        Some(d) => {
+            crate::deployment::validate_name(d)?;
+            format!("snapshots/{d}/")
+        }
+        None => "snapshots/".into(),
+    };
+    let mut out = Vec::new();
+    for o in repo.store.list(&prefix)? {
+        let mut parts = o.key.splitn(3, '/').skip(1);
+        let (Some(d), Some(id)) = (parts.next(), parts.next()) else { continue };
+        out.push(BackupSummary::of(&load_manifest(repo, d, id)?));
+    }
+    out.sort_by(|a, b| (&a.finished_at, &a.backup_id).cmp(&(&b.finished_at, &b.backup_id)));
+    Ok(out)
+}
+
+/// Resolves `ID` or `latest` for a deployment.
+pub fn resolve(repo: &Repository, deployment: &str, which: &str) -> Result<Manifest, Problem> {
+    if which == "latest" {
+        let all = list(repo, Some(deployment))?;
+        let newest = all.last().ok_or_else(|| {
+            Problem::new("backup.not_found", format!("deployment {deployment:?} has no backup yet"))
+                .with("deployment", deployment)
+                .suggest("Take one", Some(format!("pg_hardstorage backup run {deployment}")))
+        })?;
+        return load_manifest(repo, deployment, &newest.backup_id);
+    }
+    let d = deployment_of(which)?;
+    if d != deployment {
+        return Err(Problem::new(
+            "usage.invalid_argument",
+            format!("backup {which} belongs to deployment {d:?}, not {deployment:?}"),
+        ));
+    }
+    load_manifest(repo, deployment, which)
+}

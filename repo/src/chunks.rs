@@ -1,0 +1,36 @@
+//! The verifying read path: every chunk read is decrypted (AEAD bound to its
+//! id), decompressed and re-hashed before a single byte is used.
+
+use crate::Repository;
+use phs_encrypt::{open_chunk, Aead};
+use pg_hardstorage_engine::stage::{flags, ChunkId};
+use pg_hardstorage_engine::Problem;
+
+/// Opens and checks one chunk envelope; returns its plaintext.
+pub fn decode_chunk(
+    repo: &Repository,
+    aead: Option<&Aead>,
+    id: &ChunkId,
+    envelope: &[u8],
+) -> Result<Vec<u8>, Problem> {
+    let mismatch = |why: String| {
+        Problem::new("verify.checksum_mismatch", format!("chunk {}: {why}", id.to_hex()))
+            .with("chunk", id.to_hex())
+    };
+    let (f, raw_len, body) = open_chunk(aead, id, envelope).map_err(|p| match p.class() {
+        pg_hardstorage_engine::Class::Verify => mismatch(p.message),
+        _ => p,
+    })?;
+    let plain = if f & flags::COMPRESSED_ZSTD != 0 {
+        phs_compress::decompress(&body, raw_len as usize).map_err(|p| mismatch(p.message))?
+    } else {
+        body
+    };
+    if plain.len() != raw_len as usize {
+        return Err(mismatch("length differs from its envelope".into()));
+    }
+    if phs_hash::chunk_id(&repo.keys.id, &plain) != *id {
+        return Err(mismatch("content hash differs from its id".into()));
+    }
+    Ok(plain)
+}

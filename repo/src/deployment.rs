@@ -1,0 +1,146 @@
+//! Deployments: named sources of backups, stored sealed in the repository
+//! (`deployments/<name>`), since a connection string may carry secrets.
+
+use crate::Repository;
+use pg_hardstorage_engine::format::DEPLOYMENT_MAGIC;
+use pg_hardstorage_engine::Problem;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Path,
+    Postgres,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    pub name: String,
+    pub kind: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgdata: Option<String>,
+    pub created_at: String,
+}
+
+impl Deployment {
+    /// Same settings (ignoring timestamps): an idempotent create matches.
+    fn same_settings(&self, other: &Deployment) -> bool {
+        self.kind == other.kind && self.path == other.path && self.pg == other.pg && self.pgdata == other.pgdata
+    }
+
+    /// The JSON body shown by `deployment show` (connection strings redacted).
+    pub fn public(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(pg) = &self.pg {
+            v["pg"] = serde_json::Value::String(redact(pg));
+        }
+        v
+    }
+}
+
+fn redact(conninfo: &str) -> String {
+    conninfo
+        .split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn validate_name(name: &str) -> Result<(), Problem> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Problem::new(
+            "usage.invalid_argument",
+            format!("deployment name {name:?} is invalid: use 1-63 of [A-Za-z0-9_-]"),
+        )
+        .suggest("Pick a name such as db1 or orders_prod", None))
+    }
+}
+
+fn key(name: &str) -> String {
+    format!("deployments/{name}")
+}
+
+/// Creates a deployment; returns `(deployment, created)`. Idempotent on name:
+/// the same settings return the existing one, different ones conflict.
+pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool), Problem> {
+    validate_name(&d.name)?;
+    if d.kind == Kind::Path {
+        let p = d.path.as_deref().unwrap_or_default();
+        let abs = std::path::absolute(p)
+            .map_err(|e| Problem::new("deployment.invalid", format!("path {p:?}: {e}")))?;
+        d.path = Some(abs.display().to_string());
+    }
+    if let Some(existing) = get_opt(repo, &d.name)? {
+        if existing.same_settings(&d) {
+            return Ok((existing, false));
+        }
+        return Err(Problem::new(
+            "deployment.conflict",
+            format!("deployment {:?} exists with different settings", d.name),
+        )
+        .with("deployment", d.name.clone())
+        .suggest(
+            "Choose another name, or delete the existing deployment first (its backups are kept)",
+            Some(format!("pg_hardstorage deployment show {}", d.name)),
+        ));
+    }
+    let body = serde_json::to_vec(&d).map_err(|e| Problem::internal(e.to_string()))?;
+    let sealed = repo.seal(DEPLOYMENT_MAGIC, &key(&d.name), &body)?;
+    if !repo.store.put_if_absent(&key(&d.name), bytes::Bytes::from(sealed))? {
+        // Someone created it concurrently: resolve as above.
+        return create(repo, d);
+    }
+    Ok((d, true))
+}
+
+pub fn get_opt(repo: &Repository, name: &str) -> Result<Option<Deployment>, Problem> {
+    validate_name(name)?;
+    match repo.get_sealed(DEPLOYMENT_MAGIC, &key(name))? {
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Problem::new("verify.malformed", format!("deployment {name}: {e}"))),
+        None => Ok(None),
+    }
+}
+
+pub fn get(repo: &Repository, name: &str) -> Result<Deployment, Problem> {
+    get_opt(repo, name)?.ok_or_else(|| {
+        Problem::new("deployment.not_found", format!("no deployment named {name:?}"))
+            .with("deployment", name)
+            .suggest("List the deployments", Some("pg_hardstorage deployment list".into()))
+    })
+}
+
+pub fn list(repo: &Repository) -> Result<Vec<Deployment>, Problem> {
+    let mut out = Vec::new();
+    for o in repo.store.list("deployments/")? {
+        let name = o.key.trim_start_matches("deployments/");
+        if let Some(d) = get_opt(repo, name)? {
+            out.push(d);
+        }
+    }
+    Ok(out)
+}
+
+/// Removes the deployment record; its backups stay in the repository.
+pub fn delete(repo: &Repository, name: &str) -> Result<Deployment, Problem> {
+    let d = get(repo, name)?;
+    repo.store.delete(&key(name))?;
+    Ok(d)
+}

@@ -1,0 +1,85 @@
+//! The repository index: which pack holds each chunk.
+//!
+//! Each pack gets one sealed index object (`index/<pack hash>`), written
+//! only after the pack is durable. Loading the index is listing `index/`.
+
+use crate::Repository;
+use phs_dedup::DedupIndex;
+use pg_hardstorage_engine::format::{decode_pack_index, encode_pack_index, PackEntry, INDEX_MAGIC};
+use pg_hardstorage_engine::stage::ChunkId;
+use pg_hardstorage_engine::Problem;
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// Position in [`RepoIndex::packs`].
+    pub pack: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Default)]
+pub struct RepoIndex {
+    pub packs: Vec<String>,
+    pub chunks: HashMap<ChunkId, Location>,
+}
+
+pub fn index_key(pack_key: &str) -> String {
+    let hash = pack_key.rsplit('/').next().unwrap_or(pack_key);
+    format!("index/{hash}")
+}
+
+/// Publishes a durable pack's index.
+pub fn write_index(repo: &Repository, pack_key: &str, entries: &[PackEntry]) -> Result<(), Problem> {
+    let mut payload = pack_key.as_bytes().to_vec();
+    payload.push(b'\n');
+    payload.extend_from_slice(&encode_pack_index(entries));
+    repo.put_sealed(INDEX_MAGIC, &index_key(pack_key), &payload)
+}
+
+impl RepoIndex {
+    pub fn load(repo: &Repository) -> Result<Self, Problem> {
+        let mut idx = RepoIndex::default();
+        for o in repo.store.list("index/")? {
+            let Some(payload) = repo.get_sealed(INDEX_MAGIC, &o.key)? else {
+                continue;
+            };
+            let nl = payload
+                .iter()
+                .position(|b| *b == b'\n')
+                .ok_or_else(|| Problem::new("verify.malformed", format!("{}: no pack name", o.key)))?;
+            let pack = String::from_utf8(payload[..nl].to_vec())
+                .map_err(|_| Problem::new("verify.malformed", format!("{}: bad pack name", o.key)))?;
+            let entries = decode_pack_index(&payload[nl + 1..]).map_err(|p| p.context(&o.key))?;
+            let n = idx.packs.len() as u32;
+            idx.packs.push(pack);
+            for e in entries {
+                idx.chunks.entry(e.id).or_insert(Location {
+                    pack: n,
+                    offset: e.offset,
+                    len: e.len,
+                });
+            }
+        }
+        Ok(idx)
+    }
+
+    pub fn dedup(&self) -> DedupIndex {
+        self.chunks.keys().copied().collect()
+    }
+
+    pub fn locate(&self, id: &ChunkId) -> Result<(&str, Location), Problem> {
+        let loc = self.chunks.get(id).ok_or_else(|| {
+            Problem::new(
+                "verify.missing_object",
+                format!("chunk {} is in no pack of the repository", id.to_hex()),
+            )
+            .with("chunk", id.to_hex())
+        })?;
+        let pack = self
+            .packs
+            .get(loc.pack as usize)
+            .ok_or_else(|| Problem::internal("index pack out of range"))?;
+        Ok((pack, *loc))
+    }
+}

@@ -1,0 +1,206 @@
+//! Key material: a random 32-byte master key per repository, wrapped by a
+//! key-encryption key (KEK) derived from a passphrase with Argon2id or read
+//! from a key file. Three subkeys are derived from the master key with
+//! BLAKE3's KDF, one per purpose, so no key is used for two things.
+
+use argon2::{Algorithm, Argon2, Params, Version};
+use phs_encrypt::{random_nonce, Aead};
+use pg_hardstorage_engine::format::{KeyEnvelope, Kdf, NONCE_LEN};
+use pg_hardstorage_engine::Problem;
+use std::path::PathBuf;
+
+/// Where the KEK comes from.
+#[derive(Clone)]
+pub enum KeySource {
+    Passphrase(String),
+    KeyFile(PathBuf),
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Passphrase(_) => f.write_str("Passphrase(<redacted>)"),
+            KeySource::KeyFile(p) => write!(f, "KeyFile({})", p.display()),
+        }
+    }
+}
+
+impl KeySource {
+    /// `--key-file` wins over `PG_HARDSTORAGE_PASSPHRASE`.
+    pub fn from_env(key_file: Option<PathBuf>) -> Result<Self, Problem> {
+        if let Some(p) = key_file {
+            return Ok(KeySource::KeyFile(p));
+        }
+        match std::env::var("PG_HARDSTORAGE_PASSPHRASE") {
+            Ok(p) if !p.is_empty() => Ok(KeySource::Passphrase(p)),
+            _ => Err(Problem::new(
+                "auth.key_required",
+                "no key material: set PG_HARDSTORAGE_PASSPHRASE or pass --key-file",
+            )
+            .suggest(
+                "Export the repository passphrase, or point --key-file at the key file",
+                Some("export PG_HARDSTORAGE_PASSPHRASE=...".into()),
+            )),
+        }
+    }
+}
+
+/// The repository's working keys.
+#[derive(Clone)]
+pub struct Keys {
+    pub key_id: String,
+    /// Chunk and metadata encryption (AES-256-GCM).
+    pub enc: [u8; 32],
+    /// Chunk ids (keyed BLAKE3).
+    pub id: [u8; 32],
+    /// Metadata signatures (keyed BLAKE3).
+    pub mac: [u8; 32],
+}
+
+impl Keys {
+    pub fn derive(key_id: String, master: &[u8; 32]) -> Self {
+        Keys {
+            key_id,
+            enc: blake3::derive_key("pg_hardstorage v1 chunk and metadata encryption", master),
+            id: blake3::derive_key("pg_hardstorage v1 chunk id", master),
+            mac: blake3::derive_key("pg_hardstorage v1 metadata signature", master),
+        }
+    }
+}
+
+fn kek(source: &KeySource, kdf: &Kdf) -> Result<[u8; 32], Problem> {
+    match (source, kdf) {
+        (KeySource::Passphrase(p), Kdf::Argon2id { m_kib, t, p: lanes, salt }) => {
+            let salt = hex::decode(salt)
+                .map_err(|_| Problem::new("repo.config_invalid", "key envelope: bad salt"))?;
+            let params = Params::new(*m_kib, *t, *lanes, Some(32))
+                .map_err(|e| Problem::new("repo.config_invalid", format!("argon2 params: {e}")))?;
+            let mut out = [0u8; 32];
+            Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+                .hash_password_into(p.as_bytes(), &salt, &mut out)
+                .map_err(|e| Problem::internal(format!("argon2: {e}")))?;
+            Ok(out)
+        }
+        (KeySource::KeyFile(path), Kdf::KeyFile) => read_key_file(path),
+        (KeySource::Passphrase(_), Kdf::KeyFile) => Err(Problem::new(
+            "auth.bad_key",
+            "this repository key is protected by a key file, not a passphrase",
+        )
+        .suggest("Pass --key-file PATH", None)),
+        (KeySource::KeyFile(_), Kdf::Argon2id { .. }) => Err(Problem::new(
+            "auth.bad_key",
+            "this repository key is protected by a passphrase, not a key file",
+        )
+        .suggest("Set PG_HARDSTORAGE_PASSPHRASE", None)),
+    }
+}
+
+/// A key file holds 32 bytes: raw, or 64 hex digits.
+pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], Problem> {
+    let raw = std::fs::read(path).map_err(|e| {
+        Problem::io("auth.key_required", format!("key file {}", path.display()), &e)
+    })?;
+    let text = String::from_utf8_lossy(&raw);
+    let mut out = [0u8; 32];
+    if hex::decode_to_slice(text.trim(), &mut out).is_ok() {
+        return Ok(out);
+    }
+    if raw.len() == 32 {
+        out.copy_from_slice(&raw);
+        return Ok(out);
+    }
+    Err(Problem::new(
+        "auth.bad_key",
+        format!("key file {} must hold 32 bytes or 64 hex digits", path.display()),
+    ))
+}
+
+/// Writes a new random key file (mode 0600).
+pub fn generate_key_file(path: &std::path::Path) -> Result<(), Problem> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = random32()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Problem::io("io.write_failed", format!("key file {}", path.display()), &e))?;
+    writeln!(f, "{}", hex::encode(key))
+        .map_err(|e| Problem::io("io.write_failed", "write key file", &e))
+}
+
+pub fn random32() -> Result<[u8; 32], Problem> {
+    let mut k = [0u8; 32];
+    getrandom::fill(&mut k).map_err(|e| Problem::internal(format!("getrandom: {e}")))?;
+    Ok(k)
+}
+
+fn wrap_aad(key_id: &str) -> Vec<u8> {
+    format!("pg_hardstorage key v1:{key_id}").into_bytes()
+}
+
+/// Argon2id cost: OWASP's 19 MiB / 2 passes by default. `repo init` reads
+/// `PG_HARDSTORAGE_KDF_MEMORY_KIB` to raise it (or lower it in tests).
+fn default_kdf() -> Result<Kdf, Problem> {
+    let m_kib = std::env::var("PG_HARDSTORAGE_KDF_MEMORY_KIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(19 * 1024);
+    Ok(Kdf::Argon2id {
+        m_kib,
+        t: 2,
+        p: 1,
+        salt: hex::encode(&random32()?[..16]),
+    })
+}
+
+/// Makes a new master key and its envelope.
+pub fn new_envelope(source: &KeySource) -> Result<(KeyEnvelope, Keys), Problem> {
+    let master = random32()?;
+    let key_id = hex::encode(&random32()?[..8]);
+    let kdf = match source {
+        KeySource::Passphrase(_) => default_kdf()?,
+        KeySource::KeyFile(_) => Kdf::KeyFile,
+    };
+    let kek = kek(source, &kdf)?;
+    let nonce = random_nonce()?;
+    let mut buf = nonce.to_vec();
+    buf.extend_from_slice(&master);
+    Aead::new(&kek).seal_in_place(&nonce, &wrap_aad(&key_id), &mut buf, NONCE_LEN)?;
+    let env = KeyEnvelope {
+        version: 1,
+        key_id: key_id.clone(),
+        created_at: pg_hardstorage_engine::event::now_rfc3339(),
+        kdf,
+        wrapped: hex::encode(buf),
+    };
+    Ok((env, Keys::derive(key_id, &master)))
+}
+
+/// Unwraps an envelope; a wrong passphrase or key file is `auth.bad_key`.
+pub fn unwrap(env: &KeyEnvelope, source: &KeySource) -> Result<Keys, Problem> {
+    let kek = kek(source, &env.kdf)?;
+    let raw = hex::decode(&env.wrapped)
+        .map_err(|_| Problem::new("repo.config_invalid", "key envelope: bad hex"))?;
+    if raw.len() != NONCE_LEN + 32 + 16 {
+        return Err(Problem::new("repo.config_invalid", "key envelope: bad length"));
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&raw[..NONCE_LEN]);
+    let master = Aead::new(&kek)
+        .open(&nonce, &wrap_aad(&env.key_id), &raw[NONCE_LEN..])
+        .map_err(|_| {
+            Problem::new(
+                "auth.bad_key",
+                "the passphrase or key file does not unlock this repository",
+            )
+            .suggest(
+                "Check PG_HARDSTORAGE_PASSPHRASE or --key-file; the repository itself is untouched",
+                None,
+            )
+        })?;
+    let mut m = [0u8; 32];
+    m.copy_from_slice(&master);
+    Ok(Keys::derive(env.key_id.clone(), &m))
+}

@@ -1,0 +1,291 @@
+//! Restoring a backed-up tree through the verifying read path.
+//!
+//! Files are written under a temporary name and renamed into place only
+//! once every chunk verified, so a failed restore never leaves a file that
+//! looks complete but is not. Runs of chunks adjacent in one pack are read
+//! with a single ranged GET.
+
+use crate::chunks::decode_chunk;
+use crate::index::RepoIndex;
+use crate::Repository;
+use pg_hardstorage_engine::event::{Event, EventBus, Severity};
+use pg_hardstorage_engine::format::{Entry, EntryKind, Manifest};
+use pg_hardstorage_engine::Problem;
+use serde::Serialize;
+use serde_json::json;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    pub target: PathBuf,
+    pub force: bool,
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoreSummary {
+    pub backup_id: String,
+    pub target: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub duration_seconds: f64,
+    pub verified: bool,
+}
+
+const MAX_RUN: u64 = 16 << 20;
+
+fn preflight(target: &Path, force: bool) -> Result<(), Problem> {
+    match std::fs::symlink_metadata(target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Problem::io("restore.target_invalid", format!("target {}", target.display()), &e)),
+        Ok(m) if !m.is_dir() => Err(Problem::new(
+            "restore.target_invalid",
+            format!("target {} exists and is not a directory", target.display()),
+        )
+        .with("target", target.display().to_string())),
+        Ok(_) => {
+            let nonempty = std::fs::read_dir(target)
+                .map_err(|e| Problem::io("restore.target_invalid", format!("target {}", target.display()), &e))?
+                .next()
+                .is_some();
+            if nonempty && !force {
+                Err(Problem::new(
+                    "restore.target_not_empty",
+                    format!("target {} is not empty", target.display()),
+                )
+                .with("target", target.display().to_string())
+                .suggest(
+                    "Restore into an empty or new directory, or pass --force to write over it",
+                    None,
+                ))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+fn rel_path(target: &Path, e: &Entry) -> Result<PathBuf, Problem> {
+    let raw = e.path_bytes()?;
+    if raw == b"." {
+        return Ok(target.to_path_buf());
+    }
+    Ok(target.join(OsStr::from_bytes(&raw)))
+}
+
+fn werr(p: &Path, e: std::io::Error) -> Problem {
+    Problem::io("io.write_failed", format!("write {}", p.display()), &e)
+}
+
+pub fn restore(
+    repo: &Repository,
+    m: &Manifest,
+    opts: &RestoreOptions,
+    bus: &EventBus,
+) -> Result<RestoreSummary, Problem> {
+    let mut subj = serde_json::Map::new();
+    subj.insert("deployment".into(), json!(m.deployment));
+    subj.insert("backup_id".into(), json!(m.backup_id));
+    bus.publish(Event::new(Severity::Info, "restore_started").subject(subj.clone()));
+    let r = run(repo, m, opts, bus);
+    match &r {
+        Ok(s) => bus.publish(
+            Event::new(Severity::Notice, "restore_completed")
+                .subject(subj)
+                .body(serde_json::to_value(s).unwrap_or_default()),
+        ),
+        Err(p) => bus.publish(Event::failure("restore_failed", p)),
+    }
+    r
+}
+
+fn run(repo: &Repository, m: &Manifest, opts: &RestoreOptions, bus: &EventBus) -> Result<RestoreSummary, Problem> {
+    let t0 = Instant::now();
+    preflight(&opts.target, opts.force)?;
+    m.validate()?;
+    let index = RepoIndex::load(repo)?;
+    // Every chunk must be locatable before a byte is written.
+    for e in &m.entries {
+        for (id, _) in &e.chunks {
+            index.locate(id)?;
+        }
+    }
+    std::fs::create_dir_all(&opts.target).map_err(|e| werr(&opts.target, e))?;
+    for e in m.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+        let p = rel_path(&opts.target, e)?;
+        std::fs::create_dir_all(&p).map_err(|er| werr(&p, er))?;
+    }
+    let files: Vec<&Entry> = m.entries.iter().filter(|e| e.kind == EntryKind::File).collect();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first: Mutex<Option<Problem>> = Mutex::new(None);
+    let bytes = AtomicU64::new(0);
+    let aead = repo.aead();
+    std::thread::scope(|s| {
+        for _ in 0..opts.threads.max(1) {
+            s.spawn(|| loop {
+                if failed.load(Ordering::Acquire) {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(e) = files.get(i) else { return };
+                let r = rel_path(&opts.target, e)
+                    .and_then(|p| restore_file(repo, &index, aead.as_ref(), e, &p));
+                match r {
+                    Ok(n) => {
+                        bytes.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(p) => {
+                        failed.store(true, Ordering::Release);
+                        first.lock().unwrap_or_else(|x| x.into_inner()).get_or_insert(p);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(p) = first.into_inner().unwrap_or_else(|x| x.into_inner()) {
+        return Err(p);
+    }
+    for e in m.entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
+        let p = rel_path(&opts.target, e)?;
+        if opts.force {
+            let _ = std::fs::remove_file(&p);
+        }
+        let target = e.target.clone().unwrap_or_default();
+        std::os::unix::fs::symlink(&target, &p).map_err(|er| werr(&p, er))?;
+        set_owner_and_times(&p, e, true)?;
+    }
+    // Directories last and deepest first, so writing into them does not
+    // disturb the times just set.
+    for e in m.entries.iter().rev().filter(|e| e.kind == EntryKind::Dir) {
+        let p = rel_path(&opts.target, e)?;
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(e.mode))
+            .map_err(|er| werr(&p, er))?;
+        set_owner_and_times(&p, e, false)?;
+    }
+    let _ = bus;
+    Ok(RestoreSummary {
+        backup_id: m.backup_id.clone(),
+        target: opts.target.display().to_string(),
+        files: files.len() as u64,
+        bytes: bytes.load(Ordering::Relaxed),
+        duration_seconds: (t0.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+        verified: true,
+    })
+}
+
+fn set_owner_and_times(p: &Path, e: &Entry, symlink: bool) -> Result<(), Problem> {
+    // Ownership only when we can set it (running as root).
+    if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| Problem::new("verify.malformed", "path with NUL"))?;
+        // SAFETY: c is a valid NUL-terminated path.
+        if unsafe { libc::lchown(c.as_ptr(), e.uid, e.gid) } != 0 {
+            return Err(werr(p, std::io::Error::last_os_error()));
+        }
+    }
+    let t = filetime::FileTime::from_unix_time(e.mtime_s, e.mtime_ns);
+    let r = if symlink {
+        filetime::set_symlink_file_times(p, t, t)
+    } else {
+        filetime::set_file_times(p, t, t)
+    };
+    r.map_err(|er| werr(p, er))
+}
+
+fn partial_name(p: &Path) -> PathBuf {
+    let mut name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".phs-partial");
+    p.with_file_name(name)
+}
+
+fn restore_file(
+    repo: &Repository,
+    index: &RepoIndex,
+    aead: Option<&phs_encrypt::Aead>,
+    e: &Entry,
+    dest: &Path,
+) -> Result<u64, Problem> {
+    let tmp = partial_name(dest);
+    let r = write_file(repo, index, aead, e, &tmp);
+    match r {
+        Ok(n) => {
+            std::fs::rename(&tmp, dest).map_err(|er| werr(dest, er))?;
+            set_owner_and_times(dest, e, false)?;
+            Ok(n)
+        }
+        Err(p) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(p.with("path", e.path.clone()))
+        }
+    }
+}
+
+fn write_file(
+    repo: &Repository,
+    index: &RepoIndex,
+    aead: Option<&phs_encrypt::Aead>,
+    e: &Entry,
+    tmp: &Path,
+) -> Result<u64, Problem> {
+    let mut f = File::create(tmp).map_err(|er| werr(tmp, er))?;
+    let mut written = 0u64;
+    let mut i = 0;
+    while i < e.chunks.len() {
+        // A run of chunks stored back to back in one pack: one ranged read.
+        let (pack, first) = index.locate(&e.chunks[i].0)?;
+        let mut end = first.offset + first.len as u64;
+        let mut j = i + 1;
+        while j < e.chunks.len() {
+            let (p2, l2) = index.locate(&e.chunks[j].0)?;
+            if p2 != pack || l2.offset != end || end - first.offset + l2.len as u64 > MAX_RUN {
+                break;
+            }
+            end += l2.len as u64;
+            j += 1;
+        }
+        let run = repo.store.get_range(pack, first.offset..end)?;
+        for (id, len) in &e.chunks[i..j] {
+            let (_, loc) = index.locate(id)?;
+            let s = (loc.offset - first.offset) as usize;
+            let env = run
+                .get(s..s + loc.len as usize)
+                .ok_or_else(|| Problem::new("verify.truncated", format!("{pack}: short range")))?;
+            let plain = decode_chunk(repo, aead, id, env)?;
+            if plain.len() != *len as usize {
+                return Err(Problem::new(
+                    "verify.checksum_mismatch",
+                    format!("chunk {} has {} bytes, manifest says {len}", id.to_hex(), plain.len()),
+                ));
+            }
+            write_sparse(&mut f, &plain).map_err(|er| werr(tmp, er))?;
+            written += plain.len() as u64;
+        }
+        i = j;
+    }
+    f.set_len(written).map_err(|er| werr(tmp, er))?;
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(e.mode))
+        .map_err(|er| werr(tmp, er))?;
+    f.sync_all().map_err(|er| werr(tmp, er))?;
+    Ok(written)
+}
+
+/// Writes `data`, seeking over all-zero 4 KiB blocks so holes stay holes.
+fn write_sparse(f: &mut File, data: &[u8]) -> std::io::Result<()> {
+    for block in data.chunks(4096) {
+        if block.iter().all(|b| *b == 0) {
+            f.seek(SeekFrom::Current(block.len() as i64))?;
+        } else {
+            f.write_all(block)?;
+        }
+    }
+    Ok(())
+}
