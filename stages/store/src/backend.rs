@@ -28,9 +28,19 @@ pub struct ObjectStoreBackend {
     describe: String,
 }
 
+/// Settings that override the environment (tests run several S3 servers).
+#[derive(Clone, Debug, Default)]
+pub struct StoreOptions {
+    pub s3_endpoint: Option<String>,
+}
+
 /// Opens a repository location: `/path`, `file:///path`, `s3://bucket/prefix`
 /// (endpoint, region and keys from `AWS_*`), or `memory://`.
 pub fn open_store(url: &str, create_dir: bool) -> Result<DynStore, Problem> {
+    open_store_with(url, create_dir, &StoreOptions::default())
+}
+
+pub fn open_store_with(url: &str, create_dir: bool, opts: &StoreOptions) -> Result<DynStore, Problem> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("store-io")
@@ -64,7 +74,7 @@ pub fn open_store(url: &str, create_dir: bool) -> Result<DynStore, Problem> {
                 retry_timeout: Duration::from_secs(15),
                 ..Default::default()
             });
-        if let Ok(ep) = std::env::var("AWS_ENDPOINT_URL") {
+        if let Some(ep) = opts.s3_endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()) {
             b = b.with_endpoint(&ep).with_allow_http(ep.starts_with("http://"));
         }
         if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {

@@ -5,5 +5,5 @@
 mod backend;
 mod packer;
 
-pub use backend::{open_store, ObjectStoreBackend};
+pub use backend::{open_store, open_store_with, ObjectStoreBackend, StoreOptions};
 pub use packer::{OnPackDurable, PackSink, PackSinkConfig};

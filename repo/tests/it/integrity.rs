@@ -1,0 +1,126 @@
+use crate::{add_path_deployment, backup, restore_to};
+use bytes::Bytes;
+use pg_hardstorage_engine::event::EventBus;
+use pg_hardstorage_engine::Class;
+use pg_hardstorage_repo::{catalog, verify, KeySource, Repository};
+use pg_hardstorage_testkit::tree::{digest, rich_tree};
+use pg_hardstorage_testkit::{local_repo, small_opts};
+
+fn packs(repo: &Repository) -> Vec<String> {
+    repo.store.list("packs/").expect("list").into_iter().map(|o| o.key).collect()
+}
+
+fn flip(repo: &Repository, key: &str, at: usize) {
+    let mut b = repo.store.get(key).expect("get").expect("exists").to_vec();
+    let i = at.min(b.len() - 1);
+    b[i] ^= 0x01;
+    repo.store.put(key, Bytes::from(b)).expect("put");
+}
+
+#[test]
+fn a_flipped_byte_anywhere_in_a_pack_fails_verify_with_checksum_mismatch() {
+    let (tmp, repo) = local_repo(small_opts());
+    let src = tmp.path().join("src");
+    rich_tree(&src, 40, 2 << 20);
+    add_path_deployment(&repo, "i", &src);
+    let (m, _) = backup(&repo, "i").expect("backup");
+    let pack = packs(&repo).into_iter().next().expect("a pack");
+    let len = repo.store.head(&pack).expect("head").expect("size") as usize;
+    // Header, first envelope, middle, the index trailer, the footer.
+    for (n, at) in [0, 9, 20, len / 2, len - 40, len - 1].into_iter().enumerate() {
+        flip(&repo, &pack, at);
+        let err = verify::verify(&repo, &m, &EventBus::new(), 2).expect_err("verify must fail");
+        assert_eq!(err.code, "verify.checksum_mismatch", "flip at {at}: {err}");
+        assert_eq!(err.exit_code(), 9);
+        // Restore either fails loudly or produces exactly the source:
+        // never a silently different file.
+        let out = tmp.path().join(format!("out{n}"));
+        match restore_to(&repo, &m, &out) {
+            Err(e) => {
+                assert_eq!(e.class(), Class::Verify, "{e}");
+                let partial = walk_names(&out).into_iter().filter(|p| p.ends_with(".phs-partial")).count();
+                assert_eq!(partial, 0, "partial files left behind");
+                // Whatever was restored is correct.
+                let good = digest(&src);
+                for (k, v) in digest(&out) {
+                    if v.kind == "file" {
+                        assert_eq!(good.get(&k).map(|g| &g.content), Some(&v.content));
+                    }
+                }
+            }
+            Ok(()) => assert_eq!(digest(&src), digest(&out), "flip at {at} restored different data"),
+        }
+        flip(&repo, &pack, at); // undo
+    }
+    verify::verify(&repo, &m, &EventBus::new(), 2).expect("clean again");
+}
+
+fn walk_names(p: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            out.push(e.file_name().to_string_lossy().into_owned());
+            if e.path().is_dir() {
+                out.extend(walk_names(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn wrong_passphrase_is_an_auth_error() {
+    let (_tmp, repo) = local_repo(small_opts());
+    let err = Repository::open(repo.store.clone(), &KeySource::Passphrase("wrong".into()))
+        .err()
+        .expect("must refuse");
+    assert_eq!(err.code, "auth.bad_key");
+    assert_eq!(err.exit_code(), 3);
+    assert!(err.message.contains("does not unlock"));
+}
+
+#[test]
+fn truncated_pack_and_manifest_give_clear_errors() {
+    let (tmp, repo) = local_repo(small_opts());
+    let src = tmp.path().join("src");
+    rich_tree(&src, 20, 1 << 20);
+    add_path_deployment(&repo, "t", &src);
+    let (m, _) = backup(&repo, "t").expect("backup");
+
+    let mkey = format!("snapshots/t/{}", m.backup_id);
+    let full = repo.store.get(&mkey).expect("get").expect("manifest");
+    for cut in [0, 5, full.len() / 2, full.len() - 1] {
+        repo.store.put(&mkey, full.slice(..cut)).expect("truncate");
+        let err = catalog::load(&repo, &m.backup_id).expect_err("truncated manifest");
+        assert_eq!(err.class(), Class::Verify, "cut {cut}: {err}");
+    }
+    repo.store.put(&mkey, full).expect("restore manifest");
+
+    let pack = packs(&repo).into_iter().next().expect("pack");
+    let bytes = repo.store.get(&pack).expect("get").expect("pack");
+    repo.store.put(&pack, bytes.slice(..bytes.len() / 3)).expect("truncate");
+    let err = verify::verify(&repo, &m, &EventBus::new(), 2).expect_err("truncated pack");
+    assert_eq!(err.class(), Class::Verify, "{err}");
+    let err = restore_to(&repo, &m, &tmp.path().join("out")).expect_err("restore of truncated pack");
+    assert_eq!(err.class(), Class::Verify, "{err}");
+}
+
+#[test]
+fn a_tampered_manifest_fails_its_signature() {
+    let (tmp, repo) = local_repo(small_opts());
+    let src = tmp.path().join("src");
+    rich_tree(&src, 5, 0);
+    add_path_deployment(&repo, "s", &src);
+    let (m, _) = backup(&repo, "s").expect("backup");
+    let key = format!("snapshots/s/{}", m.backup_id);
+    flip(&repo, &key, 30);
+    let err = catalog::load(&repo, &m.backup_id).expect_err("tampered");
+    assert_eq!(err.code, "verify.signature_invalid");
+    // Moving a manifest under another name is caught too.
+    flip(&repo, &key, 30);
+    let body = repo.store.get(&key).expect("get").expect("m");
+    let other = format!("snapshots/s/s.full.20000101T000000Z");
+    repo.store.put(&other, body).expect("copy");
+    let err = catalog::load(&repo, "s.full.20000101T000000Z").expect_err("moved");
+    assert_eq!(err.code, "verify.signature_invalid");
+}

@@ -1,0 +1,74 @@
+//! Library-level integration tests: real repositories on disk, in memory
+//! and on a real S3 endpoint (moto).
+
+mod backpressure;
+mod dedup;
+mod integrity;
+mod roundtrip;
+mod s3;
+
+use pg_hardstorage_engine::event::{EventBus, Recorder};
+use pg_hardstorage_engine::format::Manifest;
+use pg_hardstorage_engine::pipeline::PipelineConfig;
+use pg_hardstorage_engine::Problem;
+use pg_hardstorage_repo::backup::{backup_path, BackupOptions};
+use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
+use pg_hardstorage_repo::restore::{restore, RestoreOptions};
+use pg_hardstorage_repo::Repository;
+use std::path::Path;
+use std::time::Duration;
+
+pub fn add_path_deployment(repo: &Repository, name: &str, path: &Path) {
+    deployment::create(
+        repo,
+        Deployment {
+            name: name.into(),
+            kind: Kind::Path,
+            path: Some(path.display().to_string()),
+            pg: None,
+            pgdata: None,
+            created_at: String::new(),
+        },
+    )
+    .expect("create deployment");
+}
+
+pub fn fast_pipeline() -> PipelineConfig {
+    PipelineConfig {
+        workers: 2,
+        queue_bytes: 8 << 20,
+        progress_every: Duration::from_millis(50),
+        ..Default::default()
+    }
+}
+
+pub fn backup(repo: &Repository, name: &str) -> Result<(Manifest, Recorder), Problem> {
+    let bus = EventBus::new();
+    let rec = Recorder::new();
+    bus.add_sink(rec.clone());
+    let r = backup_path(
+        repo,
+        name,
+        &bus,
+        &BackupOptions {
+            pipeline: fast_pipeline(),
+            read_backend: None,
+        },
+    );
+    bus.close();
+    r.map(|m| (m, rec))
+}
+
+pub fn restore_to(repo: &Repository, m: &Manifest, target: &Path) -> Result<(), Problem> {
+    restore(
+        repo,
+        m,
+        &RestoreOptions {
+            target: target.to_path_buf(),
+            force: false,
+            threads: 2,
+        },
+        &EventBus::new(),
+    )
+    .map(|_| ())
+}

@@ -1,0 +1,62 @@
+use crate::{add_path_deployment, backup, restore_to};
+use bytes::Bytes;
+use pg_hardstorage_engine::event::EventBus;
+use pg_hardstorage_repo::{verify, KeySource, Repository};
+use pg_hardstorage_testkit::s3::Moto;
+use pg_hardstorage_testkit::tree::{digest, rich_tree};
+use pg_hardstorage_testkit::{init, small_opts};
+
+fn s3_repo(moto: &Moto, bucket: &str) -> Repository {
+    moto.create_bucket(bucket);
+    let store = phs_store::open_store_with(
+        &format!("s3://{bucket}/repo"),
+        false,
+        &phs_store::StoreOptions { s3_endpoint: Some(moto.endpoint()) },
+    )
+    .expect("s3 store");
+    init(store, small_opts())
+}
+
+#[test]
+fn s3_round_trip_and_integrity() {
+    let moto = Moto::start();
+    let repo = s3_repo(&moto, "phs-roundtrip");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    rich_tree(&src, 200, 6 << 20);
+    add_path_deployment(&repo, "s3t", &src);
+    let (m, _) = backup(&repo, "s3t").expect("backup to s3");
+    assert!(repo.store.list("packs/").expect("list").len() > 1, "expected several packs");
+    let out = tmp.path().join("out");
+    restore_to(&repo, &m, &out).expect("restore from s3");
+    assert_eq!(digest(&src), digest(&out));
+
+    // Re-backup: nothing new.
+    let (m2, _) = backup(&repo, "s3t").expect("second");
+    assert_eq!(m2.stats.bytes_added, 0);
+
+    // Wrong passphrase.
+    let err = Repository::open(repo.store.clone(), &KeySource::Passphrase("nope".into()))
+        .err()
+        .expect("refused");
+    assert_eq!(err.exit_code(), 3);
+
+    // A flipped byte in a pack.
+    let pack = repo.store.list("packs/").expect("list")[0].key.clone();
+    let mut b = repo.store.get(&pack).expect("get").expect("pack").to_vec();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    repo.store.put(&pack, Bytes::from(b)).expect("put");
+    let err = verify::verify(&repo, &m, &EventBus::new(), 2).expect_err("verify");
+    assert_eq!(err.code, "verify.checksum_mismatch");
+    assert_eq!(err.exit_code(), 9);
+}
+
+#[test]
+fn s3_conditional_put_refuses_to_overwrite() {
+    let moto = Moto::start();
+    let repo = s3_repo(&moto, "phs-cond");
+    assert!(repo.store.put_if_absent("x/y", Bytes::from_static(b"1")).expect("first"));
+    assert!(!repo.store.put_if_absent("x/y", Bytes::from_static(b"2")).expect("second"));
+    assert_eq!(repo.store.get("x/y").expect("get").as_deref(), Some(&b"1"[..]));
+}
