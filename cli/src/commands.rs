@@ -1,7 +1,9 @@
 //! One function per command; each returns the JSON body the API returns.
 
 use crate::output::{bytes, Out};
-use crate::{BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, PipelineArgs, RepoCmd, RestoreArgs};
+use crate::{
+    BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, PipelineArgs, RepoCmd, RestoreArgs,
+};
 use clap::CommandFactory;
 use pg_hardstorage_engine::format::ChunkerParams;
 use pg_hardstorage_engine::pipeline::PipelineConfig;
@@ -29,22 +31,35 @@ fn config(cli: &Cli) -> Result<ConfigFile, Problem> {
     let Some(path) = &cli.config else {
         return Ok(ConfigFile::default());
     };
-    let raw = std::fs::read(path)
-        .map_err(|e| Problem::io("usage.invalid_argument", format!("--config {}", path.display()), &e))?;
+    let raw = std::fs::read(path).map_err(|e| {
+        Problem::io(
+            "usage.invalid_argument",
+            format!("--config {}", path.display()),
+            &e,
+        )
+    })?;
     serde_json::from_slice(&raw).map_err(|e| {
-        Problem::new("usage.invalid_argument", format!("--config {}: {e}", path.display()))
+        Problem::new(
+            "usage.invalid_argument",
+            format!("--config {}: {e}", path.display()),
+        )
     })
 }
 
 fn store(cli: &Cli, create: bool) -> Result<DynStore, Problem> {
     let cfg = config(cli)?;
     let url = cli.repo.clone().or(cfg.repo).ok_or_else(|| {
-        Problem::new("usage.invalid_argument", "no repository given")
-            .suggest("Pass --repo or set PG_HARDSTORAGE_REPO", Some("export PG_HARDSTORAGE_REPO=/var/lib/pg_hardstorage".into()))
+        Problem::new("usage.invalid_argument", "no repository given").suggest(
+            "Pass --repo or set PG_HARDSTORAGE_REPO",
+            Some("export PG_HARDSTORAGE_REPO=/var/lib/pg_hardstorage".into()),
+        )
     })?;
     let s = phs_store::open_store(&url, create)?;
     // A rehearsal knob for slow storage (and the crash and backpressure tests).
-    match std::env::var("PG_HARDSTORAGE_FAULT_PUT_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+    match std::env::var("PG_HARDSTORAGE_FAULT_PUT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         Some(ms) => Ok(Arc::new(Throttled {
             inner: s,
             put_delay: Duration::from_millis(ms),
@@ -78,7 +93,10 @@ fn pipeline_cfg(p: &PipelineArgs) -> PipelineConfig {
     if let Some(q) = p.queue_bytes {
         c.queue_bytes = q.max(1 << 20);
     }
-    if let Some(ms) = std::env::var("PG_HARDSTORAGE_PROGRESS_MS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(ms) = std::env::var("PG_HARDSTORAGE_PROGRESS_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         c.progress_every = Duration::from_millis(ms);
     }
     c
@@ -92,7 +110,12 @@ pub fn run(cli: &Cli, out: &mut Out) -> R {
         Command::Restore(a) => restore_cmd(cli, out, a),
         Command::Bench(a) => bench_cmd(out, a),
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "pg_hardstorage", &mut std::io::stdout());
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "pg_hardstorage",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
         Command::Wal { .. } => Err(unimplemented("wal")),
@@ -114,7 +137,12 @@ fn parse_size(s: &str) -> Result<u64, Problem> {
                 "G" | "GB" | "GIB" => 1 << 30,
                 "T" | "TB" | "TIB" => 1 << 40,
                 "B" => 1,
-                _ => return Err(Problem::new("usage.invalid_argument", format!("bad size {s:?}"))),
+                _ => {
+                    return Err(Problem::new(
+                        "usage.invalid_argument",
+                        format!("bad size {s:?}"),
+                    ))
+                }
             };
             (&t[..i], m)
         }
@@ -125,7 +153,12 @@ fn parse_size(s: &str) -> Result<u64, Problem> {
         .ok()
         .filter(|n| *n >= 0.0)
         .map(|n| (n * mult as f64) as u64)
-        .ok_or_else(|| Problem::new("usage.invalid_argument", format!("bad size {s:?} (e.g. 2G, 512M, 1048576)")))
+        .ok_or_else(|| {
+            Problem::new(
+                "usage.invalid_argument",
+                format!("bad size {s:?} (e.g. 2G, 512M, 1048576)"),
+            )
+        })
 }
 
 fn repo(cli: &Cli, out: &mut Out, c: &RepoCmd) -> R {
@@ -139,7 +172,10 @@ fn repo(cli: &Cli, out: &mut Out, c: &RepoCmd) -> R {
             let zstd_level = match compression.as_str() {
                 "none" => None,
                 "zstd" => Some(3),
-                other => match other.strip_prefix("zstd:").and_then(|l| l.parse::<i32>().ok()) {
+                other => match other
+                    .strip_prefix("zstd:")
+                    .and_then(|l| l.parse::<i32>().ok())
+                {
                     Some(l) if (1..=22).contains(&l) => Some(l),
                     _ => {
                         return Err(Problem::new(
@@ -151,9 +187,16 @@ fn repo(cli: &Cli, out: &mut Out, c: &RepoCmd) -> R {
             };
             let mut chunker = ChunkerParams::default();
             if let Some(cs) = chunk_size {
-                let v: Vec<u32> = cs.split(',').filter_map(|x| parse_size(x).ok()).map(|x| x as u32).collect();
+                let v: Vec<u32> = cs
+                    .split(',')
+                    .filter_map(|x| parse_size(x).ok())
+                    .map(|x| x as u32)
+                    .collect();
                 let [min, avg, max] = v.as_slice() else {
-                    return Err(Problem::new("usage.invalid_argument", format!("--chunk-size {cs:?}: want MIN,AVG,MAX")));
+                    return Err(Problem::new(
+                        "usage.invalid_argument",
+                        format!("--chunk-size {cs:?}: want MIN,AVG,MAX"),
+                    ));
                 };
                 chunker.min_size = *min;
                 chunker.avg_size = *avg;
@@ -169,15 +212,23 @@ fn repo(cli: &Cli, out: &mut Out, c: &RepoCmd) -> R {
                 opts.pack_target_bytes = (*p).clamp(1 << 16, 1 << 30);
             }
             let r = Repository::init(store(cli, true)?, &key_source(cli)?, opts)?;
-            let body = json!({"repo": r.store.describe(), "config": r.config, "key_id": r.keys.key_id});
+            let body =
+                json!({"repo": r.store.describe(), "config": r.config, "key_id": r.keys.key_id});
             out.success("repo.init", body, |b| {
-                format!("initialised repository {} (key {})\n", b["repo"].as_str().unwrap_or(""), b["key_id"].as_str().unwrap_or(""))
+                format!(
+                    "initialised repository {} (key {})\n",
+                    b["repo"].as_str().unwrap_or(""),
+                    b["key_id"].as_str().unwrap_or("")
+                )
             });
             Ok(())
         }
         RepoCmd::Show => {
             let r = open(cli)?;
-            let deps: Vec<Value> = deployment::list(&r)?.iter().map(Deployment::public).collect();
+            let deps: Vec<Value> = deployment::list(&r)?
+                .iter()
+                .map(Deployment::public)
+                .collect();
             let body = json!({"repo": r.store.describe(), "config": r.config, "deployments": deps});
             out.success("repos.show", body, |b| {
                 format!(
@@ -185,7 +236,9 @@ fn repo(cli: &Cli, out: &mut Out, c: &RepoCmd) -> R {
                     b["repo"].as_str().unwrap_or(""),
                     b["config"]["format_version"],
                     b["config"]["encryption"].as_str().unwrap_or(""),
-                    b["config"]["compression"]["algorithm"].as_str().unwrap_or(""),
+                    b["config"]["compression"]["algorithm"]
+                        .as_str()
+                        .unwrap_or(""),
                     b["deployments"].as_array().map_or(0, |a| a.len())
                 )
             });
@@ -204,7 +257,12 @@ fn deployment_table(b: &Value) -> String {
     let _ = writeln!(s, "{:<24} {:<9} SOURCE", "NAME", "KIND");
     for d in list {
         let src = d["path"].as_str().or(d["pg"].as_str()).unwrap_or("");
-        let _ = writeln!(s, "{:<24} {:<9} {src}", d["name"].as_str().unwrap_or(""), d["kind"].as_str().unwrap_or(""));
+        let _ = writeln!(
+            s,
+            "{:<24} {:<9} {src}",
+            d["name"].as_str().unwrap_or(""),
+            d["kind"].as_str().unwrap_or("")
+        );
     }
     s
 }
@@ -212,10 +270,19 @@ fn deployment_table(b: &Value) -> String {
 fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
     let r = open(cli)?;
     match c {
-        DeploymentCmd::Create { name, pg, pgdata, path } => {
+        DeploymentCmd::Create {
+            name,
+            pg,
+            pgdata,
+            path,
+        } => {
             let d = Deployment {
                 name: name.clone(),
-                kind: if path.is_some() { Kind::Path } else { Kind::Postgres },
+                kind: if path.is_some() {
+                    Kind::Path
+                } else {
+                    Kind::Postgres
+                },
                 path: path.as_ref().map(|p| p.display().to_string()),
                 pg: pg.clone(),
                 pgdata: pgdata.as_ref().map(|p| p.display().to_string()),
@@ -227,7 +294,12 @@ fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
             out.success("deployments.create", body, deployment_table);
         }
         DeploymentCmd::List => {
-            let body = Value::Array(deployment::list(&r)?.iter().map(Deployment::public).collect());
+            let body = Value::Array(
+                deployment::list(&r)?
+                    .iter()
+                    .map(Deployment::public)
+                    .collect(),
+            );
             out.success("deployments.list", body, deployment_table);
         }
         DeploymentCmd::Show { name } => {
@@ -240,7 +312,9 @@ fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
             let mut body = d.public();
             body["deleted"] = json!(true);
             body["backups_kept"] = json!(true);
-            out.success("deployments.delete", body, |_| format!("deleted deployment {name} (backups kept)\n"));
+            out.success("deployments.delete", body, |_| {
+                format!("deleted deployment {name} (backups kept)\n")
+            });
         }
     }
     Ok(())
@@ -248,7 +322,11 @@ fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
 
 fn backups_table(b: &Value) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<44} {:>8} {:>11} {:>11}  FINISHED", "BACKUP", "FILES", "LOGICAL", "ADDED");
+    let _ = writeln!(
+        s,
+        "{:<44} {:>8} {:>11} {:>11}  FINISHED",
+        "BACKUP", "FILES", "LOGICAL", "ADDED"
+    );
     for x in b.as_array().cloned().unwrap_or_default() {
         let _ = writeln!(
             s,
@@ -265,7 +343,10 @@ fn backups_table(b: &Value) -> String {
 
 fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
     match c {
-        BackupCmd::Run { deployment, pipeline } => {
+        BackupCmd::Run {
+            deployment,
+            pipeline,
+        } => {
             let r = open(cli)?;
             let d = deployment::get(&r, deployment)?;
             if d.kind != Kind::Path {
@@ -277,7 +358,8 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
                 read_backend: None,
             };
             let m = backup_path(&r, deployment, &out.bus, &opts)?;
-            let body = serde_json::to_value(pg_hardstorage_repo::backup::BackupSummary::of(&m)).unwrap_or_default();
+            let body = serde_json::to_value(pg_hardstorage_repo::backup::BackupSummary::of(&m))
+                .unwrap_or_default();
             out.success("backups.take", body, |b| {
                 format!(
                     "backup {} done: {} files, {} read, {} added\n",
@@ -293,7 +375,8 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
             if let Some(d) = deployment {
                 deployment::validate_name(d)?;
             }
-            let body = serde_json::to_value(catalog::list(&r, deployment.as_deref())?).unwrap_or_default();
+            let body =
+                serde_json::to_value(catalog::list(&r, deployment.as_deref())?).unwrap_or_default();
             out.success("backups.list", body, backups_table);
         }
         BackupCmd::Show { id } => {
@@ -339,7 +422,9 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
 
 fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
     if a.to.is_some() || a.to_lsn.is_some() || a.to_name.is_some() {
-        return Err(unimplemented("point-in-time restore (--to, --to-lsn, --to-name)"));
+        return Err(unimplemented(
+            "point-in-time restore (--to, --to-lsn, --to-name)",
+        ));
     }
     let r = open(cli)?;
     deployment::validate_name(&a.deployment)?;
@@ -348,7 +433,9 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
     let opts = RestoreOptions {
         target: a.target.clone(),
         force: a.force,
-        threads: a.threads.unwrap_or_else(pg_hardstorage_engine::pipeline::default_workers),
+        threads: a
+            .threads
+            .unwrap_or_else(pg_hardstorage_engine::pipeline::default_workers),
     };
     let s = restore(&r, &m, &opts, &out.bus)?;
     let body = serde_json::to_value(s).unwrap_or_default();
@@ -366,7 +453,10 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
 
 fn bench_cmd(out: &mut Out, a: &BenchArgs) -> R {
     if !(0.0..=1.0).contains(&a.compressibility) {
-        return Err(Problem::new("usage.invalid_argument", "--compressibility must be within 0..1"));
+        return Err(Problem::new(
+            "usage.invalid_argument",
+            "--compressibility must be within 0..1",
+        ));
     }
     let opts = bench::BenchOptions {
         size: parse_size(&a.size)?,

@@ -11,7 +11,11 @@ use output::{Format, Out};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "pg_hardstorage", version, about = "Fast, verifying PostgreSQL backups")]
+#[command(
+    name = "pg_hardstorage",
+    version,
+    about = "Fast, verifying PostgreSQL backups"
+)]
 pub struct Cli {
     /// Repository: /path, file:///path, s3://bucket/prefix or memory://
     #[arg(long, global = true, env = "PG_HARDSTORAGE_REPO")]
@@ -124,14 +128,18 @@ pub enum DeploymentCmd {
         path: Option<PathBuf>,
     },
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     Update {
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Remove a deployment (its backups are kept)
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -152,12 +160,24 @@ pub enum BackupCmd {
         #[command(flatten)]
         pipeline: PipelineArgs,
     },
-    List { deployment: Option<String> },
-    Show { id: String },
-    Verify { id: String },
-    Delete { id: String },
-    Hold { id: String },
-    Release { id: String },
+    List {
+        deployment: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    Verify {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    Hold {
+        id: String,
+    },
+    Release {
+        id: String,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -57,7 +57,10 @@ impl Out {
             Format::Json => println!("{}", envelope(command, body)),
             Format::Ndjson => {
                 if !self.streamed {
-                    println!("{}", serde_json::to_string(&envelope(command, body)).unwrap_or_default());
+                    println!(
+                        "{}",
+                        serde_json::to_string(&envelope(command, body)).unwrap_or_default()
+                    );
                 }
             }
             Format::Table => {
@@ -75,7 +78,10 @@ impl Out {
             Format::Ndjson => {
                 // A streamed command already ended with its error frame.
                 if !self.streamed {
-                    print!("{}", serde_json::to_string(&error_envelope(p)).unwrap_or_default());
+                    print!(
+                        "{}",
+                        serde_json::to_string(&error_envelope(p)).unwrap_or_default()
+                    );
                 }
             }
             Format::Table => {

@@ -7,10 +7,8 @@ use pg_hardstorage_engine::EventBus;
 pub fn attach(bus: &EventBus) {
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {bytes}/{total_bytes} [{wide_bar}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} [{wide_bar}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bus.add_sink(FnSink::new("progress_bar", true, move |e| {
         let body = e.body.as_ref();

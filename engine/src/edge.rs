@@ -159,7 +159,11 @@ impl<T> EdgeSender<T> {
         *used += bytes;
         s.stats.depth_bytes.store(*used, Ordering::Relaxed);
         s.stats.max_depth_bytes.fetch_max(*used, Ordering::Relaxed);
-        Some(if had_to_wait { start.elapsed() } else { Duration::ZERO })
+        Some(if had_to_wait {
+            start.elapsed()
+        } else {
+            Duration::ZERO
+        })
     }
 
     fn release(&self, bytes: u64) {
@@ -212,7 +216,10 @@ impl<T> EdgeReceiver<T> {
     /// The next item; `None` once every sender is gone and the edge is empty.
     pub fn recv(&self) -> Option<T> {
         let (item, bytes) = self.rx.recv().ok()?;
-        self.shared.stats.depth_items.fetch_sub(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .depth_items
+            .fetch_sub(1, Ordering::Relaxed);
         release(&self.shared, bytes);
         Some(item)
     }

@@ -109,13 +109,30 @@ pub struct Suggestion {
     pub doc_url: String,
 }
 
-/// A coded error: what the CLI prints and the API returns.
+/// A coded error: what the CLI prints and the API returns. Boxed so that
+/// `Result<T, Problem>` stays one pointer wide on the happy path.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Problem {
+pub struct Problem(Box<ProblemInner>);
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProblemInner {
     pub code: Cow<'static, str>,
     pub message: String,
     pub subject: Map<String, Value>,
     pub suggestion: Option<Suggestion>,
+}
+
+impl std::ops::Deref for Problem {
+    type Target = ProblemInner;
+    fn deref(&self) -> &ProblemInner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Problem {
+    fn deref_mut(&mut self) -> &mut ProblemInner {
+        &mut self.0
+    }
 }
 
 impl Problem {
@@ -124,12 +141,12 @@ impl Problem {
             CODES.iter().any(|(c, _, _)| *c == code),
             "error code {code} missing from CODES"
         );
-        Problem {
+        Problem(Box::new(ProblemInner {
             code: Cow::Borrowed(code),
             message: message.into(),
             subject: Map::new(),
             suggestion: None,
-        }
+        }))
     }
 
     pub fn class(&self) -> Class {

@@ -41,9 +41,9 @@ impl ChunkerParams {
             && self.max_size <= 16 << 20
             && self.min_size < self.avg_size
             && self.avg_size < self.max_size
-            && self.min_size % 2 == 0
-            && self.avg_size % 2 == 0
-            && self.max_size % 2 == 0
+            && self.min_size.is_multiple_of(2)
+            && self.avg_size.is_multiple_of(2)
+            && self.max_size.is_multiple_of(2)
             && self.normalization <= 3;
         if ok {
             Ok(())
@@ -56,7 +56,10 @@ impl ChunkerParams {
                     self.min_size, self.avg_size, self.max_size
                 ),
             )
-            .suggest("Pass --chunk-size MIN,AVG,MAX, e.g. 262144,1048576,4194304", None))
+            .suggest(
+                "Pass --chunk-size MIN,AVG,MAX, e.g. 262144,1048576,4194304",
+                None,
+            ))
         }
     }
 }
@@ -154,7 +157,10 @@ pub fn parse_envelope(bytes: &[u8]) -> Result<EnvelopeView<'_>, Problem> {
     use crate::stage::flags::*;
     let bad = |m: &str| Problem::new("verify.malformed", format!("chunk envelope: {m}"));
     if bytes.len() < 6 {
-        return Err(Problem::new("verify.truncated", "chunk envelope shorter than its header"));
+        return Err(Problem::new(
+            "verify.truncated",
+            "chunk envelope shorter than its header",
+        ));
     }
     if bytes[0] != ENVELOPE_V1 {
         return Err(bad("unknown envelope version"));
@@ -170,7 +176,10 @@ pub fn parse_envelope(bytes: &[u8]) -> Result<EnvelopeView<'_>, Problem> {
     let mut rest = &bytes[6..];
     let nonce = if flags & ENCRYPTED_AES256GCM != 0 {
         if rest.len() < NONCE_LEN + TAG_LEN {
-            return Err(Problem::new("verify.truncated", "chunk envelope: truncated nonce or tag"));
+            return Err(Problem::new(
+                "verify.truncated",
+                "chunk envelope: truncated nonce or tag",
+            ));
         }
         let mut n = [0u8; NONCE_LEN];
         n.copy_from_slice(&rest[..NONCE_LEN]);
@@ -180,7 +189,10 @@ pub fn parse_envelope(bytes: &[u8]) -> Result<EnvelopeView<'_>, Problem> {
         None
     };
     if flags & COMPRESSED_ZSTD == 0 && nonce.is_none() && rest.len() != raw_len as usize {
-        return Err(Problem::new("verify.truncated", "chunk envelope: raw body length mismatch"));
+        return Err(Problem::new(
+            "verify.truncated",
+            "chunk envelope: raw body length mismatch",
+        ));
     }
     Ok(EnvelopeView {
         flags,
@@ -225,12 +237,18 @@ pub fn decode_pack_index(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
     }
     let (body, sum) = bytes.split_at(bytes.len() - 32);
     if blake3::hash(body).as_bytes() != sum {
-        return Err(Problem::new("verify.checksum_mismatch", "pack index checksum mismatch"));
+        return Err(Problem::new(
+            "verify.checksum_mismatch",
+            "pack index checksum mismatch",
+        ));
     }
     let count = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
     let rest = &body[4..];
     if rest.len() != count.checked_mul(INDEX_ENTRY).ok_or_else(trunc)? {
-        return Err(Problem::new("verify.malformed", "pack index length does not match its count"));
+        return Err(Problem::new(
+            "verify.malformed",
+            "pack index length does not match its count",
+        ));
     }
     let mut out = Vec::with_capacity(count);
     for rec in rest.chunks_exact(INDEX_ENTRY) {
@@ -283,7 +301,8 @@ impl PackBuilder {
     pub fn finish(mut self) -> (Vec<u8>, Vec<PackEntry>) {
         let index = encode_pack_index(&self.entries);
         self.buf.extend_from_slice(&index);
-        self.buf.extend_from_slice(&(index.len() as u32).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(index.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(PACK_END);
         (self.buf, self.entries)
     }
@@ -313,7 +332,10 @@ pub fn parse_pack(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
     for e in &entries {
         let stop = e.offset.checked_add(e.len as u64);
         if e.offset < 8 || stop.is_none_or(|s| s > index_start as u64) {
-            return Err(Problem::new("verify.malformed", "pack: entry outside the data area"));
+            return Err(Problem::new(
+                "verify.malformed",
+                "pack: entry outside the data area",
+            ));
         }
     }
     Ok(entries)
@@ -346,19 +368,28 @@ pub fn parse_sealed<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<SealedView<'
         return Err(Problem::new("verify.truncated", "sealed object truncated"));
     }
     if &bytes[..8] != magic {
-        return Err(Problem::new("verify.malformed", "sealed object: wrong magic"));
+        return Err(Problem::new(
+            "verify.malformed",
+            "sealed object: wrong magic",
+        ));
     }
     let (signed, mac_bytes) = bytes.split_at(bytes.len() - MAC_LEN);
     let mut mac = [0u8; MAC_LEN];
     mac.copy_from_slice(mac_bytes);
     let flags = signed[8];
     if flags & !(COMPRESSED_ZSTD | ENCRYPTED_AES256GCM) != 0 {
-        return Err(Problem::new("verify.malformed", "sealed object: unknown flags"));
+        return Err(Problem::new(
+            "verify.malformed",
+            "sealed object: unknown flags",
+        ));
     }
     let mut body = &signed[9..];
     let nonce = if flags & ENCRYPTED_AES256GCM != 0 {
         if body.len() < NONCE_LEN + TAG_LEN {
-            return Err(Problem::new("verify.truncated", "sealed object: truncated nonce"));
+            return Err(Problem::new(
+                "verify.truncated",
+                "sealed object: truncated nonce",
+            ));
         }
         let mut n = [0u8; NONCE_LEN];
         n.copy_from_slice(&body[..NONCE_LEN]);
@@ -475,7 +506,9 @@ impl Manifest {
             }
             let bad = raw.is_empty()
                 || raw.starts_with(b"/")
-                || raw.split(|b| *b == b'/').any(|c| c == b".." || c == b"." || c.is_empty())
+                || raw
+                    .split(|b| *b == b'/')
+                    .any(|c| c == b".." || c == b"." || c.is_empty())
                 || raw.contains(&0);
             if bad {
                 return Err(Problem::new(

@@ -96,8 +96,7 @@ impl PipelineMetrics {
             .map(|s| StageSnapshot {
                 stage: s.name,
                 instances: s.instances.len(),
-                busy_seconds: s.instances.iter().map(|c| r(&c.busy_ns)).sum::<u64>() as f64
-                    / 1e9,
+                busy_seconds: s.instances.iter().map(|c| r(&c.busy_ns)).sum::<u64>() as f64 / 1e9,
                 bytes_in: s.instances.iter().map(|c| r(&c.bytes_in)).sum(),
                 bytes_out: s.instances.iter().map(|c| r(&c.bytes_out)).sum(),
                 items: s.instances.iter().map(|c| r(&c.items)).sum(),

@@ -124,10 +124,16 @@ impl Pipeline {
 
         // Counters: one instance per worker per stage.
         let source_ctr = Arc::new(StageCounters::default());
-        let split_ctrs: Vec<_> = (0..workers).map(|_| Arc::new(StageCounters::default())).collect();
+        let split_ctrs: Vec<_> = (0..workers)
+            .map(|_| Arc::new(StageCounters::default()))
+            .collect();
         let chain_ctrs: Vec<Vec<Arc<StageCounters>>> = chain
             .iter()
-            .map(|_| (0..workers).map(|_| Arc::new(StageCounters::default())).collect())
+            .map(|_| {
+                (0..workers)
+                    .map(|_| Arc::new(StageCounters::default()))
+                    .collect()
+            })
             .collect();
         let sink_ctr = Arc::new(StageCounters::default());
         let totals = Arc::new(Totals::default());
@@ -211,28 +217,33 @@ impl Pipeline {
                     let t0 = Instant::now();
                     let mut waited = Duration::ZERO;
                     let mut current: Option<(u64, usize)> = None;
-                    let mut emit = |block: Block| -> Result<(), Problem> {
-                        if abort_ref.is_set() {
-                            return Err(Problem::new("pipeline.aborted", "pipeline aborted"));
-                        }
-                        let w = match current {
-                            Some((f, w)) if f == block.file => w,
-                            _ => least_loaded(&stats),
+                    let r = {
+                        let mut emit = |block: Block| -> Result<(), Problem> {
+                            if abort_ref.is_set() {
+                                return Err(Problem::new("pipeline.aborted", "pipeline aborted"));
+                            }
+                            let w = match current {
+                                Some((f, w)) if f == block.file => w,
+                                _ => least_loaded(&stats),
+                            };
+                            current = if block.eof {
+                                None
+                            } else {
+                                Some((block.file, w))
+                            };
+                            let n = block.data.len() as u64;
+                            let t = Instant::now();
+                            worker_tx[w]
+                                .send(block, n.max(1))
+                                .map_err(|_| Problem::new("pipeline.aborted", "worker stopped"))?;
+                            waited += t.elapsed();
+                            source_ctr.bytes_in.fetch_add(n, Ordering::Relaxed);
+                            source_ctr.bytes_out.fetch_add(n, Ordering::Relaxed);
+                            source_ctr.items.fetch_add(1, Ordering::Relaxed);
+                            Ok(())
                         };
-                        current = if block.eof { None } else { Some((block.file, w)) };
-                        let n = block.data.len() as u64;
-                        let t = Instant::now();
-                        worker_tx[w]
-                            .send(block, n.max(1))
-                            .map_err(|_| Problem::new("pipeline.aborted", "worker stopped"))?;
-                        waited += t.elapsed();
-                        source_ctr.bytes_in.fetch_add(n, Ordering::Relaxed);
-                        source_ctr.bytes_out.fetch_add(n, Ordering::Relaxed);
-                        source_ctr.items.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
+                        source.run(&mut emit)
                     };
-                    let r = source.run(&mut emit);
-                    drop(emit);
                     let busy = t0.elapsed().saturating_sub(waited);
                     source_ctr
                         .busy_ns
@@ -304,8 +315,12 @@ impl Pipeline {
                     }
                 };
                 sink_ctr.record(t.elapsed().as_nanos() as u64, len as u64, stored as u64);
-                totals.bytes_logical.fetch_add(len as u64, Ordering::Relaxed);
-                totals.bytes_physical.fetch_add(stored as u64, Ordering::Relaxed);
+                totals
+                    .bytes_logical
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                totals
+                    .bytes_physical
+                    .fetch_add(stored as u64, Ordering::Relaxed);
                 totals.chunks.fetch_add(1, Ordering::Relaxed);
                 if stored > 0 {
                     totals.chunks_new.fetch_add(1, Ordering::Relaxed);

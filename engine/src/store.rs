@@ -46,7 +46,11 @@ pub struct Throttled {
 
 impl Store for Throttled {
     fn describe(&self) -> String {
-        format!("{} (throttled {:?}/put)", self.inner.describe(), self.put_delay)
+        format!(
+            "{} (throttled {:?}/put)",
+            self.inner.describe(),
+            self.put_delay
+        )
     }
     fn put(&self, key: &str, data: Bytes) -> Result<(), Problem> {
         std::thread::sleep(self.put_delay);

@@ -4,8 +4,6 @@ use crate::index::{write_index, RepoIndex};
 use crate::lock::Lease;
 use crate::{deployment, Repository};
 use bytes::Bytes;
-use phs_read::{Backend, FileEntry, FileSource};
-use phs_store::{PackSink, PackSinkConfig};
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
 use pg_hardstorage_engine::format::{
     BackupStats, Entry, EntryKind, Manifest, FORMAT_VERSION, MANIFEST_MAGIC,
@@ -13,6 +11,8 @@ use pg_hardstorage_engine::format::{
 use pg_hardstorage_engine::pipeline::{Pipeline, PipelineConfig, Report, Stages};
 use pg_hardstorage_engine::stage::{Source, StageFactory};
 use pg_hardstorage_engine::Problem;
+use phs_read::{Backend, FileEntry, FileSource};
+use phs_store::{PackSink, PackSinkConfig};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::os::unix::ffi::OsStrExt;
@@ -79,14 +79,20 @@ pub fn snapshot_key(deployment: &str, backup_id: &str) -> String {
 
 fn stamp() -> String {
     let f = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-    time::OffsetDateTime::now_utc().format(&f).unwrap_or_default()
+    time::OffsetDateTime::now_utc()
+        .format(&f)
+        .unwrap_or_default()
 }
 
 /// A fresh backup id: `<deployment>.<kind>.<UTC stamp>`, suffixed only when taken.
 fn new_backup_id(repo: &Repository, deployment: &str, kind: &str) -> Result<String, Problem> {
     let base = format!("{deployment}.{kind}.{}", stamp());
     for n in 1..1000 {
-        let id = if n == 1 { base.clone() } else { format!("{base}-{n}") };
+        let id = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
         if repo.store.head(&snapshot_key(deployment, &id))?.is_none() {
             return Ok(id);
         }
@@ -105,8 +111,12 @@ fn subject(deployment: &str, backup_id: &str) -> Map<String, Value> {
 /// (path "."), directories before their contents.
 pub fn walk(root: &Path, bus: &EventBus) -> Result<(Vec<Entry>, Vec<PathBuf>), Problem> {
     let meta = std::fs::symlink_metadata(root).map_err(|e| {
-        Problem::io("backup.source_unreadable", format!("source {}", root.display()), &e)
-            .suggest("Check the deployment's --path", None)
+        Problem::io(
+            "backup.source_unreadable",
+            format!("source {}", root.display()),
+            &e,
+        )
+        .suggest("Check the deployment's --path", None)
     })?;
     if !meta.is_dir() {
         return Err(Problem::new(
@@ -153,7 +163,11 @@ fn walk_dir(
     bus: &EventBus,
 ) -> Result<(), Problem> {
     let unreadable = |e: std::io::Error| {
-        Problem::io("backup.source_unreadable", format!("list {}", dir.display()), &e)
+        Problem::io(
+            "backup.source_unreadable",
+            format!("list {}", dir.display()),
+            &e,
+        )
     };
     let mut children: Vec<_> = std::fs::read_dir(dir)
         .map_err(unreadable)?
@@ -169,12 +183,20 @@ fn walk_dir(
         }
         crel.extend_from_slice(name.as_bytes());
         let m = std::fs::symlink_metadata(&path).map_err(|e| {
-            Problem::io("backup.source_unreadable", format!("stat {}", path.display()), &e)
+            Problem::io(
+                "backup.source_unreadable",
+                format!("stat {}", path.display()),
+                &e,
+            )
         })?;
         let ft = m.file_type();
         if ft.is_symlink() {
             let t = std::fs::read_link(&path).map_err(|e| {
-                Problem::io("backup.source_unreadable", format!("readlink {}", path.display()), &e)
+                Problem::io(
+                    "backup.source_unreadable",
+                    format!("readlink {}", path.display()),
+                    &e,
+                )
             })?;
             let target = String::from_utf8(t.as_os_str().as_bytes().to_vec()).map_err(|_| {
                 Problem::new(
@@ -211,7 +233,10 @@ pub fn backup_path(
 ) -> Result<Manifest, Problem> {
     let d = deployment::get(repo, deployment)?;
     let root = PathBuf::from(d.path.clone().ok_or_else(|| {
-        Problem::new("deployment.invalid", format!("deployment {deployment:?} has no path"))
+        Problem::new(
+            "deployment.invalid",
+            format!("deployment {deployment:?} has no path"),
+        )
     })?);
     let _lease = Lease::acquire(repo, deployment, "backup")?;
     let backup_id = new_backup_id(repo, deployment, "full")?;
@@ -266,7 +291,9 @@ fn run_backup(
     let index = RepoIndex::load(repo)?;
     let dedup = Arc::new(index.dedup());
     drop(index);
-    let backend = opts.read_backend.unwrap_or_else(|| phs_read::probe().backend);
+    let backend = opts
+        .read_backend
+        .unwrap_or_else(|| phs_read::probe().backend);
     let source: Box<dyn Source> = Box::new(FileSource::new(files, backend));
     let report = run_pipeline(repo, source, dedup, bus, &opts.pipeline, &mut |c| {
         if let Some(e) = entries.get_mut(c.file as usize) {
@@ -348,7 +375,10 @@ pub fn commit(repo: &Repository, m: &Manifest) -> Result<(), Problem> {
     let body = serde_json::to_vec(m).map_err(|e| Problem::internal(e.to_string()))?;
     let sealed = repo.seal(MANIFEST_MAGIC, &key, &body)?;
     if !repo.store.put_if_absent(&key, Bytes::from(sealed))? {
-        return Err(Problem::new("repo.locked", format!("backup {} already exists", m.backup_id)));
+        return Err(Problem::new(
+            "repo.locked",
+            format!("backup {} already exists", m.backup_id),
+        ));
     }
     Ok(())
 }

@@ -12,7 +12,9 @@ use crate::keys::{random32, Keys};
 use crate::Repository;
 use bytes::Bytes;
 use pg_hardstorage_engine::event::EventBus;
-use pg_hardstorage_engine::format::{ChunkerParams, CompressionParams, EntryKind, RepoConfig, FORMAT_VERSION};
+use pg_hardstorage_engine::format::{
+    ChunkerParams, CompressionParams, EntryKind, RepoConfig, FORMAT_VERSION,
+};
 use pg_hardstorage_engine::pipeline::PipelineConfig;
 use pg_hardstorage_engine::stage::{Block, Chunk, ChunkStage, Source, SplitterFactory};
 use pg_hardstorage_engine::store::{ObjectInfo, Store};
@@ -99,7 +101,10 @@ impl Store for NullStore {
         Ok(None)
     }
     fn get_range(&self, k: &str, _: Range<u64>) -> Result<Bytes, Problem> {
-        Err(Problem::new("verify.missing_object", format!("{k}: null store keeps nothing")))
+        Err(Problem::new(
+            "verify.missing_object",
+            format!("{k}: null store keeps nothing"),
+        ))
     }
     fn head(&self, _: &str) -> Result<Option<u64>, Problem> {
         Ok(None)
@@ -156,9 +161,26 @@ impl Generator {
             .flat_map(|_| xorshift(&mut x).to_le_bytes())
             .collect();
         let words = [
-            "LOG:", "duration:", "statement:", "SELECT", "abalance", "FROM", "pgbench_accounts",
-            "WHERE", "aid", "=", "UPDATE", "SET", "checkpoint", "complete:", "wrote", "buffers",
-            "connection", "authorized:", "user=postgres", "database=app",
+            "LOG:",
+            "duration:",
+            "statement:",
+            "SELECT",
+            "abalance",
+            "FROM",
+            "pgbench_accounts",
+            "WHERE",
+            "aid",
+            "=",
+            "UPDATE",
+            "SET",
+            "checkpoint",
+            "complete:",
+            "wrote",
+            "buffers",
+            "connection",
+            "authorized:",
+            "user=postgres",
+            "database=app",
         ];
         let mut text = Vec::with_capacity(16 << 20);
         while text.len() < 16 << 20 {
@@ -187,21 +209,24 @@ impl Generator {
     }
 
     /// Fills `buf`: per 4 KiB unit, a random part and a text part in the
-    /// ratio asked for, and a unique counter so nothing deduplicates.
+    /// ratio asked for, each from a random offset of its pool, so no two
+    /// chunks are alike and nothing deduplicates.
     pub fn fill(&mut self, buf: &mut [u8]) {
         let rand_part = ((1.0 - self.compressibility) * UNIT as f64).round() as usize;
         for unit in buf.chunks_mut(UNIT) {
             self.counter = self.counter.wrapping_add(1);
-            let mut x = self.counter | 1;
+            // splitmix64 of the counter: neighbouring units get unrelated offsets.
+            let mut x = self.counter.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^= x >> 31;
+            x |= 1;
             let n = unit.len();
             let r = rand_part.min(n);
             let ro = (xorshift(&mut x) as usize) % (self.random.len() - UNIT);
             unit[..r].copy_from_slice(&self.random[ro..ro + r]);
             let to = (xorshift(&mut x) as usize) % (self.text.len() - UNIT);
             unit[r..].copy_from_slice(&self.text[to..to + (n - r)]);
-            let c = self.counter.to_le_bytes();
-            let k = c.len().min(n);
-            unit[..k].copy_from_slice(&c[..k]);
         }
     }
 }
@@ -229,7 +254,7 @@ impl Source for GenSource {
         Some(self.total)
     }
     fn run(&mut self, emit: &mut dyn FnMut(Block) -> Result<(), Problem>) -> Result<(), Problem> {
-        const BLOCK: u64 = 4 << 20;
+        const BLOCK: u64 = 8 << 20;
         let mut done = 0u64;
         let mut file = 0u64;
         while done < self.total {
@@ -258,9 +283,11 @@ fn rss_peak() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
         })
         .map_or(0, |kib| kib * 1024)
 }
@@ -277,11 +304,11 @@ fn single_core(repo: &Repository, sample: &[u8]) -> Result<Vec<StageRate>, Probl
     let mut split = phs_chunk::FastCdcFactory(params).build(0)?;
     let mut chunks: Vec<Chunk> = Vec::new();
     let t = Instant::now();
-    let blocks: Vec<_> = sample.chunks(4 << 20).collect();
+    let blocks: Vec<_> = sample.chunks(8 << 20).collect();
     for (i, b) in blocks.iter().enumerate() {
         let blk = Block {
             file: 0,
-            offset: (i * (4 << 20)) as u64,
+            offset: (i * (8 << 20)) as u64,
             data: Bytes::copy_from_slice(b),
             eof: i + 1 == blocks.len(),
         };
@@ -292,7 +319,8 @@ fn single_core(repo: &Repository, sample: &[u8]) -> Result<Vec<StageRate>, Probl
         gb_s: gb(sample.len(), t.elapsed().as_secs_f64()),
     }];
     let chain = crate::backup::chain(repo, Arc::new(phs_dedup::DedupIndex::default()));
-    let mut stages: Vec<Box<dyn ChunkStage>> = chain.iter().map(|f| f.build(0)).collect::<Result<_, _>>()?;
+    let mut stages: Vec<Box<dyn ChunkStage>> =
+        chain.iter().map(|f| f.build(0)).collect::<Result<_, _>>()?;
     for st in stages.iter_mut() {
         let t = Instant::now();
         for c in chunks.iter_mut() {
@@ -431,13 +459,17 @@ fn fill_from_dir(dir: &std::path::Path, buf: &mut [u8]) -> Result<(), Problem> {
         if e.kind != EntryKind::File {
             continue;
         }
-        let data = std::fs::read(&p).map_err(|er| Problem::io("io.read_failed", p.display(), &er))?;
+        let data =
+            std::fs::read(&p).map_err(|er| Problem::io("io.read_failed", p.display(), &er))?;
         let n = data.len().min(buf.len() - off);
         buf[off..off + n].copy_from_slice(&data[..n]);
         off += n;
     }
     if off == 0 {
-        return Err(Problem::new("usage.invalid_argument", format!("{} holds no file data", dir.display())));
+        return Err(Problem::new(
+            "usage.invalid_argument",
+            format!("{} holds no file data", dir.display()),
+        ));
     }
     let filled = off;
     // Repeat what exists so the sample has the asked-for size.
@@ -452,7 +484,12 @@ fn fill_from_dir(dir: &std::path::Path, buf: &mut [u8]) -> Result<(), Problem> {
 impl BenchReport {
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "input        {} ({:.2} GiB)", self.input, self.bytes as f64 / (1u64 << 30) as f64);
+        let _ = writeln!(
+            s,
+            "input        {} ({:.2} GiB)",
+            self.input,
+            self.bytes as f64 / (1u64 << 30) as f64
+        );
         let _ = writeln!(s, "read         {}", self.read_backend);
         let _ = writeln!(s, "workers      {}", self.workers);
         let _ = writeln!(s);
@@ -462,12 +499,24 @@ impl BenchReport {
         }
         let _ = writeln!(s, "  {:<12} {:>7.2} GB/s", "chain", self.chain_gb_s);
         let _ = writeln!(s);
-        let _ = writeln!(s, "{:<14} {:>5} {:>14} {:>7}", "STAGE", "INST", "GB/s/INST", "BUSY%");
+        let _ = writeln!(
+            s,
+            "{:<14} {:>5} {:>14} {:>7}",
+            "STAGE", "INST", "GB/s/INST", "BUSY%"
+        );
         for r in &self.stages {
-            let _ = writeln!(s, "{:<14} {:>5} {:>14.2} {:>6.1}%", r.stage, r.instances, r.gb_s_per_instance, r.busy_pct);
+            let _ = writeln!(
+                s,
+                "{:<14} {:>5} {:>14.2} {:>6.1}%",
+                r.stage, r.instances, r.gb_s_per_instance, r.busy_pct
+            );
         }
         let _ = writeln!(s);
-        let _ = writeln!(s, "{:<26} {:>10} {:>10} {:>7} {:>8}", "EDGE", "BUDGET", "MAX DEPTH", "PAUSES", "WAIT s");
+        let _ = writeln!(
+            s,
+            "{:<26} {:>10} {:>10} {:>7} {:>8}",
+            "EDGE", "BUDGET", "MAX DEPTH", "PAUSES", "WAIT s"
+        );
         for e in &self.edges {
             let _ = writeln!(
                 s,
@@ -481,13 +530,21 @@ impl BenchReport {
         }
         let _ = writeln!(s);
         let _ = writeln!(s, "bottleneck   {}", self.bottleneck);
-        let _ = writeln!(s, "pipeline     {:.3} GB/s in {:.2} s", self.pipeline_gb_s, self.wall_seconds);
+        let _ = writeln!(
+            s,
+            "pipeline     {:.3} GB/s in {:.2} s",
+            self.pipeline_gb_s, self.wall_seconds
+        );
         let _ = writeln!(
             s,
             "efficiency   {:.2} = pipeline / ({} workers x {:.3} GB/s single-core chain)",
             self.efficiency, self.workers, self.chain_gb_s
         );
-        let _ = writeln!(s, "peak RSS     {:.0} MiB", self.peak_rss_bytes as f64 / (1 << 20) as f64);
+        let _ = writeln!(
+            s,
+            "peak RSS     {:.0} MiB",
+            self.peak_rss_bytes as f64 / (1 << 20) as f64
+        );
         s
     }
 }

@@ -5,9 +5,15 @@ use crate::Repository;
 use pg_hardstorage_engine::format::{Manifest, MANIFEST_MAGIC};
 use pg_hardstorage_engine::Problem;
 
-pub fn load_manifest(repo: &Repository, deployment: &str, backup_id: &str) -> Result<Manifest, Problem> {
+pub fn load_manifest(
+    repo: &Repository,
+    deployment: &str,
+    backup_id: &str,
+) -> Result<Manifest, Problem> {
     let key = snapshot_key(deployment, backup_id);
-    let body = repo.get_sealed(MANIFEST_MAGIC, &key)?.ok_or_else(|| not_found(backup_id))?;
+    let body = repo
+        .get_sealed(MANIFEST_MAGIC, &key)?
+        .ok_or_else(|| not_found(backup_id))?;
     let m: Manifest = serde_json::from_slice(&body)
         .map_err(|e| Problem::new("verify.malformed", format!("manifest {backup_id}: {e}")))?;
     if m.backup_id != backup_id || m.deployment != deployment {
@@ -23,7 +29,10 @@ pub fn load_manifest(repo: &Repository, deployment: &str, backup_id: &str) -> Re
 fn not_found(backup_id: &str) -> Problem {
     Problem::new("backup.not_found", format!("no backup {backup_id:?}"))
         .with("backup_id", backup_id)
-        .suggest("List the backups", Some("pg_hardstorage backup list".into()))
+        .suggest(
+            "List the backups",
+            Some("pg_hardstorage backup list".into()),
+        )
 }
 
 /// The deployment a backup id belongs to: `<deployment>.<kind>.<stamp>`.
@@ -54,7 +63,9 @@ pub fn list(repo: &Repository, deployment: Option<&str>) -> Result<Vec<BackupSum
     let mut out = Vec::new();
     for o in repo.store.list(&prefix)? {
         let mut parts = o.key.splitn(3, '/').skip(1);
-        let (Some(d), Some(id)) = (parts.next(), parts.next()) else { continue };
+        let (Some(d), Some(id)) = (parts.next(), parts.next()) else {
+            continue;
+        };
         out.push(BackupSummary::of(&load_manifest(repo, d, id)?));
     }
     out.sort_by(|a, b| (&a.finished_at, &a.backup_id).cmp(&(&b.finished_at, &b.backup_id)));
@@ -66,9 +77,15 @@ pub fn resolve(repo: &Repository, deployment: &str, which: &str) -> Result<Manif
     if which == "latest" {
         let all = list(repo, Some(deployment))?;
         let newest = all.last().ok_or_else(|| {
-            Problem::new("backup.not_found", format!("deployment {deployment:?} has no backup yet"))
-                .with("deployment", deployment)
-                .suggest("Take one", Some(format!("pg_hardstorage backup run {deployment}")))
+            Problem::new(
+                "backup.not_found",
+                format!("deployment {deployment:?} has no backup yet"),
+            )
+            .with("deployment", deployment)
+            .suggest(
+                "Take one",
+                Some(format!("pg_hardstorage backup run {deployment}")),
+            )
         })?;
         return load_manifest(repo, deployment, &newest.backup_id);
     }

@@ -2,9 +2,9 @@
 //! id), decompressed and re-hashed before a single byte is used.
 
 use crate::Repository;
-use phs_encrypt::{open_chunk, Aead};
 use pg_hardstorage_engine::stage::{flags, ChunkId};
 use pg_hardstorage_engine::Problem;
+use phs_encrypt::{open_chunk, Aead};
 
 /// Opens and checks one chunk envelope; returns its plaintext.
 pub fn decode_chunk(
@@ -14,15 +14,19 @@ pub fn decode_chunk(
     envelope: &[u8],
 ) -> Result<Vec<u8>, Problem> {
     let mismatch = |why: String| {
-        Problem::new("verify.checksum_mismatch", format!("chunk {}: {why}", id.to_hex()))
-            .with("chunk", id.to_hex())
+        Problem::new(
+            "verify.checksum_mismatch",
+            format!("chunk {}: {why}", id.to_hex()),
+        )
+        .with("chunk", id.to_hex())
     };
     let (f, raw_len, body) = open_chunk(aead, id, envelope).map_err(|p| match p.class() {
-        pg_hardstorage_engine::Class::Verify => mismatch(p.message),
+        pg_hardstorage_engine::Class::Verify => mismatch(p.message.clone()),
         _ => p,
     })?;
     let plain = if f & flags::COMPRESSED_ZSTD != 0 {
-        phs_compress::decompress(&body, raw_len as usize).map_err(|p| mismatch(p.message))?
+        phs_compress::decompress(&body, raw_len as usize)
+            .map_err(|p| mismatch(p.message.clone()))?
     } else {
         body
     };

@@ -30,7 +30,10 @@ pub struct Deployment {
 impl Deployment {
     /// Same settings (ignoring timestamps): an idempotent create matches.
     fn same_settings(&self, other: &Deployment) -> bool {
-        self.kind == other.kind && self.path == other.path && self.pg == other.pg && self.pgdata == other.pgdata
+        self.kind == other.kind
+            && self.path == other.path
+            && self.pg == other.pg
+            && self.pgdata == other.pgdata
     }
 
     /// The JSON body shown by `deployment show` (connection strings redacted).
@@ -102,7 +105,10 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
     }
     let body = serde_json::to_vec(&d).map_err(|e| Problem::internal(e.to_string()))?;
     let sealed = repo.seal(DEPLOYMENT_MAGIC, &key(&d.name), &body)?;
-    if !repo.store.put_if_absent(&key(&d.name), bytes::Bytes::from(sealed))? {
+    if !repo
+        .store
+        .put_if_absent(&key(&d.name), bytes::Bytes::from(sealed))?
+    {
         // Someone created it concurrently: resolve as above.
         return create(repo, d);
     }
@@ -121,9 +127,15 @@ pub fn get_opt(repo: &Repository, name: &str) -> Result<Option<Deployment>, Prob
 
 pub fn get(repo: &Repository, name: &str) -> Result<Deployment, Problem> {
     get_opt(repo, name)?.ok_or_else(|| {
-        Problem::new("deployment.not_found", format!("no deployment named {name:?}"))
-            .with("deployment", name)
-            .suggest("List the deployments", Some("pg_hardstorage deployment list".into()))
+        Problem::new(
+            "deployment.not_found",
+            format!("no deployment named {name:?}"),
+        )
+        .with("deployment", name)
+        .suggest(
+            "List the deployments",
+            Some("pg_hardstorage deployment list".into()),
+        )
     })
 }
 

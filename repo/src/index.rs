@@ -4,10 +4,10 @@
 //! only after the pack is durable. Loading the index is listing `index/`.
 
 use crate::Repository;
-use phs_dedup::DedupIndex;
 use pg_hardstorage_engine::format::{decode_pack_index, encode_pack_index, PackEntry, INDEX_MAGIC};
 use pg_hardstorage_engine::stage::ChunkId;
 use pg_hardstorage_engine::Problem;
+use phs_dedup::DedupIndex;
 use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,7 +30,11 @@ pub fn index_key(pack_key: &str) -> String {
 }
 
 /// Publishes a durable pack's index.
-pub fn write_index(repo: &Repository, pack_key: &str, entries: &[PackEntry]) -> Result<(), Problem> {
+pub fn write_index(
+    repo: &Repository,
+    pack_key: &str,
+    entries: &[PackEntry],
+) -> Result<(), Problem> {
     let mut payload = pack_key.as_bytes().to_vec();
     payload.push(b'\n');
     payload.extend_from_slice(&encode_pack_index(entries));
@@ -44,12 +48,12 @@ impl RepoIndex {
             let Some(payload) = repo.get_sealed(INDEX_MAGIC, &o.key)? else {
                 continue;
             };
-            let nl = payload
-                .iter()
-                .position(|b| *b == b'\n')
-                .ok_or_else(|| Problem::new("verify.malformed", format!("{}: no pack name", o.key)))?;
-            let pack = String::from_utf8(payload[..nl].to_vec())
-                .map_err(|_| Problem::new("verify.malformed", format!("{}: bad pack name", o.key)))?;
+            let nl = payload.iter().position(|b| *b == b'\n').ok_or_else(|| {
+                Problem::new("verify.malformed", format!("{}: no pack name", o.key))
+            })?;
+            let pack = String::from_utf8(payload[..nl].to_vec()).map_err(|_| {
+                Problem::new("verify.malformed", format!("{}: bad pack name", o.key))
+            })?;
             let entries = decode_pack_index(&payload[nl + 1..]).map_err(|p| p.context(&o.key))?;
             let n = idx.packs.len() as u32;
             idx.packs.push(pack);

@@ -4,9 +4,9 @@
 //! BLAKE3's KDF, one per purpose, so no key is used for two things.
 
 use argon2::{Algorithm, Argon2, Params, Version};
-use phs_encrypt::{random_nonce, Aead};
-use pg_hardstorage_engine::format::{KeyEnvelope, Kdf, NONCE_LEN};
+use pg_hardstorage_engine::format::{Kdf, KeyEnvelope, NONCE_LEN};
 use pg_hardstorage_engine::Problem;
+use phs_encrypt::{random_nonce, Aead};
 use std::path::PathBuf;
 
 /// Where the KEK comes from.
@@ -70,7 +70,15 @@ impl Keys {
 
 fn kek(source: &KeySource, kdf: &Kdf) -> Result<[u8; 32], Problem> {
     match (source, kdf) {
-        (KeySource::Passphrase(p), Kdf::Argon2id { m_kib, t, p: lanes, salt }) => {
+        (
+            KeySource::Passphrase(p),
+            Kdf::Argon2id {
+                m_kib,
+                t,
+                p: lanes,
+                salt,
+            },
+        ) => {
             let salt = hex::decode(salt)
                 .map_err(|_| Problem::new("repo.config_invalid", "key envelope: bad salt"))?;
             let params = Params::new(*m_kib, *t, *lanes, Some(32))
@@ -98,7 +106,11 @@ fn kek(source: &KeySource, kdf: &Kdf) -> Result<[u8; 32], Problem> {
 /// A key file holds 32 bytes: raw, or 64 hex digits.
 pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], Problem> {
     let raw = std::fs::read(path).map_err(|e| {
-        Problem::io("auth.key_required", format!("key file {}", path.display()), &e)
+        Problem::io(
+            "auth.key_required",
+            format!("key file {}", path.display()),
+            &e,
+        )
     })?;
     let text = String::from_utf8_lossy(&raw);
     let mut out = [0u8; 32];
@@ -111,7 +123,10 @@ pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], Problem> {
     }
     Err(Problem::new(
         "auth.bad_key",
-        format!("key file {} must hold 32 bytes or 64 hex digits", path.display()),
+        format!(
+            "key file {} must hold 32 bytes or 64 hex digits",
+            path.display()
+        ),
     ))
 }
 
@@ -125,7 +140,13 @@ pub fn generate_key_file(path: &std::path::Path) -> Result<(), Problem> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| Problem::io("io.write_failed", format!("key file {}", path.display()), &e))?;
+        .map_err(|e| {
+            Problem::io(
+                "io.write_failed",
+                format!("key file {}", path.display()),
+                &e,
+            )
+        })?;
     writeln!(f, "{}", hex::encode(key))
         .map_err(|e| Problem::io("io.write_failed", "write key file", &e))
 }
@@ -184,7 +205,10 @@ pub fn unwrap(env: &KeyEnvelope, source: &KeySource) -> Result<Keys, Problem> {
     let raw = hex::decode(&env.wrapped)
         .map_err(|_| Problem::new("repo.config_invalid", "key envelope: bad hex"))?;
     if raw.len() != NONCE_LEN + 32 + 16 {
-        return Err(Problem::new("repo.config_invalid", "key envelope: bad length"));
+        return Err(Problem::new(
+            "repo.config_invalid",
+            "key envelope: bad length",
+        ));
     }
     let mut nonce = [0u8; NONCE_LEN];
     nonce.copy_from_slice(&raw[..NONCE_LEN]);

@@ -56,7 +56,8 @@ fn stale(r: &LeaseRecord) -> bool {
         return true;
     }
     // SAFETY-free liveness probe: signal 0 checks existence only.
-    r.host == host() && unsafe { libc::kill(r.pid as i32, 0) } != 0
+    r.host == host()
+        && unsafe { libc::kill(r.pid as i32, 0) } != 0
         && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
@@ -64,7 +65,8 @@ impl Lease {
     pub fn acquire(repo: &Repository, deployment: &str, purpose: &str) -> Result<Lease, Problem> {
         let key = format!("locks/{deployment}");
         for _ in 0..3 {
-            let body = serde_json::to_vec(&record(purpose)).map_err(|e| Problem::internal(e.to_string()))?;
+            let body = serde_json::to_vec(&record(purpose))
+                .map_err(|e| Problem::internal(e.to_string()))?;
             if repo.store.put_if_absent(&key, Bytes::from(body))? {
                 return Ok(Lease::start(repo.store.clone(), key));
             }
@@ -88,7 +90,10 @@ impl Lease {
                 _ => repo.store.delete(&key)?,
             }
         }
-        Err(Problem::new("repo.locked", format!("could not take the lease on {deployment:?}")))
+        Err(Problem::new(
+            "repo.locked",
+            format!("could not take the lease on {deployment:?}"),
+        ))
     }
 
     fn start(store: DynStore, key: String) -> Lease {

@@ -2,14 +2,13 @@
 
 use crate::keys::{self, KeySource, Keys};
 use bytes::Bytes;
-use phs_encrypt::{random_nonce, Aead};
 use pg_hardstorage_engine::format::{
     parse_sealed, ChunkerParams, CompressionParams, KeyEnvelope, RepoConfig, FORMAT_VERSION,
-
 };
 use pg_hardstorage_engine::stage::flags;
 use pg_hardstorage_engine::store::DynStore;
 use pg_hardstorage_engine::Problem;
+use phs_encrypt::{random_nonce, Aead};
 use serde::{Deserialize, Serialize};
 
 pub const CONFIG_KEY: &str = "config";
@@ -69,7 +68,10 @@ impl Repository {
                 format!("{} already holds a repository", store.describe()),
             )
             .with("repo", store.describe())
-            .suggest("Use the existing repository, or choose another --repo", None));
+            .suggest(
+                "Use the existing repository, or choose another --repo",
+                None,
+            ));
         }
         let (env, keys) = keys::new_envelope(source)?;
         let config = RepoConfig {
@@ -78,25 +80,44 @@ impl Repository {
             created_at: pg_hardstorage_engine::event::now_rfc3339(),
             chunker: opts.chunker,
             compression: CompressionParams {
-                algorithm: if opts.zstd_level.is_some() { "zstd" } else { "none" }.into(),
+                algorithm: if opts.zstd_level.is_some() {
+                    "zstd"
+                } else {
+                    "none"
+                }
+                .into(),
                 level: opts.zstd_level.unwrap_or(0),
             },
-            encryption: if opts.encryption { "aes-256-gcm" } else { "none" }.into(),
+            encryption: if opts.encryption {
+                "aes-256-gcm"
+            } else {
+                "none"
+            }
+            .into(),
             pack_target_bytes: opts.pack_target_bytes,
         };
-        let env_json = serde_json::to_vec_pretty(&env).map_err(|e| Problem::internal(e.to_string()))?;
+        let env_json =
+            serde_json::to_vec_pretty(&env).map_err(|e| Problem::internal(e.to_string()))?;
         store.put(&format!("keys/{}.json", env.key_id), Bytes::from(env_json))?;
         let body = serde_json::to_vec(&config).map_err(|e| Problem::internal(e.to_string()))?;
         let signed = SignedConfig {
             config: config.clone(),
             mac: hex::encode(mac(&keys.mac, &[b"config", &body])),
         };
-        let bytes = serde_json::to_vec_pretty(&signed).map_err(|e| Problem::internal(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(&signed).map_err(|e| Problem::internal(e.to_string()))?;
         // The config is the commit point of `init`: written last, only once.
         if !store.put_if_absent(CONFIG_KEY, Bytes::from(bytes))? {
-            return Err(Problem::new("repo.already_exists", "another init won the race"));
+            return Err(Problem::new(
+                "repo.already_exists",
+                "another init won the race",
+            ));
         }
-        Ok(Repository { store, config, keys })
+        Ok(Repository {
+            store,
+            config,
+            keys,
+        })
     }
 
     pub fn open(store: DynStore, source: &KeySource) -> Result<Self, Problem> {
@@ -108,9 +129,8 @@ impl Repository {
             .with("repo", store.describe())
             .suggest("Initialise one", Some("pg_hardstorage repo init".into()))
         })?;
-        let signed: SignedConfig = serde_json::from_slice(&raw).map_err(|e| {
-            Problem::new("repo.config_invalid", format!("repository config: {e}"))
-        })?;
+        let signed: SignedConfig = serde_json::from_slice(&raw)
+            .map_err(|e| Problem::new("repo.config_invalid", format!("repository config: {e}")))?;
         if signed.config.format_version != FORMAT_VERSION {
             return Err(Problem::new(
                 "repo.format_unsupported",
@@ -121,7 +141,8 @@ impl Repository {
             ));
         }
         let keys = Self::unlock(&store, source)?;
-        let body = serde_json::to_vec(&signed.config).map_err(|e| Problem::internal(e.to_string()))?;
+        let body =
+            serde_json::to_vec(&signed.config).map_err(|e| Problem::internal(e.to_string()))?;
         let expect = hex::encode(mac(&keys.mac, &[b"config", &body]));
         if !constant_eq(expect.as_bytes(), signed.mac.as_bytes()) {
             return Err(Problem::new(
@@ -140,14 +161,18 @@ impl Repository {
     fn unlock(store: &DynStore, source: &KeySource) -> Result<Keys, Problem> {
         let envs = store.list("keys/")?;
         if envs.is_empty() {
-            return Err(Problem::new("repo.config_invalid", "repository has no key envelope"));
+            return Err(Problem::new(
+                "repo.config_invalid",
+                "repository has no key envelope",
+            ));
         }
         let mut last = None;
         for o in envs {
-            let Some(raw) = store.get(&o.key)? else { continue };
-            let env: KeyEnvelope = serde_json::from_slice(&raw).map_err(|e| {
-                Problem::new("repo.config_invalid", format!("{}: {e}", o.key))
-            })?;
+            let Some(raw) = store.get(&o.key)? else {
+                continue;
+            };
+            let env: KeyEnvelope = serde_json::from_slice(&raw)
+                .map_err(|e| Problem::new("repo.config_invalid", format!("{}: {e}", o.key)))?;
             match keys::unwrap(&env, source) {
                 Ok(k) => return Ok(k),
                 Err(p) => last = Some(p),
@@ -193,7 +218,12 @@ impl Repository {
     }
 
     /// Verifies and opens a sealed object.
-    pub fn open_sealed(&self, magic: &[u8; 8], key: &str, bytes: &[u8]) -> Result<Vec<u8>, Problem> {
+    pub fn open_sealed(
+        &self,
+        magic: &[u8; 8],
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, Problem> {
         let v = parse_sealed(magic, bytes).map_err(|p| p.with("object", key))?;
         let m = mac(&self.keys.mac, &[v.signed, key.as_bytes()]);
         if !constant_eq(&m, &v.mac) {
@@ -207,17 +237,26 @@ impl Repository {
             (Some(n), Some(aead)) => aead.open(&n, &sealed_aad(magic, key), v.body)?,
             (None, _) => v.body.to_vec(),
             (Some(_), None) => {
-                return Err(Problem::new("verify.malformed", format!("{key}: unexpected encryption")))
+                return Err(Problem::new(
+                    "verify.malformed",
+                    format!("{key}: unexpected encryption"),
+                ))
             }
         };
         if body.len() < 8 {
-            return Err(Problem::new("verify.truncated", format!("{key}: body truncated")));
+            return Err(Problem::new(
+                "verify.truncated",
+                format!("{key}: body truncated"),
+            ));
         }
         let mut l = [0u8; 8];
         l.copy_from_slice(&body[..8]);
         let raw_len = u64::from_le_bytes(l) as usize;
         if raw_len > MAX_METADATA {
-            return Err(Problem::new("verify.malformed", format!("{key}: implausible size")));
+            return Err(Problem::new(
+                "verify.malformed",
+                format!("{key}: implausible size"),
+            ));
         }
         phs_compress::decompress(&body[8..], raw_len).map_err(|p| p.context(key))
     }
@@ -244,4 +283,3 @@ fn sealed_aad(magic: &[u8; 8], key: &str) -> Vec<u8> {
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
-

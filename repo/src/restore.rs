@@ -44,7 +44,11 @@ const MAX_RUN: u64 = 16 << 20;
 fn preflight(target: &Path, force: bool) -> Result<(), Problem> {
     match std::fs::symlink_metadata(target) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Problem::io("restore.target_invalid", format!("target {}", target.display()), &e)),
+        Err(e) => Err(Problem::io(
+            "restore.target_invalid",
+            format!("target {}", target.display()),
+            &e,
+        )),
         Ok(m) if !m.is_dir() => Err(Problem::new(
             "restore.target_invalid",
             format!("target {} exists and is not a directory", target.display()),
@@ -52,7 +56,13 @@ fn preflight(target: &Path, force: bool) -> Result<(), Problem> {
         .with("target", target.display().to_string())),
         Ok(_) => {
             let nonempty = std::fs::read_dir(target)
-                .map_err(|e| Problem::io("restore.target_invalid", format!("target {}", target.display()), &e))?
+                .map_err(|e| {
+                    Problem::io(
+                        "restore.target_invalid",
+                        format!("target {}", target.display()),
+                        &e,
+                    )
+                })?
                 .next()
                 .is_some();
             if nonempty && !force {
@@ -106,7 +116,12 @@ pub fn restore(
     r
 }
 
-fn run(repo: &Repository, m: &Manifest, opts: &RestoreOptions, bus: &EventBus) -> Result<RestoreSummary, Problem> {
+fn run(
+    repo: &Repository,
+    m: &Manifest,
+    opts: &RestoreOptions,
+    bus: &EventBus,
+) -> Result<RestoreSummary, Problem> {
     let t0 = Instant::now();
     preflight(&opts.target, opts.force)?;
     m.validate()?;
@@ -122,7 +137,11 @@ fn run(repo: &Repository, m: &Manifest, opts: &RestoreOptions, bus: &EventBus) -
         let p = rel_path(&opts.target, e)?;
         std::fs::create_dir_all(&p).map_err(|er| werr(&p, er))?;
     }
-    let files: Vec<&Entry> = m.entries.iter().filter(|e| e.kind == EntryKind::File).collect();
+    let files: Vec<&Entry> = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .collect();
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first: Mutex<Option<Problem>> = Mutex::new(None);
@@ -144,7 +163,10 @@ fn run(repo: &Repository, m: &Manifest, opts: &RestoreOptions, bus: &EventBus) -
                     }
                     Err(p) => {
                         failed.store(true, Ordering::Release);
-                        first.lock().unwrap_or_else(|x| x.into_inner()).get_or_insert(p);
+                        first
+                            .lock()
+                            .unwrap_or_else(|x| x.into_inner())
+                            .get_or_insert(p);
                         return;
                     }
                 }
@@ -263,7 +285,11 @@ fn write_file(
             if plain.len() != *len as usize {
                 return Err(Problem::new(
                     "verify.checksum_mismatch",
-                    format!("chunk {} has {} bytes, manifest says {len}", id.to_hex(), plain.len()),
+                    format!(
+                        "chunk {} has {} bytes, manifest says {len}",
+                        id.to_hex(),
+                        plain.len()
+                    ),
                 ));
             }
             write_sparse(&mut f, &plain).map_err(|er| werr(tmp, er))?;

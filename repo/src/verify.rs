@@ -24,7 +24,12 @@ pub struct VerifySummary {
     pub ok: bool,
 }
 
-pub fn verify(repo: &Repository, m: &Manifest, bus: &EventBus, threads: usize) -> Result<VerifySummary, Problem> {
+pub fn verify(
+    repo: &Repository,
+    m: &Manifest,
+    bus: &EventBus,
+    threads: usize,
+) -> Result<VerifySummary, Problem> {
     let mut subj = serde_json::Map::new();
     subj.insert("deployment".into(), json!(m.deployment));
     subj.insert("backup_id".into(), json!(m.backup_id));
@@ -63,7 +68,9 @@ fn run(repo: &Repository, m: &Manifest, threads: usize) -> Result<VerifySummary,
         for _ in 0..threads.max(1) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((pack, ids)) = packs.get(i) else { return };
+                let Some((pack, ids)) = packs.get(i) else {
+                    return;
+                };
                 if first.lock().unwrap_or_else(|x| x.into_inner()).is_some() {
                     return;
                 }
@@ -73,7 +80,10 @@ fn run(repo: &Repository, m: &Manifest, threads: usize) -> Result<VerifySummary,
                         bytes.fetch_add(n, Ordering::Relaxed);
                     }
                     Err(p) => {
-                        first.lock().unwrap_or_else(|x| x.into_inner()).get_or_insert(p);
+                        first
+                            .lock()
+                            .unwrap_or_else(|x| x.into_inner())
+                            .get_or_insert(p);
                         return;
                     }
                 }
@@ -99,9 +109,10 @@ fn verify_pack(
     pack: &str,
     ids: &[ChunkId],
 ) -> Result<u64, Problem> {
-    let bytes = repo.store.get(pack)?.ok_or_else(|| {
-        Problem::new("verify.missing_object", format!("pack {pack} is missing"))
-    })?;
+    let bytes = repo
+        .store
+        .get(pack)?
+        .ok_or_else(|| Problem::new("verify.missing_object", format!("pack {pack} is missing")))?;
     let mismatch = |why: String| {
         Problem::new("verify.checksum_mismatch", format!("pack {pack}: {why}")).with("pack", pack)
     };
@@ -110,14 +121,22 @@ fn verify_pack(
     if blake3::hash(&bytes).to_hex().as_str() != name {
         return Err(mismatch("content hash differs from its name".into()));
     }
-    parse_pack(&bytes).map_err(|p| mismatch(p.message))?;
+    parse_pack(&bytes).map_err(|p| mismatch(p.message.clone()))?;
     let mut total = 0;
     for id in ids {
         let (_, loc) = index.locate(id)?;
         let env = bytes
             .get(loc.offset as usize..(loc.offset + loc.len as u64) as usize)
-            .ok_or_else(|| Problem::new("verify.truncated", format!("pack {pack}: chunk beyond its end")).with("pack", pack))?;
-        total += decode_chunk(repo, aead, id, env).map_err(|p| p.with("pack", pack))?.len() as u64;
+            .ok_or_else(|| {
+                Problem::new(
+                    "verify.truncated",
+                    format!("pack {pack}: chunk beyond its end"),
+                )
+                .with("pack", pack)
+            })?;
+        total += decode_chunk(repo, aead, id, env)
+            .map_err(|p| p.with("pack", pack))?
+            .len() as u64;
     }
     Ok(total)
 }

@@ -46,7 +46,11 @@ pub fn dir_bytes(p: &std::path::Path) -> u64 {
                 Ok(m) => m,
                 Err(_) => continue,
             };
-            n += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
+            n += if m.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                m.len()
+            };
         }
     }
     n

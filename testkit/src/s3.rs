@@ -30,12 +30,17 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start moto_server ({e}): install it with `pip install 'moto[server]'`")
+                panic!(
+                    "cannot start moto_server ({e}): install it with `pip install 'moto[server]'`"
+                )
             });
         let m = Moto { child, port };
         let t = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port}");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "moto_server did not listen on {port}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         m
@@ -56,7 +61,10 @@ impl Moto {
         .expect("send");
         let mut resp = String::new();
         s.read_to_string(&mut resp).expect("read");
-        assert!(resp.starts_with("HTTP/1.1 200"), "bucket create failed: {resp}");
+        assert!(
+            resp.starts_with("HTTP/1.1 200"),
+            "bucket create failed: {resp}"
+        );
     }
 }
 

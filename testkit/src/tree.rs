@@ -13,7 +13,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -21,7 +21,7 @@ impl Rng {
     }
     pub fn fill(&mut self, buf: &mut [u8]) {
         for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
+            let v = self.next_u64().to_le_bytes();
             c.copy_from_slice(&v[..c.len()]);
         }
     }
@@ -61,8 +61,12 @@ pub fn rich_tree(root: &Path, small_files: usize, big_file: u64) {
             1 => "small/deeper",
             _ => "small/deeper/still",
         };
-        let n = (rng.next() % 9000) as usize;
-        std::fs::write(root.join(sub).join(format!("file-{i:05}.dat")), rng.bytes(n)).expect("write");
+        let n = (rng.next_u64() % 9000) as usize;
+        std::fs::write(
+            root.join(sub).join(format!("file-{i:05}.dat")),
+            rng.bytes(n),
+        )
+        .expect("write");
     }
     if big_file > 0 {
         write_big_file(&root.join("big.bin"), big_file, 99);
@@ -71,9 +75,17 @@ pub fn rich_tree(root: &Path, small_files: usize, big_file: u64) {
     std::fs::create_dir_all(root.join("empty-dir")).expect("empty dir");
     std::fs::write(root.join("ünïcødé-名前.txt"), "unicode name\n").expect("unicode");
     std::fs::write(root.join("mode-0600"), b"private").expect("w");
-    std::fs::set_permissions(root.join("mode-0600"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::set_permissions(
+        root.join("mode-0600"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
     std::fs::write(root.join("mode-0755"), b"#!/bin/sh\n").expect("w");
-    std::fs::set_permissions(root.join("mode-0755"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(
+        root.join("mode-0755"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
     std::os::unix::fs::symlink("small/file-00000.dat", root.join("link-rel")).expect("symlink");
     std::os::unix::fs::symlink("/nonexistent/target", root.join("link-dangling")).expect("symlink");
     std::os::unix::fs::symlink("empty-dir", root.join("link-dir")).expect("symlink");
@@ -109,17 +121,29 @@ pub fn digest(root: &Path) -> BTreeMap<Vec<u8>, Node> {
 fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, Node>) {
     for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
         let p = e.path();
-        let rel = p.strip_prefix(root).expect("prefix").as_os_str().as_bytes().to_vec();
+        let rel = p
+            .strip_prefix(root)
+            .expect("prefix")
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
         let m = std::fs::symlink_metadata(&p).expect("lstat");
         let ft = m.file_type();
         let (kind, content) = if ft.is_symlink() {
-            ("symlink", std::fs::read_link(&p).expect("readlink").display().to_string())
+            (
+                "symlink",
+                std::fs::read_link(&p)
+                    .expect("readlink")
+                    .display()
+                    .to_string(),
+            )
         } else if ft.is_dir() {
             walk(root, &p, out);
             ("dir", String::new())
         } else {
             let mut h = blake3::Hasher::new();
-            h.update_reader(std::fs::File::open(&p).expect("open")).expect("hash");
+            h.update_reader(std::fs::File::open(&p).expect("open"))
+                .expect("hash");
             ("file", h.finalize().to_hex().to_string())
         };
         out.insert(

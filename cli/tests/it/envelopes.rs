@@ -4,14 +4,25 @@ use serde_json::Value;
 fn assert_envelope(v: &Value, command: &str) {
     assert_eq!(v["schema"], "pg_hardstorage.v1", "{v}");
     assert_eq!(v["command"], command, "{v}");
-    assert!(v["generated_at"].as_str().is_some_and(|s| s.ends_with('Z')), "{v}");
-    assert!(v["result"]["body"].is_object() || v["result"]["body"].is_array(), "{v}");
+    assert!(
+        v["generated_at"].as_str().is_some_and(|s| s.ends_with('Z')),
+        "{v}"
+    );
+    assert!(
+        v["result"]["body"].is_object() || v["result"]["body"].is_array(),
+        "{v}"
+    );
 }
 
 fn assert_error(v: &Value, code: &str) {
     assert_eq!(v["schema"], "pg_hardstorage.v1", "{v}");
     assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
     assert!(v["error"]["subject"].is_object(), "{v}");
 }
 
@@ -23,10 +34,22 @@ fn first_backup_list_show_restore_through_the_cli() {
     assert_eq!(code, 0, "{v}");
     assert_envelope(&v, "repo.init");
     let src = env.path("src");
-    let d = env.ok(&["deployment", "create", "web", "--path", src.to_str().expect("utf8")]);
+    let d = env.ok(&[
+        "deployment",
+        "create",
+        "web",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
     assert_eq!(d["created"], true);
     // Idempotent on name; a different path conflicts (exit 7).
-    let d2 = env.ok(&["deployment", "create", "web", "--path", src.to_str().expect("utf8")]);
+    let d2 = env.ok(&[
+        "deployment",
+        "create",
+        "web",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
     assert_eq!(d2["created"], false);
     let (code, v) = env.json(&["deployment", "create", "web", "--path", "/elsewhere"]);
     assert_eq!(code, 7, "{v}");
@@ -35,7 +58,10 @@ fn first_backup_list_show_restore_through_the_cli() {
     let (code, v) = env.json(&["backup", "run", "web"]);
     assert_eq!(code, 0, "{v}");
     assert_envelope(&v, "backups.take");
-    let id = v["result"]["body"]["backup_id"].as_str().expect("id").to_string();
+    let id = v["result"]["body"]["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     assert!(id.starts_with("web.full.") && id.ends_with('Z'), "{id}");
 
     let (_, list) = env.json(&["backup", "list"]);
@@ -47,14 +73,31 @@ fn first_backup_list_show_restore_through_the_cli() {
     assert_eq!(ver["ok"], true);
 
     let target = env.path("restored");
-    let r = env.ok(&["restore", "web", "--backup", "latest", "--target", target.to_str().expect("utf8")]);
+    let r = env.ok(&[
+        "restore",
+        "web",
+        "--backup",
+        "latest",
+        "--target",
+        target.to_str().expect("utf8"),
+    ]);
     assert_eq!(r["files"], 20);
     for i in [0, 7, 19] {
         let n = format!("f{i:04}");
-        assert_eq!(std::fs::read(src.join(&n)).expect("src"), std::fs::read(target.join(&n)).expect("dst"));
+        assert_eq!(
+            std::fs::read(src.join(&n)).expect("src"),
+            std::fs::read(target.join(&n)).expect("dst")
+        );
     }
     // Restoring again into the now non-empty target is a pre-flight refusal.
-    let (code, v) = env.json(&["restore", "web", "--backup", &id, "--target", target.to_str().expect("utf8")]);
+    let (code, v) = env.json(&[
+        "restore",
+        "web",
+        "--backup",
+        &id,
+        "--target",
+        target.to_str().expect("utf8"),
+    ]);
     assert_eq!(code, 4, "{v}");
     assert_error(&v, "restore.target_not_empty");
     assert!(v["error"]["suggestion"]["human"].as_str().is_some());
@@ -66,7 +109,13 @@ fn exit_codes_follow_the_contract() {
     write_tree(&env.path("src"), 3, 1000);
     env.ok(&["repo", "init"]);
     let src = env.path("src");
-    env.ok(&["deployment", "create", "a", "--path", src.to_str().expect("utf8")]);
+    env.ok(&[
+        "deployment",
+        "create",
+        "a",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
 
     let (code, v) = env.json(&["backup", "show", "a.full.20200101T000000Z"]);
     assert_eq!(code, 6, "{v}");
@@ -103,7 +152,12 @@ fn exit_codes_follow_the_contract() {
         .env("PG_HARDSTORAGE_REPO", env.path("missing"))
         .output()
         .expect("run");
-    assert_eq!(o.status.code(), Some(6), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     // A second init is a conflict.
     let (code, v) = env.json(&["repo", "init"]);
     assert_eq!(code, 7, "{v}");
@@ -120,11 +174,30 @@ fn corrupted_pack_makes_verify_exit_9() {
     write_tree(&env.path("src"), 5, 200_000);
     env.ok(&["repo", "init", "--pack-size", "65536"]);
     let src = env.path("src");
-    env.ok(&["deployment", "create", "c", "--path", src.to_str().expect("utf8")]);
-    let id = env.ok(&["backup", "run", "c"])["backup_id"].as_str().expect("id").to_string();
+    env.ok(&[
+        "deployment",
+        "create",
+        "c",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
+    let id = env.ok(&["backup", "run", "c"])["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     let packs = env.repo().join("packs");
-    let dir = std::fs::read_dir(&packs).expect("packs").flatten().next().expect("a pack dir").path();
-    let pack = std::fs::read_dir(&dir).expect("dir").flatten().next().expect("a pack").path();
+    let dir = std::fs::read_dir(&packs)
+        .expect("packs")
+        .flatten()
+        .next()
+        .expect("a pack dir")
+        .path();
+    let pack = std::fs::read_dir(&dir)
+        .expect("dir")
+        .flatten()
+        .next()
+        .expect("a pack")
+        .path();
     let mut b = std::fs::read(&pack).expect("read");
     let mid = b.len() / 2;
     b[mid] ^= 0xff;
@@ -140,7 +213,13 @@ fn ndjson_streams_events_in_order() {
     write_tree(&env.path("src"), 10, 100_000);
     env.ok(&["repo", "init"]);
     let src = env.path("src");
-    env.ok(&["deployment", "create", "n", "--path", src.to_str().expect("utf8")]);
+    env.ok(&[
+        "deployment",
+        "create",
+        "n",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
     let o = env
         .cmd(&["backup", "run", "n", "-o", "ndjson"])
         .env("PG_HARDSTORAGE_PROGRESS_MS", "1")
@@ -148,7 +227,10 @@ fn ndjson_streams_events_in_order() {
         .expect("run");
     assert_eq!(o.status.code(), Some(0));
     let text = String::from_utf8(o.stdout).expect("utf8");
-    let events: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
+    let events: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
     assert!(events.iter().all(|e| e["schema"] == "pg_hardstorage.v1"));
     assert_eq!(events.first().expect("first")["op"], "backup_started");
     let last = events.last().expect("last");
@@ -156,9 +238,20 @@ fn ndjson_streams_events_in_order() {
     assert_eq!(last["severity_name"], "notice");
     assert_eq!(last["body"]["verified"], true);
     assert!(last["body"]["duration_seconds"].is_number());
-    let progress = events.iter().find(|e| e["op"] == "progress").expect("a progress event");
-    for k in ["bytes_logical", "bytes_physical", "dedup_ratio", "throughput_mb_s"] {
-        assert!(progress["body"][k].is_number(), "progress lacks {k}: {progress}");
+    let progress = events
+        .iter()
+        .find(|e| e["op"] == "progress")
+        .expect("a progress event");
+    for k in [
+        "bytes_logical",
+        "bytes_physical",
+        "dedup_ratio",
+        "throughput_mb_s",
+    ] {
+        assert!(
+            progress["body"][k].is_number(),
+            "progress lacks {k}: {progress}"
+        );
     }
 }
 
@@ -168,12 +261,21 @@ fn a_failing_stream_ends_with_an_error_frame_and_no_newline() {
     env.ok(&["repo", "init"]);
     let src = env.path("gone");
     std::fs::create_dir_all(&src).expect("mkdir");
-    env.ok(&["deployment", "create", "g", "--path", src.to_str().expect("utf8")]);
+    env.ok(&[
+        "deployment",
+        "create",
+        "g",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
     std::fs::remove_dir(&src).expect("rmdir");
     let o = env.run(&["backup", "run", "g", "-o", "ndjson"]);
     assert_eq!(o.status.code(), Some(4));
     let text = String::from_utf8(o.stdout).expect("utf8");
-    assert!(!text.ends_with('\n'), "error frame must not end with a newline: {text:?}");
+    assert!(
+        !text.ends_with('\n'),
+        "error frame must not end with a newline: {text:?}"
+    );
     let last: Value = serde_json::from_str(text.lines().last().expect("frame")).expect("json");
     assert_eq!(last["severity_name"], "error");
     assert_eq!(last["error"]["code"], "backup.source_unreadable");

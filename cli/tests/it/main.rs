@@ -13,6 +13,12 @@ pub struct Env {
     pub tmp: tempfile::TempDir,
 }
 
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Env {
     pub fn new() -> Self {
         Env {

@@ -39,8 +39,16 @@ fn slow_storage_pauses_the_chunker_and_memory_stays_bounded() {
         progress_every: Duration::from_millis(100),
         ..Default::default()
     };
-    let m = backup_path(&slow, "slow", &bus, &BackupOptions { pipeline: cfg, read_backend: None })
-        .expect("backup");
+    let m = backup_path(
+        &slow,
+        "slow",
+        &bus,
+        &BackupOptions {
+            pipeline: cfg,
+            read_backend: None,
+        },
+    )
+    .expect("backup");
     bus.close();
     assert_eq!(m.stats.files, 4);
     let events = rec.events();
@@ -76,10 +84,23 @@ fn edges_never_exceed_their_byte_budget() {
         queue_bytes: budget,
         ..Default::default()
     };
-    let files = vec![phs_read::FileEntry { index: 0, path: src.join("f"), size: 24 << 20 }];
-    let source = Box::new(phs_read::FileSource::new(files, phs_read::Backend::Pread).with_block_size(1 << 20));
-    let report = run_pipeline(&slow, source, Arc::new(Default::default()), &EventBus::new(), &cfg, &mut |_| {})
-        .expect("pipeline");
+    let files = vec![phs_read::FileEntry {
+        index: 0,
+        path: src.join("f"),
+        size: 24 << 20,
+    }];
+    let source = Box::new(
+        phs_read::FileSource::new(files, phs_read::Backend::Pread).with_block_size(1 << 20),
+    );
+    let report = run_pipeline(
+        &slow,
+        source,
+        Arc::new(Default::default()),
+        &EventBus::new(),
+        &cfg,
+        &mut |_| {},
+    )
+    .expect("pipeline");
     let snap = report.metrics.snapshot();
     let max_item = 256 << 10; // the largest chunk envelope this repository makes, roughly
     for e in &snap.edges {

@@ -7,7 +7,12 @@ use pg_hardstorage_testkit::tree::{digest, rich_tree};
 use pg_hardstorage_testkit::{local_repo, small_opts};
 
 fn packs(repo: &Repository) -> Vec<String> {
-    repo.store.list("packs/").expect("list").into_iter().map(|o| o.key).collect()
+    repo.store
+        .list("packs/")
+        .expect("list")
+        .into_iter()
+        .map(|o| o.key)
+        .collect()
 }
 
 fn flip(repo: &Repository, key: &str, at: usize) {
@@ -27,7 +32,10 @@ fn a_flipped_byte_anywhere_in_a_pack_fails_verify_with_checksum_mismatch() {
     let pack = packs(&repo).into_iter().next().expect("a pack");
     let len = repo.store.head(&pack).expect("head").expect("size") as usize;
     // Header, first envelope, middle, the index trailer, the footer.
-    for (n, at) in [0, 9, 20, len / 2, len - 40, len - 1].into_iter().enumerate() {
+    for (n, at) in [0, 9, 20, len / 2, len - 40, len - 1]
+        .into_iter()
+        .enumerate()
+    {
         flip(&repo, &pack, at);
         let err = verify::verify(&repo, &m, &EventBus::new(), 2).expect_err("verify must fail");
         assert_eq!(err.code, "verify.checksum_mismatch", "flip at {at}: {err}");
@@ -38,7 +46,10 @@ fn a_flipped_byte_anywhere_in_a_pack_fails_verify_with_checksum_mismatch() {
         match restore_to(&repo, &m, &out) {
             Err(e) => {
                 assert_eq!(e.class(), Class::Verify, "{e}");
-                let partial = walk_names(&out).into_iter().filter(|p| p.ends_with(".phs-partial")).count();
+                let partial = walk_names(&out)
+                    .into_iter()
+                    .filter(|p| p.ends_with(".phs-partial"))
+                    .count();
                 assert_eq!(partial, 0, "partial files left behind");
                 // Whatever was restored is correct.
                 let good = digest(&src);
@@ -48,7 +59,11 @@ fn a_flipped_byte_anywhere_in_a_pack_fails_verify_with_checksum_mismatch() {
                     }
                 }
             }
-            Ok(()) => assert_eq!(digest(&src), digest(&out), "flip at {at} restored different data"),
+            Ok(()) => assert_eq!(
+                digest(&src),
+                digest(&out),
+                "flip at {at} restored different data"
+            ),
         }
         flip(&repo, &pack, at); // undo
     }
@@ -98,10 +113,13 @@ fn truncated_pack_and_manifest_give_clear_errors() {
 
     let pack = packs(&repo).into_iter().next().expect("pack");
     let bytes = repo.store.get(&pack).expect("get").expect("pack");
-    repo.store.put(&pack, bytes.slice(..bytes.len() / 3)).expect("truncate");
+    repo.store
+        .put(&pack, bytes.slice(..bytes.len() / 3))
+        .expect("truncate");
     let err = verify::verify(&repo, &m, &EventBus::new(), 2).expect_err("truncated pack");
     assert_eq!(err.class(), Class::Verify, "{err}");
-    let err = restore_to(&repo, &m, &tmp.path().join("out")).expect_err("restore of truncated pack");
+    let err =
+        restore_to(&repo, &m, &tmp.path().join("out")).expect_err("restore of truncated pack");
     assert_eq!(err.class(), Class::Verify, "{err}");
 }
 
@@ -119,8 +137,8 @@ fn a_tampered_manifest_fails_its_signature() {
     // Moving a manifest under another name is caught too.
     flip(&repo, &key, 30);
     let body = repo.store.get(&key).expect("get").expect("m");
-    let other = format!("snapshots/s/s.full.20000101T000000Z");
-    repo.store.put(&other, body).expect("copy");
+    let other = "snapshots/s/s.full.20000101T000000Z";
+    repo.store.put(other, body).expect("copy");
     let err = catalog::load(&repo, "s.full.20000101T000000Z").expect_err("moved");
     assert_eq!(err.code, "verify.signature_invalid");
 }

@@ -12,8 +12,16 @@ fn rich_tree_with_a_1gib_file_restores_identical() {
     add_path_deployment(&repo, "tree", &src);
     let (m, events) = backup(&repo, "tree").expect("backup");
     let ops = events.ops();
-    assert_eq!(ops.first().map(String::as_str), Some("backup_started"), "{ops:?}");
-    assert_eq!(ops.last().map(String::as_str), Some("backup_completed"), "{ops:?}");
+    assert_eq!(
+        ops.first().map(String::as_str),
+        Some("backup_started"),
+        "{ops:?}"
+    );
+    assert_eq!(
+        ops.last().map(String::as_str),
+        Some("backup_completed"),
+        "{ops:?}"
+    );
     assert!(ops.iter().any(|o| o == "progress"), "{ops:?}");
     let done = events.events().pop().expect("completed");
     assert_eq!(done.body.as_ref().expect("body")["verified"], true);
@@ -29,7 +37,11 @@ fn rich_tree_with_a_1gib_file_restores_identical() {
     use std::os::unix::fs::MetadataExt;
     let sparse = std::fs::metadata(out.join("sparse.img")).expect("sparse");
     assert_eq!(sparse.len(), 64 << 20);
-    assert!(sparse.blocks() * 512 < 1 << 20, "restored sparse file uses {} blocks", sparse.blocks());
+    assert!(
+        sparse.blocks() * 512 < 1 << 20,
+        "restored sparse file uses {} blocks",
+        sparse.blocks()
+    );
     // The root directory's mode came back too.
     let _ = small_opts();
 }
@@ -47,7 +59,10 @@ fn restore_refuses_a_non_empty_target() {
     let err = restore_to(&repo, &m, &out).expect_err("must refuse");
     assert_eq!(err.code, "restore.target_not_empty");
     assert_eq!(err.exit_code(), 4);
-    assert_eq!(std::fs::read(out.join("precious")).expect("kept"), b"keep me");
+    assert_eq!(
+        std::fs::read(out.join("precious")).expect("kept"),
+        b"keep me"
+    );
 }
 
 #[test]

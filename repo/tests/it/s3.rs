@@ -11,7 +11,9 @@ fn s3_repo(moto: &Moto, bucket: &str) -> Repository {
     let store = phs_store::open_store_with(
         &format!("s3://{bucket}/repo"),
         false,
-        &phs_store::StoreOptions { s3_endpoint: Some(moto.endpoint()) },
+        &phs_store::StoreOptions {
+            s3_endpoint: Some(moto.endpoint()),
+        },
     )
     .expect("s3 store");
     init(store, small_opts())
@@ -26,7 +28,10 @@ fn s3_round_trip_and_integrity() {
     rich_tree(&src, 200, 6 << 20);
     add_path_deployment(&repo, "s3t", &src);
     let (m, _) = backup(&repo, "s3t").expect("backup to s3");
-    assert!(repo.store.list("packs/").expect("list").len() > 1, "expected several packs");
+    assert!(
+        repo.store.list("packs/").expect("list").len() > 1,
+        "expected several packs"
+    );
     let out = tmp.path().join("out");
     restore_to(&repo, &m, &out).expect("restore from s3");
     assert_eq!(digest(&src), digest(&out));
@@ -56,7 +61,16 @@ fn s3_round_trip_and_integrity() {
 fn s3_conditional_put_refuses_to_overwrite() {
     let moto = Moto::start();
     let repo = s3_repo(&moto, "phs-cond");
-    assert!(repo.store.put_if_absent("x/y", Bytes::from_static(b"1")).expect("first"));
-    assert!(!repo.store.put_if_absent("x/y", Bytes::from_static(b"2")).expect("second"));
-    assert_eq!(repo.store.get("x/y").expect("get").as_deref(), Some(&b"1"[..]));
+    assert!(repo
+        .store
+        .put_if_absent("x/y", Bytes::from_static(b"1"))
+        .expect("first"));
+    assert!(!repo
+        .store
+        .put_if_absent("x/y", Bytes::from_static(b"2"))
+        .expect("second"));
+    assert_eq!(
+        repo.store.get("x/y").expect("get").as_deref(),
+        Some(&b"1"[..])
+    );
 }

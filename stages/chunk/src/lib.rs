@@ -6,7 +6,7 @@
 //! exactly the cuts a single pass over the whole file would.
 #![deny(clippy::unwrap_used)]
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use fastcdc::v2020::{cut, select_masks, Normalization};
 use pg_hardstorage_engine::format::ChunkerParams;
 use pg_hardstorage_engine::stage::{Block, Chunk, Splitter, SplitterFactory};
@@ -68,9 +68,16 @@ pub fn cut_points(data: &[u8], params: &Params) -> Vec<usize> {
 }
 
 /// Streaming splitter: keeps the undecided tail of a file between blocks.
+///
+/// A cut found strictly inside the bytes at hand is final: FastCDC scans
+/// positions in order with masks that depend only on the distance from the
+/// chunk start, so more data cannot move it. Only when no cut is found and
+/// fewer than `max` bytes are at hand must the splitter wait. Chunks are
+/// zero-copy slices of the blocks, except the one straddling a block
+/// boundary, which is assembled from the carried tail.
 pub struct FastCdc {
     params: Params,
-    carry: BytesMut,
+    carry: Vec<u8>,
     carry_offset: u64,
     carry_file: Option<u64>,
 }
@@ -79,11 +86,38 @@ impl FastCdc {
     pub fn new(params: Params) -> Self {
         FastCdc {
             params,
-            carry: BytesMut::new(),
+            carry: Vec::new(),
             carry_offset: 0,
             carry_file: None,
         }
     }
+
+    /// Cuts `data` until a chunk would start at or past `stop`; returns
+    /// where the undecided bytes begin. `at` places `data` in its file.
+    fn cut_run(&self, data: &Bytes, stop: usize, at: &At, out: &mut dyn FnMut(Chunk)) -> usize {
+        let mut pos = 0;
+        while pos < stop {
+            let rest = data.len() - pos;
+            let n = self.params.next_cut(&data[pos..]);
+            if !(n < rest || rest >= self.params.max || at.eof) {
+                break;
+            }
+            out(Chunk::new(
+                at.file,
+                at.base + pos as u64,
+                data.slice(pos..pos + n),
+            ));
+            pos += n;
+        }
+        pos
+    }
+}
+
+/// Where a run of bytes lies: its file, its offset, and whether the file ends with it.
+struct At {
+    file: u64,
+    base: u64,
+    eof: bool,
 }
 
 impl Splitter for FastCdc {
@@ -95,26 +129,44 @@ impl Splitter for FastCdc {
         if self.carry_file.is_some_and(|f| f != block.file) {
             return Err(Problem::internal("chunker received interleaved files"));
         }
-        let (data, base): (Bytes, u64) = if self.carry.is_empty() {
-            (block.data, block.offset)
-        } else {
-            self.carry.extend_from_slice(&block.data);
-            (std::mem::take(&mut self.carry).freeze(), self.carry_offset)
-        };
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let rest = data.len() - pos;
-            // A cut inside the first `max` bytes depends on those bytes only;
-            // with less than that in hand and more to come, wait for it.
-            if !block.eof && rest < self.params.max {
-                break;
+        let mut data = block.data;
+        let mut base = block.offset;
+        if !self.carry.is_empty() {
+            // Chunks starting in the carried tail end within `max` bytes of
+            // it: join the tail with just that much of the new block.
+            let take = data.len().min(self.params.max);
+            let clen = self.carry.len();
+            let mut joined = std::mem::take(&mut self.carry);
+            joined.extend_from_slice(&data[..take]);
+            let joined = Bytes::from(joined);
+            let cbase = self.carry_offset;
+            let at = At {
+                file: block.file,
+                base: cbase,
+                eof: block.eof && take == data.len(),
+            };
+            let pos = self.cut_run(&joined, clen, &at, out);
+            if pos < clen {
+                // Still undecided, so the block was shorter than `max` and
+                // all of it is in `joined`: wait for more data.
+                debug_assert_eq!(take, data.len());
+                self.carry = joined[pos..].to_vec();
+                self.carry_offset = cbase + pos as u64;
+                self.carry_file = Some(block.file);
+                return Ok(());
             }
-            let n = self.params.next_cut(&data[pos..]);
-            out(Chunk::new(block.file, base + pos as u64, data.slice(pos..pos + n)));
-            pos += n;
+            let skip = pos - clen;
+            data = data.slice(skip..);
+            base = block.offset + skip as u64;
         }
+        let at = At {
+            file: block.file,
+            base,
+            eof: block.eof,
+        };
+        let pos = self.cut_run(&data, data.len(), &at, out);
         if pos < data.len() {
-            self.carry = BytesMut::from(&data[pos..]);
+            self.carry = data[pos..].to_vec();
             self.carry_offset = base + pos as u64;
             self.carry_file = Some(block.file);
         } else {
@@ -171,7 +223,12 @@ mod tests {
         let blocks: Vec<_> = data.chunks(block.max(1)).collect();
         if blocks.is_empty() {
             s.push(
-                Block { file: 0, offset: 0, data: Bytes::new(), eof: true },
+                Block {
+                    file: 0,
+                    offset: 0,
+                    data: Bytes::new(),
+                    eof: true,
+                },
                 &mut |c| out.push(c),
             )
             .expect("push");
@@ -196,7 +253,10 @@ mod tests {
         let d = data(42, 64 << 10);
         let cuts = cut_points(&d, &small());
         let fingerprint = blake3::hash(
-            &cuts.iter().flat_map(|c| (*c as u64).to_le_bytes()).collect::<Vec<_>>(),
+            &cuts
+                .iter()
+                .flat_map(|c| (*c as u64).to_le_bytes())
+                .collect::<Vec<_>>(),
         );
         assert_eq!(cuts.len(), 60, "{cuts:?}");
         assert_eq!(&cuts[..6], &[712, 1951, 2420, 3451, 4524, 5560]);

@@ -86,7 +86,9 @@ mod tests {
         let back = decompress(text.payload.as_deref().expect("payload"), 10_000).expect("ok");
         assert_eq!(back, vec![b'a'; 10_000]);
 
-        let noise: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..10_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let mut r = Chunk::new(0, 0, Bytes::from(noise));
         z.process(&mut r).expect("ok");
         if r.payload.is_none() {

@@ -94,7 +94,9 @@ mod tests {
             .into_iter()
             .collect();
         assert_eq!(idx.len(), 2);
-        let mut d = Dedup { index: Arc::new(idx) };
+        let mut d = Dedup {
+            index: Arc::new(idx),
+        };
         let mut c = Chunk::new(0, 0, bytes::Bytes::from_static(b"x"));
         c.id = ChunkId([7; 32]);
         d.process(&mut c).expect("ok");

@@ -45,9 +45,17 @@ impl Aead {
     }
 
     /// Decrypts `ciphertext | tag`; a failure means tampering or a wrong key.
-    pub fn open(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], body: &[u8]) -> Result<Vec<u8>, Problem> {
+    pub fn open(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        body: &[u8],
+    ) -> Result<Vec<u8>, Problem> {
         if body.len() < TAG_LEN {
-            return Err(Problem::new("verify.truncated", "ciphertext shorter than its tag"));
+            return Err(Problem::new(
+                "verify.truncated",
+                "ciphertext shorter than its tag",
+            ));
         }
         let (ct, tag) = body.split_at(body.len() - TAG_LEN);
         let mut out = ct.to_vec();

@@ -76,7 +76,7 @@ impl FileSource {
     pub fn new(files: Vec<FileEntry>, backend: Backend) -> Self {
         FileSource {
             files,
-            block: 4 << 20,
+            block: 8 << 20,
             backend,
             depth: 4,
         }

@@ -43,7 +43,12 @@ impl Reader {
     /// Reads the file up to the size it had when opened; returns the offset
     /// reached. The caller continues with `pread` from there, which picks up
     /// growth and the tail after a short read.
-    pub fn read_file(&mut self, file: &File, path: &Path, out: &mut Ordered<'_>) -> Result<u64, Problem> {
+    pub fn read_file(
+        &mut self,
+        file: &File,
+        path: &Path,
+        out: &mut Ordered<'_>,
+    ) -> Result<u64, Problem> {
         let size = file.metadata().map_err(|e| read_err(path, &e))?.len();
         let fd = types::Fd(file.as_raw_fd());
         let mut slots: Vec<Option<(u64, Vec<u8>)>> = (0..self.depth).map(|_| None).collect();
@@ -53,7 +58,9 @@ impl Reader {
         let mut failure: Option<Problem> = None;
         loop {
             while !stop && inflight < self.depth && next < size {
-                let Some(slot) = slots.iter().position(|s| s.is_none()) else { break };
+                let Some(slot) = slots.iter().position(|s| s.is_none()) else {
+                    break;
+                };
                 let len = self.block.min((size - next) as usize);
                 let mut buf = vec![0u8; len];
                 let entry = opcode::Read::new(fd, buf.as_mut_ptr(), len as u32)

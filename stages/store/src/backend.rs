@@ -40,7 +40,11 @@ pub fn open_store(url: &str, create_dir: bool) -> Result<DynStore, Problem> {
     open_store_with(url, create_dir, &StoreOptions::default())
 }
 
-pub fn open_store_with(url: &str, create_dir: bool, opts: &StoreOptions) -> Result<DynStore, Problem> {
+pub fn open_store_with(
+    url: &str,
+    create_dir: bool,
+    opts: &StoreOptions,
+) -> Result<DynStore, Problem> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("store-io")
@@ -74,8 +78,14 @@ pub fn open_store_with(url: &str, create_dir: bool, opts: &StoreOptions) -> Resu
                 retry_timeout: Duration::from_secs(15),
                 ..Default::default()
             });
-        if let Some(ep) = opts.s3_endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()) {
-            b = b.with_endpoint(&ep).with_allow_http(ep.starts_with("http://"));
+        if let Some(ep) = opts
+            .s3_endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+        {
+            b = b
+                .with_endpoint(&ep)
+                .with_allow_http(ep.starts_with("http://"));
         }
         if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
             b = b.with_region("us-east-1");
@@ -95,11 +105,12 @@ pub fn open_store_with(url: &str, create_dir: bool, opts: &StoreOptions) -> Resu
     if path.is_empty() || !path.starts_with('/') && url.contains("://") {
         return Err(bad(format!("unsupported repository URL {url:?}")));
     }
-    let root = std::path::absolute(path)
-        .map_err(|e| bad(format!("repository path {path:?}: {e}")))?;
+    let root =
+        std::path::absolute(path).map_err(|e| bad(format!("repository path {path:?}: {e}")))?;
     if create_dir {
-        std::fs::create_dir_all(&root)
-            .map_err(|e| Problem::io("io.write_failed", format!("create {}", root.display()), &e))?;
+        std::fs::create_dir_all(&root).map_err(|e| {
+            Problem::io("io.write_failed", format!("create {}", root.display()), &e)
+        })?;
     }
     if !root.is_dir() {
         return Err(Problem::new(
@@ -145,9 +156,8 @@ impl ObjectStoreBackend {
             return Ok(());
         };
         let file = root.join(key);
-        let sync = |p: &std::path::Path| -> std::io::Result<()> {
-            std::fs::File::open(p)?.sync_all()
-        };
+        let sync =
+            |p: &std::path::Path| -> std::io::Result<()> { std::fs::File::open(p)?.sync_all() };
         sync(&file)
             .map_err(|e| Problem::io("io.write_failed", format!("fsync {}", file.display()), &e))?;
         if let Some(dir) = file.parent() {
@@ -220,8 +230,12 @@ impl Store for ObjectStoreBackend {
             .with("object", key)),
             Err(e) => {
                 let text = e.to_string();
-                if text.contains("out of bounds") || text.contains("Range") || text.contains("range") {
-                    Err(Problem::new("verify.truncated", format!("{key}: {text}")).with("object", key))
+                if text.contains("out of bounds")
+                    || text.contains("Range")
+                    || text.contains("range")
+                {
+                    Err(Problem::new("verify.truncated", format!("{key}: {text}"))
+                        .with("object", key))
                 } else {
                     Err(map_err(key, e))
                 }
@@ -252,7 +266,12 @@ impl Store for ObjectStoreBackend {
                 let mut out: Vec<ObjectInfo> = metas
                     .into_iter()
                     .map(|m| ObjectInfo {
-                        key: m.location.as_ref().get(strip..).unwrap_or_default().to_string(),
+                        key: m
+                            .location
+                            .as_ref()
+                            .get(strip..)
+                            .unwrap_or_default()
+                            .to_string(),
                         size: m.size,
                     })
                     .collect();
@@ -278,12 +297,21 @@ mod tests {
 
     fn exercise(store: &dyn Store) {
         assert_eq!(store.get("a/b").expect("get"), None);
-        assert!(store.put_if_absent("a/b", Bytes::from_static(b"one")).expect("put"));
-        assert!(!store.put_if_absent("a/b", Bytes::from_static(b"two")).expect("put"));
+        assert!(store
+            .put_if_absent("a/b", Bytes::from_static(b"one"))
+            .expect("put"));
+        assert!(!store
+            .put_if_absent("a/b", Bytes::from_static(b"two"))
+            .expect("put"));
         assert_eq!(store.get("a/b").expect("get").as_deref(), Some(&b"one"[..]));
         assert_eq!(store.get_range("a/b", 1..3).expect("range").as_ref(), b"ne");
         store.put("a/c", Bytes::from_static(b"x")).expect("put");
-        let keys: Vec<_> = store.list("a/").expect("list").into_iter().map(|o| o.key).collect();
+        let keys: Vec<_> = store
+            .list("a/")
+            .expect("list")
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
         assert_eq!(keys, vec!["a/b", "a/c"]);
         assert_eq!(store.head("a/c").expect("head"), Some(1));
         store.delete("a/c").expect("delete");

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The test command: installs the S3 test server (moto) when missing, then
+# runs every test of the workspace. Tests that need a service start it
+# themselves and fail, naming what is missing, if they cannot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v moto_server >/dev/null 2>&1; then
+    echo "installing moto[server] for the S3 tests"
+    python3 -m pip install --quiet 'moto[server]'
+    hash -r
+fi
+command -v moto_server >/dev/null 2>&1 || {
+    echo "moto_server is still not on PATH after pip install" >&2
+    exit 1
+}
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$rc"
