@@ -100,9 +100,36 @@ fn dedup(c: &mut Criterion) {
     });
 }
 
+/// The measurement behind choosing aws-lc-rs over RustCrypto's aes-gcm
+/// (ARCHITECTURE.md, "Encryption"): the same 1 MiB seal, both libraries.
+fn aead_libraries(c: &mut Criterion) {
+    use aes_gcm::aead::{AeadInOut, KeyInit};
+    let mut g = c.benchmark_group("aes256gcm_1MiB");
+    g.throughput(Throughput::Bytes(1 << 20));
+    let mut buf = data(1 << 20, 0.0);
+    let ours = phs_encrypt::Aead::new(&[3; 32]);
+    g.bench_function("aws-lc-rs", |b| {
+        b.iter(|| {
+            let mut v = Vec::with_capacity(buf.len() + 16);
+            v.extend_from_slice(&buf);
+            ours.seal_in_place(&[1; 12], b"aad", &mut v, 0)
+                .expect("seal");
+            v
+        })
+    });
+    let rc = aes_gcm::Aes256Gcm::new(&[3u8; 32].into());
+    g.bench_function("rustcrypto-aes-gcm", |b| {
+        b.iter(|| {
+            rc.encrypt_inout_detached(&[1u8; 12].into(), b"aad", buf.as_mut_slice().into())
+                .expect("seal")
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
-    targets = baseline, chunk, hash, dedup, compress, encrypt
+    targets = baseline, chunk, hash, dedup, compress, encrypt, aead_libraries
 }
 criterion_main!(benches);

@@ -171,7 +171,7 @@ fn repo(cli: &Cli, out: &mut Out, c: &RepoCmd) -> R {
         } => {
             let zstd_level = match compression.as_str() {
                 "none" => None,
-                "zstd" => Some(3),
+                "zstd" => Some(1),
                 other => match other
                     .strip_prefix("zstd:")
                     .and_then(|l| l.parse::<i32>().ok())

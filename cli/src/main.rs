@@ -92,7 +92,7 @@ pub enum RepoCmd {
         #[arg(long, default_value = "aes-256-gcm", value_parser = ["aes-256-gcm", "none"])]
         encryption: String,
         /// zstd, zstd:LEVEL or none
-        #[arg(long, default_value = "zstd:3")]
+        #[arg(long, default_value = "zstd:1")]
         compression: String,
         /// MIN,AVG,MAX chunk sizes in bytes
         #[arg(long)]
@@ -220,13 +220,26 @@ pub struct BenchArgs {
     /// Bytes each single-core stage rate is measured on
     #[arg(long, default_value = "128M")]
     pub sample: String,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
     #[command(flatten)]
     pub pipeline: PipelineArgs,
 }
 
+/// glibc hands every buffer over 128 KiB straight back to the kernel and
+/// pays page faults to get it again; the pipeline recycles multi-MiB blocks
+/// all the time. Keeping them in the heap measured faster (ARCHITECTURE.md,
+/// "Allocator").
+fn tune_allocator() {
+    // SAFETY: mallopt only adjusts glibc's allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     let mut out = Out::new(cli.output, cli.quiet);
     let code = match commands::run(&cli, &mut out) {

@@ -267,44 +267,52 @@ pub fn decode_pack_index(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
     Ok(out)
 }
 
-/// Builds a pack in memory: `PACK_MAGIC | envelopes | index | index_len u32le | PACK_END`.
-#[derive(Default)]
+/// Builds a pack: `PACK_MAGIC | envelopes | index | index_len u32le | PACK_END`.
+/// The envelopes are kept as the buffers the stages made (no copy); the
+/// pack is written as a list of parts.
 pub struct PackBuilder {
-    buf: Vec<u8>,
+    parts: Vec<bytes::Bytes>,
+    len: usize,
     entries: Vec<PackEntry>,
 }
 
+impl Default for PackBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl PackBuilder {
-    pub fn new(capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(capacity);
-        buf.extend_from_slice(PACK_MAGIC);
+    pub fn new() -> Self {
         PackBuilder {
-            buf,
+            parts: vec![bytes::Bytes::from_static(PACK_MAGIC)],
+            len: PACK_MAGIC.len(),
             entries: Vec::new(),
         }
     }
-    pub fn add(&mut self, id: ChunkId, envelope: &[u8]) {
+    pub fn add(&mut self, id: ChunkId, envelope: bytes::Bytes) {
         self.entries.push(PackEntry {
             id,
-            offset: self.buf.len() as u64,
+            offset: self.len as u64,
             len: envelope.len() as u32,
         });
-        self.buf.extend_from_slice(envelope);
+        self.len += envelope.len();
+        self.parts.push(envelope);
     }
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.len
     }
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-    /// Seals the pack; returns its bytes and entries.
-    pub fn finish(mut self) -> (Vec<u8>, Vec<PackEntry>) {
-        let index = encode_pack_index(&self.entries);
-        self.buf.extend_from_slice(&index);
-        self.buf
-            .extend_from_slice(&(index.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(PACK_END);
-        (self.buf, self.entries)
+    /// Seals the pack; returns its parts and entries.
+    pub fn finish(mut self) -> (Vec<bytes::Bytes>, Vec<PackEntry>) {
+        let mut tail = encode_pack_index(&self.entries);
+        let index_len = tail.len() as u32;
+        tail.extend_from_slice(&index_len.to_le_bytes());
+        tail.extend_from_slice(PACK_END);
+        self.parts.push(bytes::Bytes::from(tail));
+        (self.parts, self.entries)
     }
 }
 
@@ -534,10 +542,11 @@ mod tests {
 
     #[test]
     fn pack_roundtrip_and_truncation() {
-        let mut b = PackBuilder::new(1024);
-        b.add(ChunkId([1; 32]), b"hello");
-        b.add(ChunkId([2; 32]), b"world!");
-        let (bytes, entries) = b.finish();
+        let mut b = PackBuilder::new();
+        b.add(ChunkId([1; 32]), bytes::Bytes::from_static(b"hello"));
+        b.add(ChunkId([2; 32]), bytes::Bytes::from_static(b"world!"));
+        let (parts, entries) = b.finish();
+        let bytes: Vec<u8> = parts.concat();
         assert_eq!(parse_pack(&bytes).expect("parse"), entries);
         for cut in 0..bytes.len() {
             assert!(parse_pack(&bytes[..cut]).is_err(), "cut {cut}");

@@ -24,6 +24,10 @@ pub trait Store: Send + Sync {
     fn put(&self, key: &str, data: Bytes) -> Result<(), Problem>;
     /// Writes `key` only if absent; `Ok(false)` when it already exists.
     fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, Problem>;
+    /// Like `put_if_absent`, for an object made of several buffers.
+    fn put_parts_if_absent(&self, key: &str, parts: Vec<Bytes>) -> Result<bool, Problem> {
+        self.put_if_absent(key, Bytes::from(parts.concat()))
+    }
     /// `Ok(None)` when absent.
     fn get(&self, key: &str) -> Result<Option<Bytes>, Problem>;
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, Problem>;
@@ -59,6 +63,10 @@ impl Store for Throttled {
     fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, Problem> {
         std::thread::sleep(self.put_delay);
         self.inner.put_if_absent(key, data)
+    }
+    fn put_parts_if_absent(&self, key: &str, parts: Vec<Bytes>) -> Result<bool, Problem> {
+        std::thread::sleep(self.put_delay);
+        self.inner.put_parts_if_absent(key, parts)
     }
     fn get(&self, key: &str) -> Result<Option<Bytes>, Problem> {
         self.inner.get(key)

@@ -28,7 +28,7 @@ impl Default for InitOptions {
     fn default() -> Self {
         InitOptions {
             encryption: true,
-            zstd_level: Some(3),
+            zstd_level: Some(1),
             chunker: ChunkerParams::default(),
             pack_target_bytes: 32 << 20,
         }

@@ -116,15 +116,20 @@ fn verify_pack(
     let mismatch = |why: String| {
         Problem::new("verify.checksum_mismatch", format!("pack {pack}: {why}")).with("pack", pack)
     };
-    // A pack is named by the BLAKE3 of its bytes: any flipped bit shows here.
-    let name = pack.rsplit('/').next().unwrap_or_default();
-    if blake3::hash(&bytes).to_hex().as_str() != name {
-        return Err(mismatch("content hash differs from its name".into()));
-    }
-    parse_pack(&bytes).map_err(|p| mismatch(p.message.clone()))?;
+    // Framing and the pack's own index checksum, then every chunk we need.
+    let entries = parse_pack(&bytes).map_err(|p| mismatch(p.message.clone()))?;
+    // The pack's index must agree with the repository index for our chunks.
+    let here: std::collections::HashMap<_, _> =
+        entries.iter().map(|e| (e.id, (e.offset, e.len))).collect();
     let mut total = 0;
     for id in ids {
         let (_, loc) = index.locate(id)?;
+        if here.get(id) != Some(&(loc.offset, loc.len)) {
+            return Err(mismatch(format!(
+                "chunk {} is not where the index says",
+                id.to_hex()
+            )));
+        }
         let env = bytes
             .get(loc.offset as usize..(loc.offset + loc.len as u64) as usize)
             .ok_or_else(|| {

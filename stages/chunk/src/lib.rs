@@ -133,31 +133,43 @@ impl Splitter for FastCdc {
         let mut base = block.offset;
         if !self.carry.is_empty() {
             // Chunks starting in the carried tail end within `max` bytes of
-            // it: join the tail with just that much of the new block.
-            let take = data.len().min(self.params.max);
+            // it: join the tail with as little of the new block as decides them.
             let clen = self.carry.len();
-            let mut joined = std::mem::take(&mut self.carry);
-            joined.extend_from_slice(&data[..take]);
-            let joined = Bytes::from(joined);
             let cbase = self.carry_offset;
-            let at = At {
-                file: block.file,
-                base: cbase,
-                eof: block.eof && take == data.len(),
-            };
-            let pos = self.cut_run(&joined, clen, &at, out);
-            if pos < clen {
-                // Still undecided, so the block was shorter than `max` and
-                // all of it is in `joined`: wait for more data.
-                debug_assert_eq!(take, data.len());
-                self.carry = joined[pos..].to_vec();
-                self.carry_offset = cbase + pos as u64;
-                self.carry_file = Some(block.file);
-                return Ok(());
+            let mut take = data.len().min(2 * self.params.avg);
+            loop {
+                let mut joined = Vec::with_capacity(clen + take);
+                joined.extend_from_slice(&self.carry);
+                joined.extend_from_slice(&data[..take]);
+                let joined = Bytes::from(joined);
+                let at = At {
+                    file: block.file,
+                    base: cbase,
+                    eof: block.eof && take == data.len(),
+                };
+                // Dry run first: emit nothing until the run is decided.
+                let mut cuts = Vec::new();
+                let pos = self.cut_run(&joined, clen, &at, &mut |c| cuts.push(c));
+                if pos < clen && take < data.len() {
+                    take = (take * 2).min(data.len());
+                    continue;
+                }
+                for c in cuts {
+                    out(c);
+                }
+                if pos < clen {
+                    // Undecided with the whole block in hand: wait for more.
+                    self.carry = joined[pos..].to_vec();
+                    self.carry_offset = cbase + pos as u64;
+                    self.carry_file = Some(block.file);
+                    return Ok(());
+                }
+                let skip = pos - clen;
+                data = data.slice(skip..);
+                base = block.offset + skip as u64;
+                self.carry.clear();
+                break;
             }
-            let skip = pos - clen;
-            data = data.slice(skip..);
-            base = block.offset + skip as u64;
         }
         let at = At {
             file: block.file,

@@ -168,15 +168,13 @@ impl ObjectStoreBackend {
         Ok(())
     }
 
-    fn put_mode(&self, key: &str, data: Bytes, mode: PutMode) -> Result<bool, Problem> {
+    fn put_mode(&self, key: &str, data: PutPayload, mode: PutMode) -> Result<bool, Problem> {
         let path = self.path(key);
         let opts = PutOptions {
             mode,
             ..Default::default()
         };
-        let r = self
-            .rt
-            .block_on(self.inner.put_opts(&path, PutPayload::from(data), opts));
+        let r = self.rt.block_on(self.inner.put_opts(&path, data, opts));
         match r {
             Ok(_) => {
                 self.sync_local(key)?;
@@ -194,11 +192,16 @@ impl Store for ObjectStoreBackend {
     }
 
     fn put(&self, key: &str, data: Bytes) -> Result<(), Problem> {
-        self.put_mode(key, data, PutMode::Overwrite).map(|_| ())
+        self.put_mode(key, data.into(), PutMode::Overwrite)
+            .map(|_| ())
     }
 
     fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, Problem> {
-        self.put_mode(key, data, PutMode::Create)
+        self.put_mode(key, data.into(), PutMode::Create)
+    }
+
+    fn put_parts_if_absent(&self, key: &str, parts: Vec<Bytes>) -> Result<bool, Problem> {
+        self.put_mode(key, parts.into_iter().collect(), PutMode::Create)
     }
 
     fn get(&self, key: &str) -> Result<Option<Bytes>, Problem> {

@@ -34,7 +34,7 @@ impl Default for PackSinkConfig {
 
 struct Sealed {
     key: String,
-    bytes: Vec<u8>,
+    parts: Vec<Bytes>,
     entries: Vec<PackEntry>,
 }
 
@@ -48,9 +48,14 @@ pub struct PackSink {
     failed: Arc<Mutex<Option<Problem>>>,
 }
 
-pub fn pack_key(bytes: &[u8]) -> String {
-    let h = blake3::hash(bytes).to_hex();
-    format!("packs/{}/{}", &h[..2], h)
+/// A fresh pack name: 256 random bits, fanned out by their first byte.
+/// (Content-derived names would cost the sink a hash pass over every stored
+/// byte; integrity is checked per chunk and by the pack index checksum.)
+pub fn new_pack_key() -> Result<String, Problem> {
+    let mut id = [0u8; 32];
+    getrandom::fill(&mut id).map_err(|e| Problem::internal(format!("getrandom: {e}")))?;
+    let h = hex::encode(id);
+    Ok(format!("packs/{}/{}", &h[..2], h))
 }
 
 impl PackSink {
@@ -69,7 +74,7 @@ impl PackSink {
                     .spawn(move || {
                         for p in rx.iter() {
                             let r = store
-                                .put_if_absent(&p.key, Bytes::from(p.bytes))
+                                .put_parts_if_absent(&p.key, p.parts)
                                 .and_then(|_| on_durable(&p.key, &p.entries));
                             if let Err(e) = r {
                                 let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
@@ -82,7 +87,7 @@ impl PackSink {
             .collect();
         PackSink {
             cfg,
-            current: PackBuilder::new(cfg.pack_target_bytes + (1 << 20)),
+            current: PackBuilder::new(),
             seen: HashSet::new(),
             tx: Some(tx),
             threads,
@@ -101,14 +106,11 @@ impl PackSink {
         if self.current.is_empty() {
             return Ok(());
         }
-        let builder = std::mem::replace(
-            &mut self.current,
-            PackBuilder::new(self.cfg.pack_target_bytes + (1 << 20)),
-        );
-        let (bytes, entries) = builder.finish();
+        let builder = std::mem::take(&mut self.current);
+        let (parts, entries) = builder.finish();
         let sealed = Sealed {
-            key: pack_key(&bytes),
-            bytes,
+            key: new_pack_key()?,
+            parts,
             entries,
         };
         let tx = self
@@ -133,13 +135,13 @@ impl ChunkSink for PackSink {
         }
         let env = chunk
             .payload
-            .as_deref()
             .ok_or_else(|| Problem::internal("chunk reached storage_put without an envelope"))?;
-        self.current.add(chunk.id, env);
+        let n = env.len() as u32;
+        self.current.add(chunk.id, Bytes::from(env));
         if self.current.len() >= self.cfg.pack_target_bytes {
             self.seal()?;
         }
-        Ok(env.len() as u32)
+        Ok(n)
     }
 
     fn finish(&mut self) -> Result<(), Problem> {
