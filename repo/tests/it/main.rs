@@ -6,6 +6,7 @@ mod dedup;
 mod integrity;
 mod roundtrip;
 mod s3;
+mod sealed;
 
 use pg_hardstorage_engine::event::{EventBus, Recorder};
 use pg_hardstorage_engine::format::Manifest;
