@@ -245,6 +245,25 @@ mod tests {
         }
     }
 
+    /// docs/specs/errors.md documents every code with its HTTP status and
+    /// exit code; the two must not drift apart.
+    #[test]
+    fn errors_spec_matches_the_table() {
+        let doc = include_str!("../../docs/specs/errors.md");
+        for (code, class, retry) in CODES {
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{code}` |")))
+                .unwrap_or_else(|| panic!("{code} is missing from docs/specs/errors.md"));
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            assert_eq!(cells[3], class.http_status().to_string(), "{code}");
+            assert_eq!(cells[4], class.exit_code().to_string(), "{code}");
+            assert_eq!(cells[5], if *retry { "yes" } else { "no" }, "{code}");
+        }
+        let documented = doc.lines().filter(|l| l.starts_with("| `")).count();
+        assert_eq!(documented, CODES.len(), "docs list codes the table lacks");
+    }
+
     #[test]
     fn codes_are_unique_and_dotted() {
         let mut seen = std::collections::HashSet::new();

@@ -38,7 +38,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             workers: default_workers(),
-            queue_bytes: 64 << 20,
+            queue_bytes: 32 << 20,
             pin_cores: true,
             pause_after: Duration::from_millis(100),
             progress_every: Duration::from_secs(1),
@@ -404,7 +404,10 @@ fn run_worker(
                     chunk.current().len() as u64,
                 );
             }
-            let weight = chunk.payload.as_ref().map_or(0, |p| p.len()) as u64 + 64;
+            // The plaintext slice keeps its block alive until the sink is
+            // done with it, so it counts against the budget with the payload.
+            let weight =
+                (chunk.data.len() + chunk.payload.as_ref().map_or(0, |p| p.len())) as u64 + 64;
             tx.send(chunk, weight)
                 .map_err(|_| Problem::new("pipeline.aborted", "storage stage stopped"))?;
         }

@@ -19,7 +19,7 @@ pub type OnPackDurable = Arc<dyn Fn(&str, &[PackEntry]) -> Result<(), Problem> +
 #[derive(Clone, Copy, Debug)]
 pub struct PackSinkConfig {
     pub pack_target_bytes: usize,
-    /// Packs uploading at once; also the number of sealed packs that may wait.
+    /// Packs uploading at once.
     pub uploaders: usize,
 }
 
@@ -61,7 +61,9 @@ pub fn new_pack_key() -> Result<String, Problem> {
 impl PackSink {
     pub fn new(store: DynStore, cfg: PackSinkConfig, on_durable: OnPackDurable) -> Self {
         let n = cfg.uploaders.max(1);
-        let (tx, rx) = bounded::<Sealed>(n);
+        // A rendezvous hand-off: a sealed pack waits in the sink, not in a
+        // queue, so at most `uploaders + 1` packs are in memory.
+        let (tx, rx) = bounded::<Sealed>(0);
         let failed = Arc::new(Mutex::new(None));
         let threads = (0..n)
             .filter_map(|i| {
