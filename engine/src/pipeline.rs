@@ -38,7 +38,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             workers: default_workers(),
-            queue_bytes: 32 << 20,
+            queue_bytes: 64 << 20,
             pin_cores: true,
             pause_after: Duration::from_millis(100),
             progress_every: Duration::from_secs(1),

@@ -241,8 +241,28 @@ pub fn backup_path(
     let _lease = Lease::acquire(repo, deployment, "backup")?;
     let backup_id = new_backup_id(repo, deployment, "full")?;
     let subj = subject(deployment, &backup_id);
-    bus.publish(Event::new(Severity::Info, "backup_started").subject(subj.clone()));
-    let r = run_backup(repo, &d.name, &root, &backup_id, bus, opts);
+    let backend = match opts.read_backend {
+        Some(b) => (b, "chosen by the caller".to_string()),
+        None => {
+            let p = phs_read::probe();
+            (p.backend, p.reason)
+        }
+    };
+    bus.publish(
+        Event::new(Severity::Info, "backup_started")
+            .subject(subj.clone())
+            .body(json!({
+                "source": root.display().to_string(),
+                "workers": opts.pipeline.workers,
+                "read_backend": match backend.0 { Backend::Uring => "io_uring", Backend::Pread => "pread" },
+                "read_backend_reason": backend.1,
+            })),
+    );
+    let opts = BackupOptions {
+        read_backend: Some(backend.0),
+        ..opts.clone()
+    };
+    let r = run_backup(repo, &d.name, &root, &backup_id, bus, &opts);
     match &r {
         Ok((m, report, verified)) => bus.publish(
             Event::new(Severity::Notice, "backup_completed")

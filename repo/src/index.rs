@@ -21,6 +21,8 @@ pub struct Location {
 #[derive(Default)]
 pub struct RepoIndex {
     pub packs: Vec<String>,
+    /// End of each pack's data area (where its trailing index begins).
+    pub pack_ends: Vec<u64>,
     pub chunks: HashMap<ChunkId, Location>,
 }
 
@@ -57,6 +59,13 @@ impl RepoIndex {
             let entries = decode_pack_index(&payload[nl + 1..]).map_err(|p| p.context(&o.key))?;
             let n = idx.packs.len() as u32;
             idx.packs.push(pack);
+            idx.pack_ends.push(
+                entries
+                    .iter()
+                    .map(|e| e.offset + e.len as u64)
+                    .max()
+                    .unwrap_or(0),
+            );
             for e in entries {
                 idx.chunks.entry(e.id).or_insert(Location {
                     pack: n,
@@ -70,6 +79,10 @@ impl RepoIndex {
 
     pub fn dedup(&self) -> DedupIndex {
         self.chunks.keys().copied().collect()
+    }
+
+    pub fn pack_end(&self, loc: &Location) -> u64 {
+        self.pack_ends.get(loc.pack as usize).copied().unwrap_or(0)
     }
 
     pub fn locate(&self, id: &ChunkId) -> Result<(&str, Location), Problem> {

@@ -130,18 +130,22 @@ fn read_err(path: &std::path::Path, e: &std::io::Error) -> Problem {
         .with("path", path.display().to_string())
 }
 
-/// Reads `file` from `offset` to its current end with `pread`.
+/// Reads `file` from `offset` to its current end with `pread`. Buffers are
+/// sized to what the file is expected to hold (`expect`), so a small file
+/// costs a small buffer, and grow up to `block` should the file have grown.
 pub(crate) fn pread_from(
     file: &File,
     path: &std::path::Path,
     mut offset: u64,
+    expect: u64,
     block: usize,
     out: &mut Ordered<'_>,
 ) -> Result<u64, Problem> {
+    let mut want = (expect.saturating_sub(offset) as usize).clamp(4096, block);
     loop {
-        let mut buf = vec![0u8; block];
+        let mut buf = vec![0u8; want];
         let mut filled = 0;
-        while filled < block {
+        while filled < want {
             match file.read_at(&mut buf[filled..], offset + filled as u64) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
@@ -155,11 +159,16 @@ pub(crate) fn pread_from(
         buf.truncate(filled);
         out.push(offset, Bytes::from(buf))?;
         offset += filled as u64;
-        if filled < block {
+        if filled < want {
             return Ok(offset);
         }
+        // Full buffer: more may follow. Past the expected size, probe small.
+        want = (expect.saturating_sub(offset) as usize).clamp(4096, block);
     }
 }
+
+/// Files at least this large go through io_uring; smaller ones are one pread.
+const URING_MIN: u64 = 1 << 20;
 
 impl Source for FileSource {
     fn name(&self) -> &'static str {
@@ -179,10 +188,10 @@ impl Source for FileSource {
             let file = File::open(&f.path).map_err(|e| read_err(&f.path, &e))?;
             let mut out = Ordered::new(f.index, emit);
             let done = match ring.as_mut() {
-                Some(r) => r.read_file(&file, &f.path, &mut out)?,
-                None => 0,
+                Some(r) if f.size >= URING_MIN => r.read_file(&file, &f.path, &mut out)?,
+                _ => 0,
             };
-            let end = pread_from(&file, &f.path, done, self.block, &mut out)?;
+            let end = pread_from(&file, &f.path, done, f.size, self.block, &mut out)?;
             out.finish(end)?;
         }
         Ok(())
@@ -206,7 +215,17 @@ mod tests {
 
     fn fixture() -> (tempfile::TempDir, Vec<FileEntry>, Vec<Vec<u8>>) {
         let dir = tempfile::tempdir().expect("tmp");
-        let sizes = [0usize, 1, 4095, 4096, 4097, 100_000, 1 << 20];
+        let sizes = [
+            0usize,
+            1,
+            4095,
+            4096,
+            4097,
+            100_000,
+            1 << 20,
+            (3 << 20) + 1,
+            5 << 20,
+        ];
         let mut files = Vec::new();
         let mut datas = Vec::new();
         for (i, n) in sizes.iter().enumerate() {
@@ -256,6 +275,22 @@ mod tests {
         let (_d, files, datas) = fixture();
         check(&collect(files.clone(), Backend::Uring, 4096), &datas);
         check(&collect(files, Backend::Uring, 65536), &datas);
+    }
+
+    /// The size recorded at walk time is only a hint: a file that grew or
+    /// shrank since is read to its real end by both backends.
+    #[test]
+    fn stale_size_hints_still_read_the_real_file() {
+        let (_d, mut files, datas) = fixture();
+        for (i, f) in files.iter_mut().enumerate() {
+            f.size = if i % 2 == 0 {
+                f.size / 2
+            } else {
+                f.size * 2 + 10
+            };
+        }
+        check(&collect(files.clone(), Backend::Pread, 8192), &datas);
+        check(&collect(files, Backend::Uring, 8192), &datas);
     }
 
     #[test]
