@@ -9,7 +9,7 @@ use pg_hardstorage_engine::format::ChunkerParams;
 use pg_hardstorage_engine::pipeline::PipelineConfig;
 use pg_hardstorage_engine::store::{DynStore, Throttled};
 use pg_hardstorage_engine::Problem;
-use pg_hardstorage_repo::backup::{backup_path, BackupOptions};
+use pg_hardstorage_repo::backup::{take_backup, BackupOptions};
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
 use pg_hardstorage_repo::restore::{restore, RestoreOptions};
 use pg_hardstorage_repo::{bench, catalog, verify, InitOptions, KeySource, Repository};
@@ -348,16 +348,13 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
             pipeline,
         } => {
             let r = open(cli)?;
-            let d = deployment::get(&r, deployment)?;
-            if d.kind != Kind::Path {
-                return Err(unimplemented("backup run for postgres deployments"));
-            }
+            deployment::get(&r, deployment)?;
             out.stream_events();
             let opts = BackupOptions {
                 pipeline: pipeline_cfg(pipeline),
                 read_backend: None,
             };
-            let m = backup_path(&r, deployment, &out.bus, &opts)?;
+            let m = take_backup(&r, deployment, &out.bus, &opts)?;
             let body = serde_json::to_value(pg_hardstorage_repo::backup::BackupSummary::of(&m))
                 .unwrap_or_default();
             out.success("backups.take", body, |b| {

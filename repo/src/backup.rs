@@ -223,6 +223,19 @@ fn walk_dir(
     Ok(())
 }
 
+/// Takes a backup of any deployment: a directory tree or a PostgreSQL base backup.
+pub fn take_backup(
+    repo: &Repository,
+    deployment: &str,
+    bus: &EventBus,
+    opts: &BackupOptions,
+) -> Result<Manifest, Problem> {
+    match deployment::get(repo, deployment)?.kind {
+        deployment::Kind::Path => backup_path(repo, deployment, bus, opts),
+        deployment::Kind::Postgres => crate::pgbackup::backup_postgres(repo, deployment, bus, opts),
+    }
+}
+
 /// Runs one backup of a path deployment. Emits `backup_started`, progress,
 /// and `backup_completed` or a final error frame.
 pub fn backup_path(

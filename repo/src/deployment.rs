@@ -89,6 +89,15 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
             .map_err(|e| Problem::new("deployment.invalid", format!("path {p:?}: {e}")))?;
         d.path = Some(abs.display().to_string());
     }
+    if d.kind == Kind::Postgres {
+        let pg = d.pg.as_deref().ok_or_else(|| {
+            Problem::new(
+                "deployment.invalid",
+                "a postgres deployment needs --pg CONNINFO",
+            )
+        })?;
+        phs_pg::ConnInfo::parse(pg)?;
+    }
     if let Some(existing) = get_opt(repo, &d.name)? {
         if existing.same_settings(&d) {
             return Ok((existing, false));

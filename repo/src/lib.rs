@@ -12,6 +12,7 @@ pub mod deployment;
 pub mod index;
 pub mod keys;
 pub mod lock;
+pub mod pgbackup;
 pub mod repository;
 pub mod restore;
 pub mod verify;

@@ -4,6 +4,7 @@
 mod backpressure;
 mod dedup;
 mod integrity;
+mod postgres;
 mod roundtrip;
 mod s3;
 mod sealed;
@@ -12,7 +13,7 @@ use pg_hardstorage_engine::event::{EventBus, Recorder};
 use pg_hardstorage_engine::format::Manifest;
 use pg_hardstorage_engine::pipeline::PipelineConfig;
 use pg_hardstorage_engine::Problem;
-use pg_hardstorage_repo::backup::{backup_path, BackupOptions};
+use pg_hardstorage_repo::backup::{take_backup, BackupOptions};
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
 use pg_hardstorage_repo::restore::{restore, RestoreOptions};
 use pg_hardstorage_repo::Repository;
@@ -47,7 +48,7 @@ pub fn backup(repo: &Repository, name: &str) -> Result<(Manifest, Recorder), Pro
     let bus = EventBus::new();
     let rec = Recorder::new();
     bus.add_sink(rec.clone());
-    let r = backup_path(
+    let r = take_backup(
         repo,
         name,
         &bus,

@@ -1,0 +1,348 @@
+//! A minimal PostgreSQL client for the simple query protocol and the
+//! replication commands: startup (trust, password, md5, SCRAM-SHA-256),
+//! `IDENTIFY_SYSTEM`, plain queries, and the `BASE_BACKUP` copy stream.
+//! tokio-postgres cannot open replication connections (rust-postgres#116),
+//! so this speaks the protocol with `postgres-protocol`'s codec over a tokio
+//! socket, driven by a private current-thread runtime.
+
+use crate::conninfo::ConnInfo;
+use bytes::{Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use pg_hardstorage_engine::Problem;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+pub struct Conn {
+    rt: tokio::runtime::Runtime,
+    stream: Stream,
+    buf: BytesMut,
+    pub server_version: String,
+}
+
+/// What `IDENTIFY_SYSTEM` answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SystemInfo {
+    pub system_identifier: String,
+    pub timeline: u32,
+    pub xlogpos: String,
+}
+
+/// One step of a copy-out stream.
+pub enum CopyEvent {
+    Data(Bytes),
+}
+
+pub type Rows = Vec<Vec<Option<String>>>;
+
+fn proto(m: impl std::fmt::Display) -> Problem {
+    Problem::new("pg.protocol", format!("PostgreSQL protocol: {m}"))
+}
+
+fn io_err(e: std::io::Error) -> Problem {
+    Problem::new("pg.unreachable", format!("PostgreSQL connection: {e}")).suggest(
+        "Check that the server runs and the deployment's --pg connection string",
+        None,
+    )
+}
+
+fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -> Problem {
+    let mut code = String::new();
+    let mut msg = String::new();
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        match f.type_() {
+            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'M' => msg = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    let (c, hint) = match code.as_str() {
+        "28000" | "28P01" => (
+            "pg.auth_failed",
+            "Check the user, password and pg_hba.conf (replication needs its own line)",
+        ),
+        "42501" => (
+            "pg.replication_denied",
+            "Grant REPLICATION to the user: ALTER ROLE name REPLICATION",
+        ),
+        "55000" => (
+            "pg.replication_denied",
+            "Set wal_level = replica (or logical) and restart PostgreSQL",
+        ),
+        _ => ("pg.server_error", "See the PostgreSQL server log"),
+    };
+    Problem::new(c, format!("PostgreSQL: {msg} (SQLSTATE {code})"))
+        .with("sqlstate", code)
+        .suggest(hint, None)
+}
+
+impl Conn {
+    /// Connects and authenticates; `replication` opens a physical walsender.
+    pub fn connect(ci: &ConnInfo, replication: bool) -> Result<Conn, Problem> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Problem::internal(format!("tokio: {e}")))?;
+        let stream = rt.block_on(async {
+            if ci.is_unix() {
+                let path = format!("{}/.s.PGSQL.{}", ci.host, ci.port);
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(Stream::Unix)
+            } else {
+                tokio::net::TcpStream::connect((ci.host.as_str(), ci.port))
+                    .await
+                    .map(Stream::Tcp)
+            }
+        });
+        let stream = stream.map_err(|e| io_err(e).with("host", ci.host.clone()))?;
+        let mut c = Conn {
+            rt,
+            stream,
+            buf: BytesMut::with_capacity(1 << 16),
+            server_version: String::new(),
+        };
+        c.startup(ci, replication)?;
+        Ok(c)
+    }
+
+    fn send(&mut self, msg: &[u8]) -> Result<(), Problem> {
+        let Conn { rt, stream, .. } = self;
+        rt.block_on(async {
+            match stream {
+                Stream::Tcp(s) => s.write_all(msg).await,
+                Stream::Unix(s) => s.write_all(msg).await,
+            }
+        })
+        .map_err(io_err)
+    }
+
+    fn recv(&mut self) -> Result<Message, Problem> {
+        loop {
+            if let Some(m) = Message::parse(&mut self.buf).map_err(proto)? {
+                return Ok(m);
+            }
+            let Conn {
+                rt, stream, buf, ..
+            } = self;
+            buf.reserve(1 << 16);
+            let n = rt
+                .block_on(async {
+                    match stream {
+                        Stream::Tcp(s) => s.read_buf(buf).await,
+                        Stream::Unix(s) => s.read_buf(buf).await,
+                    }
+                })
+                .map_err(io_err)?;
+            if n == 0 {
+                return Err(Problem::new(
+                    "pg.unreachable",
+                    "PostgreSQL closed the connection",
+                ));
+            }
+        }
+    }
+
+    fn startup(&mut self, ci: &ConnInfo, replication: bool) -> Result<(), Problem> {
+        let mut params = vec![
+            ("user", ci.user.as_str()),
+            ("application_name", "pg_hardstorage"),
+        ];
+        if replication {
+            params.push(("replication", "true"));
+        } else {
+            params.push(("database", ci.dbname.as_str()));
+        }
+        let mut b = BytesMut::new();
+        frontend::startup_message(params, &mut b).map_err(proto)?;
+        self.send(&b)?;
+        let password = || {
+            ci.password.clone().ok_or_else(|| {
+                Problem::new(
+                    "pg.auth_failed",
+                    "the server asks for a password and none was given",
+                )
+                .suggest(
+                    "Put password=... in the connection string, or set PGPASSWORD",
+                    None,
+                )
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let mut b = BytesMut::new();
+            match self.recv()? {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?.as_bytes(), &mut b).map_err(proto)?;
+                    self.send(&b)?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let h = postgres_protocol::authentication::md5_hash(
+                        ci.user.as_bytes(),
+                        password()?.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(h.as_bytes(), &mut b).map_err(proto)?;
+                    self.send(&b)?;
+                }
+                Message::AuthenticationSasl(_) => {
+                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut b)
+                        .map_err(proto)?;
+                    self.send(&b)?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| proto("SASL continue without start"))?;
+                    s.update(body.data())
+                        .map_err(|e| Problem::new("pg.auth_failed", e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut b).map_err(proto)?;
+                    self.send(&b)?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| proto("SASL final without start"))?;
+                    s.finish(body.data())
+                        .map_err(|e| Problem::new("pg.auth_failed", e.to_string()))?;
+                }
+                Message::ParameterStatus(p) => {
+                    if p.name().map_err(proto)? == "server_version" {
+                        self.server_version = p.value().map_err(proto)?.to_string();
+                    }
+                }
+                Message::BackendKeyData(_) | Message::NoticeResponse(_) => {}
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(e) => return Err(server_error(&e)),
+                _ => return Err(proto("unexpected message during startup")),
+            }
+        }
+    }
+
+    fn rows_of(
+        body: &postgres_protocol::message::backend::DataRowBody,
+    ) -> Result<Vec<Option<String>>, Problem> {
+        let buf = body.buffer();
+        let mut out = Vec::new();
+        let mut ranges = body.ranges();
+        while let Some(r) = ranges.next().map_err(proto)? {
+            out.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Runs one simple-protocol statement; returns the rows of every result set.
+    pub fn simple_query(&mut self, sql: &str) -> Result<Vec<Rows>, Problem> {
+        let mut b = BytesMut::new();
+        frontend::query(sql, &mut b).map_err(proto)?;
+        self.send(&b)?;
+        let mut sets: Vec<Rows> = Vec::new();
+        let mut err = None;
+        loop {
+            match self.recv()? {
+                Message::RowDescription(_) => sets.push(Vec::new()),
+                Message::DataRow(d) => {
+                    let row = Self::rows_of(&d)?;
+                    match sets.last_mut() {
+                        Some(s) => s.push(row),
+                        None => sets.push(vec![row]),
+                    }
+                }
+                Message::ErrorResponse(e) => err = Some(server_error(&e)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(sets),
+        }
+    }
+
+    pub fn identify_system(&mut self) -> Result<SystemInfo, Problem> {
+        let sets = self.simple_query("IDENTIFY_SYSTEM")?;
+        let row = sets
+            .first()
+            .and_then(|s| s.first())
+            .ok_or_else(|| proto("IDENTIFY_SYSTEM returned no row"))?;
+        let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        Ok(SystemInfo {
+            system_identifier: get(0),
+            timeline: get(1).parse().map_err(|_| proto("bad timeline"))?,
+            xlogpos: get(2),
+        })
+    }
+
+    /// Runs `BASE_BACKUP (...)`: result sets before the copy stream go to
+    /// the first element of the answer, those after it to the second; every
+    /// CopyData payload goes to `on_copy` as it arrives.
+    pub fn base_backup(
+        &mut self,
+        options: &str,
+        on_copy: &mut dyn FnMut(CopyEvent) -> Result<(), Problem>,
+    ) -> Result<(Vec<Rows>, Vec<Rows>), Problem> {
+        let mut b = BytesMut::new();
+        frontend::query(&format!("BASE_BACKUP ({options})"), &mut b).map_err(proto)?;
+        self.send(&b)?;
+        let (mut before, mut after): (Vec<Rows>, Vec<Rows>) = (Vec::new(), Vec::new());
+        let mut copying_done = false;
+        let mut err = None;
+        loop {
+            match self.recv()? {
+                Message::RowDescription(_) => if copying_done {
+                    &mut after
+                } else {
+                    &mut before
+                }
+                .push(Vec::new()),
+                Message::DataRow(d) => {
+                    let row = Self::rows_of(&d)?;
+                    let sets = if copying_done {
+                        &mut after
+                    } else {
+                        &mut before
+                    };
+                    match sets.last_mut() {
+                        Some(s) => s.push(row),
+                        None => sets.push(vec![row]),
+                    }
+                }
+                Message::CopyOutResponse(_) => {}
+                Message::CopyData(d) if err.is_none() => {
+                    if let Err(p) = on_copy(CopyEvent::Data(d.into_bytes())) {
+                        // Keep draining so the connection ends cleanly.
+                        err = Some(p);
+                    }
+                }
+                Message::CopyDone => copying_done = true,
+                Message::ErrorResponse(e) => {
+                    err.get_or_insert(server_error(&e));
+                }
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok((before, after)),
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let mut b = BytesMut::new();
+        frontend::terminate(&mut b);
+        let _ = self.send(&b);
+    }
+}

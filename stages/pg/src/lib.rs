@@ -1,0 +1,13 @@
+//! The PostgreSQL source stage: a replication-protocol client (framing with
+//! `postgres-protocol` over a tokio socket) and a `BASE_BACKUP` source that
+//! turns the server's tar stream into pipeline blocks.
+#![deny(clippy::unwrap_used)]
+
+pub mod conn;
+pub mod conninfo;
+pub mod source;
+pub mod tar;
+
+pub use conn::{Conn, SystemInfo};
+pub use conninfo::ConnInfo;
+pub use source::{BaseBackupInfo, BaseBackupSource, TarEntry};

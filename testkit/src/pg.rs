@@ -1,0 +1,263 @@
+//! A throw-away PostgreSQL 15 cluster: initdb as the `postgres` user in a
+//! temporary directory, a free port, `wal_level=replica`, replication slots
+//! and senders to spare; stopped and removed on drop. PostgreSQL refuses to
+//! run as root, so every server program runs through `runuser -u postgres`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bindir() -> PathBuf {
+    let out = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("pg_config not found ({e}): install PostgreSQL 15 server packages")
+        });
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Runs a PostgreSQL program as the `postgres` user.
+pub fn as_postgres(prog: &str, args: &[&str]) -> Output {
+    let bin = bindir().join(prog);
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(&bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} as postgres ({e}): is runuser available?",
+                bin.display()
+            )
+        });
+    out
+}
+
+fn check(what: &str, o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Makes `p` usable by the postgres user (owner and mode).
+pub fn give_to_postgres(p: &Path) {
+    let o = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(p)
+        .output()
+        .expect("chown");
+    assert!(
+        o.status.success(),
+        "chown: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+pub struct PgCluster {
+    _tmp: Option<tempfile::TempDir>,
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    pub port: u16,
+    running: bool,
+}
+
+fn scratch() -> tempfile::TempDir {
+    let t = tempfile::Builder::new()
+        .prefix("phs-pg-")
+        .tempdir()
+        .expect("tempdir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    t
+}
+
+impl PgCluster {
+    /// initdb + start.
+    pub fn start() -> PgCluster {
+        let tmp = scratch();
+        let data = tmp.path().join("data");
+        let sock = tmp.path().join("sock");
+        std::fs::create_dir_all(&sock).expect("sock dir");
+        give_to_postgres(tmp.path());
+        check(
+            "initdb",
+            as_postgres(
+                "initdb",
+                &[
+                    "-D",
+                    data.to_str().expect("utf8"),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ],
+            ),
+        );
+        let c = PgCluster {
+            port: crate::s3::free_port(),
+            data,
+            sock,
+            _tmp: Some(tmp),
+            running: false,
+        };
+        c.configure(&[
+            "wal_level = replica",
+            "max_wal_senders = 10",
+            "max_replication_slots = 10",
+            "fsync = off",
+            "full_page_writes = on",
+        ]);
+        c.started()
+    }
+
+    /// A cluster over an existing (restored) data directory, on a new port.
+    pub fn on_existing(data: &Path) -> PgCluster {
+        let sock = data
+            .parent()
+            .expect("parent")
+            .join(format!("sock-{}", crate::s3::free_port()));
+        std::fs::create_dir_all(&sock).expect("sock");
+        give_to_postgres(&sock);
+        give_to_postgres(data);
+        PgCluster {
+            _tmp: None,
+            data: data.to_path_buf(),
+            sock,
+            port: crate::s3::free_port(),
+            running: false,
+        }
+    }
+
+    pub fn configure(&self, lines: &[&str]) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.auto.conf"))
+            .expect("auto.conf");
+        for l in lines {
+            writeln!(f, "{l}").expect("write conf");
+        }
+    }
+
+    pub fn started(mut self) -> PgCluster {
+        let opts = format!(
+            "-p {} -c listen_addresses='' -c unix_socket_directories='{}'",
+            self.port,
+            self.sock.display()
+        );
+        let log = self.sock.join("postgres.log");
+        let o = as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().expect("utf8"),
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().expect("utf8"),
+                "-w",
+                "-t",
+                "120",
+                "start",
+            ],
+        );
+        if !o.status.success() {
+            let logtext = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!(
+                "pg_ctl start failed: {}\n{logtext}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        self.running = true;
+        self
+    }
+
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.sock.display(),
+            self.port
+        )
+    }
+
+    /// Runs SQL with psql; returns its unaligned, tuples-only output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let port = self.port.to_string();
+        check(
+            "psql",
+            as_postgres(
+                "psql",
+                &[
+                    "-h",
+                    self.sock.to_str().expect("utf8"),
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-d",
+                    db,
+                    "-At",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    sql,
+                ],
+            ),
+        )
+    }
+
+    pub fn run(&self, prog: &str, args: &[&str]) -> String {
+        let port = self.port.to_string();
+        let mut a = vec![
+            "-h",
+            self.sock.to_str().expect("utf8"),
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+        ];
+        a.extend_from_slice(args);
+        check(prog, as_postgres(prog, &a))
+    }
+
+    pub fn stop(&mut self) {
+        if self.running {
+            let _ = as_postgres(
+                "pg_ctl",
+                &[
+                    "-D",
+                    self.data.to_str().unwrap_or_default(),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "stop",
+                ],
+            );
+            self.running = false;
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = as_postgres(
+                "pg_ctl",
+                &[
+                    "-D",
+                    self.data.to_str().unwrap_or_default(),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
+            );
+        }
+    }
+}
