@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# PostgreSQL 15 server programs (initdb, pg_ctl, pgbench, pg_verifybackup,
+# pg_amcheck) for the PostgreSQL tests; present on the project's machines.
+if ! command -v pg_config >/dev/null 2>&1; then
+    echo "installing PostgreSQL 15 for the PostgreSQL tests"
+    apt-get update -qq && apt-get install -y -qq postgresql-15 postgresql-client-15
+fi
+
 if ! command -v moto_server >/dev/null 2>&1; then
     echo "installing moto[server] for the S3 tests"
     python3 -m pip install --quiet 'moto[server]'

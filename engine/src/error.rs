@@ -76,6 +76,7 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("backup.source_unreadable", Class::Preflight, false),
     ("restore.target_not_empty", Class::Preflight, false),
     ("restore.target_invalid", Class::Preflight, false),
+    ("restore.postmaster_running", Class::Preflight, false),
     ("verify.checksum_mismatch", Class::Verify, false),
     ("verify.decrypt_failed", Class::Verify, false),
     ("verify.malformed", Class::Verify, false),

@@ -77,7 +77,31 @@ impl Window {
     }
 }
 
+/// A live postmaster owns `target`: its `postmaster.pid` names a running process.
+fn live_postmaster(target: &Path) -> Option<i32> {
+    let pidfile = std::fs::read_to_string(target.join("postmaster.pid")).ok()?;
+    let pid: i32 = pidfile.lines().next()?.trim().parse().ok()?;
+    // SAFETY: signal 0 only checks that the process exists.
+    let alive = pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+    alive.then_some(pid)
+}
+
 fn preflight(target: &Path, force: bool) -> Result<(), Problem> {
+    // Never overridable: writing under a running server destroys it.
+    if let Some(pid) = live_postmaster(target) {
+        return Err(Problem::new(
+            "restore.postmaster_running",
+            format!("PostgreSQL (pid {pid}) is running on {}", target.display()),
+        )
+        .with("target", target.display().to_string())
+        .with("pid", pid)
+        .suggest(
+            "Stop that server first, or restore into another directory",
+            Some(format!("pg_ctl -D {} stop", target.display())),
+        ));
+    }
     match std::fs::symlink_metadata(target) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Problem::io(

@@ -23,17 +23,45 @@ fn checksums(pg: &PgCluster) -> Vec<String> {
 
 #[test]
 fn pgbench_base_backup_restores_verifies_and_starts() {
+    let (tmp, repo) = local_repo(Default::default());
+    full_restore(&repo, tmp.path(), 10);
+}
+
+/// The same against S3 (moto), encrypted.
+#[test]
+fn pgbench_base_backup_on_s3_restores() {
+    let moto = pg_hardstorage_testkit::s3::Moto::start();
+    moto.create_bucket("pgfull");
+    let store = phs_store::open_store_with(
+        "s3://pgfull/repo",
+        false,
+        &phs_store::StoreOptions {
+            s3_endpoint: Some(moto.endpoint()),
+        },
+    )
+    .expect("s3");
+    let repo = pg_hardstorage_testkit::init(store, Default::default());
+    assert!(repo.encrypted());
+    let tmp = tempfile::tempdir().expect("tmp");
+    full_restore(&repo, tmp.path(), 2);
+}
+
+/// pgbench at `scale` → base backup → restore → pg_verifybackup → start →
+/// per-table checksums equal the source's at backup time → pg_amcheck.
+fn full_restore(repo: &pg_hardstorage_repo::Repository, tmp: &std::path::Path, scale: u32) {
     let src = PgCluster::start();
-    src.run("pgbench", &["-i", "-s", "10", "-q", "postgres"]);
+    src.run(
+        "pgbench",
+        &["-i", "-s", &scale.to_string(), "-q", "postgres"],
+    );
     src.psql(
         "postgres",
         "UPDATE pgbench_accounts SET abalance = aid % 97 WHERE aid % 13 = 0",
     );
     let before = checksums(&src);
 
-    let (tmp, repo) = local_repo(Default::default());
     deployment::create(
-        &repo,
+        repo,
         Deployment {
             name: "pg1".into(),
             kind: Kind::Postgres,
@@ -44,7 +72,7 @@ fn pgbench_base_backup_restores_verifies_and_starts() {
         },
     )
     .expect("deployment");
-    let (m, events) = backup(&repo, "pg1").expect("base backup");
+    let (m, events) = backup(repo, "pg1").expect("base backup");
     assert_eq!(
         events.ops().last().map(String::as_str),
         Some("backup_completed")
@@ -58,7 +86,7 @@ fn pgbench_base_backup_restores_verifies_and_starts() {
         m.source
     );
     assert!(
-        m.stats.bytes_logical > 100 << 20,
+        m.stats.bytes_logical > (scale as u64) << 20,
         "{} bytes",
         m.stats.bytes_logical
     );
@@ -71,13 +99,12 @@ fn pgbench_base_backup_restores_verifies_and_starts() {
         "UPDATE pgbench_branches SET bbalance = bbalance + 1",
     );
 
-    let target = tmp.path().join("restored");
+    let target = tmp.join("restored");
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
-    restore_to(&repo, &m, &target).expect("restore");
+    restore_to(repo, &m, &target).expect("restore");
     let v = as_postgres("pg_verifybackup", &[target.to_str().expect("utf8")]);
     assert!(
         v.status.success(),
@@ -95,5 +122,34 @@ fn pgbench_base_backup_restores_verifies_and_starts() {
     restored.run(
         "pg_amcheck",
         &["--all", "--install-missing", "--heapallindexed"],
+    );
+}
+
+/// Restoring over a running server is refused, even with --force.
+#[test]
+fn restore_refuses_a_live_postmaster_even_with_force() {
+    let (_tmp, repo) = local_repo(pg_hardstorage_testkit::small_opts());
+    let live = PgCluster::start();
+    let src = tempfile::tempdir().expect("src");
+    std::fs::write(src.path().join("f"), b"x").expect("write");
+    crate::add_path_deployment(&repo, "p", src.path());
+    let (m, _) = backup(&repo, "p").expect("backup");
+    let err = pg_hardstorage_repo::restore::restore(
+        &repo,
+        &m,
+        &pg_hardstorage_repo::restore::RestoreOptions {
+            target: live.data.clone(),
+            force: true,
+            threads: 1,
+        },
+        &pg_hardstorage_engine::event::EventBus::new(),
+    )
+    .expect_err("must refuse");
+    assert_eq!(err.code, "restore.postmaster_running");
+    assert_eq!(err.exit_code(), 4);
+    assert_eq!(
+        live.psql("postgres", "SELECT 1").trim(),
+        "1",
+        "the live server is untouched"
     );
 }
