@@ -2,7 +2,7 @@
 
 use crate::output::{bytes, Out};
 use crate::{
-    BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, PipelineArgs, RepoCmd, RestoreArgs,
+    BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, PipelineArgs, RepoCmd, RestoreArgs, WalCmd,
 };
 use clap::CommandFactory;
 use pg_hardstorage_engine::format::ChunkerParams;
@@ -11,7 +11,7 @@ use pg_hardstorage_engine::store::{DynStore, Throttled};
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::backup::{take_backup, BackupOptions};
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
-use pg_hardstorage_repo::restore::{restore, RestoreOptions};
+use pg_hardstorage_repo::restore::{restore, Recovery, RecoveryTarget, RestoreOptions};
 use pg_hardstorage_repo::{bench, catalog, verify, InitOptions, KeySource, Repository};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -70,7 +70,10 @@ fn store(cli: &Cli, create: bool) -> Result<DynStore, Problem> {
 
 fn key_source(cli: &Cli) -> Result<KeySource, Problem> {
     let cfg = config(cli)?;
-    KeySource::from_env(cli.key_file.clone().or(cfg.key_file))
+    KeySource::from_env(
+        cli.key_file.clone().or(cfg.key_file),
+        cli.passphrase_file.clone(),
+    )
 }
 
 fn open(cli: &Cli) -> Result<Repository, Problem> {
@@ -118,7 +121,7 @@ pub fn run(cli: &Cli, out: &mut Out) -> R {
             );
             Ok(())
         }
-        Command::Wal { .. } => Err(unimplemented("wal")),
+        Command::Wal(c) => wal_cmd(cli, out, c),
         Command::Kms { .. } => Err(unimplemented("kms")),
         Command::Audit { .. } => Err(unimplemented("audit")),
         Command::Doctor { .. } => Err(unimplemented("doctor")),
@@ -418,14 +421,52 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
 }
 
 fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
-    if a.to.is_some() || a.to_lsn.is_some() || a.to_name.is_some() {
-        return Err(unimplemented(
-            "point-in-time restore (--to, --to-lsn, --to-name)",
-        ));
-    }
     let r = open(cli)?;
     deployment::validate_name(&a.deployment)?;
-    let m = catalog::resolve(&r, &a.deployment, &a.backup)?;
+    let target = recovery_target(a)?;
+    let m = match (&target, a.backup.as_str()) {
+        // With a target, `latest` is the newest backup that finished before it.
+        (Some(RecoveryTarget::Time(_)), "latest") => {
+            latest_before(&r, &a.deployment, a.to.as_deref())?
+        }
+        _ => catalog::resolve(&r, &a.deployment, &a.backup)?,
+    };
+    let recovery = match target {
+        None => None,
+        Some(t) => {
+            if m.source["type"] != "postgres" {
+                return Err(Problem::new(
+                    "usage.invalid_argument",
+                    "--to, --to-lsn and --to-name apply to PostgreSQL backups only",
+                ));
+            }
+            if let (RecoveryTarget::Time(_), Some(when)) = (&t, a.to.as_deref()) {
+                let at = parse_when(when)?;
+                let finished = time::OffsetDateTime::parse(
+                    &m.finished_at,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map_err(|e| Problem::internal(e.to_string()))?;
+                if at < finished {
+                    return Err(Problem::new(
+                        "restore.target_outside_archive",
+                        format!(
+                            "{when:?} is before backup {} finished ({})",
+                            m.backup_id, m.finished_at
+                        ),
+                    )
+                    .suggest(
+                        "Pick an older backup, or a later target",
+                        Some(format!("pg_hardstorage backup list {}", a.deployment)),
+                    ));
+                }
+            }
+            Some(Recovery {
+                restore_command: restore_command(cli, &a.deployment)?,
+                target: t,
+            })
+        }
+    };
     out.stream_events();
     let opts = RestoreOptions {
         target: a.target.clone(),
@@ -433,6 +474,7 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
         threads: a
             .threads
             .unwrap_or_else(pg_hardstorage_engine::pipeline::default_workers),
+        recovery,
     };
     let s = restore(&r, &m, &opts, &out.bus)?;
     let body = serde_json::to_value(s).unwrap_or_default();
@@ -467,5 +509,173 @@ fn bench_cmd(out: &mut Out, a: &BenchArgs) -> R {
     let report = bench::run(&opts, &out.bus)?;
     let body = serde_json::to_value(&report).unwrap_or_default();
     out.success("bench", body, |_| report.table());
+    Ok(())
+}
+
+/// Parses `--to`: RFC 3339, or relative ("5 minutes ago"), in UTC.
+fn parse_when(s: &str) -> Result<time::OffsetDateTime, Problem> {
+    use time::format_description::well_known::Rfc3339;
+    let bad = || {
+        Problem::new("usage.invalid_time", format!("cannot read time {s:?}")).suggest(
+            "Use RFC 3339 (2026-11-27T10:20:18Z) or \"N seconds|minutes|hours|days ago\"",
+            None,
+        )
+    };
+    if let Ok(t) = time::OffsetDateTime::parse(s.trim(), &Rfc3339) {
+        return Ok(t.to_offset(time::UtcOffset::UTC));
+    }
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    if let [n, unit, "ago"] = parts.as_slice() {
+        let n: i64 = n.parse().map_err(|_| bad())?;
+        let secs = match unit.trim_end_matches('s') {
+            "second" => 1,
+            "minute" => 60,
+            "hour" => 3600,
+            "day" => 86400,
+            _ => return Err(bad()),
+        };
+        if n < 0 {
+            return Err(bad());
+        }
+        return Ok(time::OffsetDateTime::now_utc() - time::Duration::seconds(n * secs));
+    }
+    Err(bad())
+}
+
+fn recovery_target(a: &RestoreArgs) -> Result<Option<RecoveryTarget>, Problem> {
+    let given = [a.to.is_some(), a.to_lsn.is_some(), a.to_name.is_some()];
+    if given.iter().filter(|g| **g).count() > 1 {
+        return Err(Problem::new(
+            "usage.invalid_argument",
+            "give at most one of --to, --to-lsn, --to-name",
+        ));
+    }
+    if let Some(w) = &a.to {
+        let t = parse_when(w)?;
+        let f = time::macros::format_description!(
+            "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]+00"
+        );
+        return Ok(Some(RecoveryTarget::Time(
+            t.format(&f).map_err(|e| Problem::internal(e.to_string()))?,
+        )));
+    }
+    if let Some(l) = &a.to_lsn {
+        if phs_pg_lsn_ok(l) {
+            return Ok(Some(RecoveryTarget::Lsn(l.clone())));
+        }
+        return Err(Problem::new(
+            "usage.invalid_argument",
+            format!("{l:?} is not an LSN (like 0/3000028)"),
+        ));
+    }
+    if let Some(n) = &a.to_name {
+        return Ok(Some(RecoveryTarget::Name(n.clone())));
+    }
+    Ok(None)
+}
+
+fn phs_pg_lsn_ok(l: &str) -> bool {
+    l.split_once('/').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.len() <= 8
+            && b.len() <= 8
+            && a.chars().chain(b.chars()).all(|c| c.is_ascii_hexdigit())
+    })
+}
+
+fn latest_before(
+    r: &Repository,
+    deployment: &str,
+    when: Option<&str>,
+) -> Result<pg_hardstorage_engine::format::Manifest, Problem> {
+    let at = parse_when(when.unwrap_or_default())?;
+    let all = catalog::list(r, Some(deployment))?;
+    let pick = all.iter().rev().find(|b| {
+        time::OffsetDateTime::parse(
+            &b.finished_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .is_ok_and(|f| f <= at)
+    });
+    match pick {
+        Some(b) => catalog::resolve(r, deployment, &b.backup_id),
+        None => Err(Problem::new(
+            "restore.target_outside_archive",
+            format!(
+                "no backup of {deployment:?} finished before {}",
+                when.unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+/// The command PostgreSQL runs for each WAL file: this binary, with key
+/// material the server's user can read.
+fn restore_command(cli: &Cli, deployment: &str) -> Result<String, Problem> {
+    let exe =
+        std::env::current_exe().map_err(|e| Problem::internal(format!("current_exe: {e}")))?;
+    let cfg = config(cli)?;
+    let repo = cli.repo.clone().or(cfg.repo).unwrap_or_default();
+    let abs = |p: &std::path::Path| {
+        std::path::absolute(p)
+            .map(|a| a.display().to_string())
+            .unwrap_or_default()
+    };
+    let key = if let Some(k) = cli.key_file.clone().or(cfg.key_file) {
+        format!("--key-file '{}'", abs(&k))
+    } else if let Some(p) = &cli.passphrase_file {
+        format!("--passphrase-file '{}'", abs(p))
+    } else {
+        return Err(Problem::new(
+            "usage.invalid_argument",
+            "archive recovery needs key material PostgreSQL can read: pass --key-file or --passphrase-file",
+        )
+        .suggest("Put the passphrase in a file readable by the postgres user and pass --passphrase-file", None));
+    };
+    Ok(format!(
+        "'{}' --repo '{}' {key} -q wal fetch {deployment} %f %p",
+        exe.display(),
+        repo
+    ))
+}
+
+fn wal_cmd(cli: &Cli, out: &mut Out, c: &WalCmd) -> R {
+    let r = open(cli)?;
+    match c {
+        WalCmd::Stream { deployment } => {
+            out.stream_events();
+            pg_hardstorage_repo::wal::stream(&r, deployment, &out.bus, &|| false)?;
+            out.success(
+                "wal.stream",
+                json!({"deployment": deployment, "stopped": true}),
+                |_| String::new(),
+            );
+        }
+        WalCmd::List { deployment } => {
+            deployment::get(&r, deployment)?;
+            let body = pg_hardstorage_repo::wal::list(&r, deployment)?;
+            out.success("wal.list", body, |b| {
+                format!(
+                    "{} segments ({} .. {}), {} gaps\n",
+                    b["segments"].as_array().map_or(0, |a| a.len()),
+                    b["first"].as_str().unwrap_or("-"),
+                    b["last"].as_str().unwrap_or("-"),
+                    b["gaps"].as_array().map_or(0, |a| a.len())
+                )
+            });
+        }
+        WalCmd::Fetch {
+            deployment,
+            segment,
+            dest,
+        } => {
+            let n = pg_hardstorage_repo::wal::fetch(&r, deployment, segment, dest)?;
+            out.success("wal.fetch", json!({"segment": segment, "bytes": n}), |_| {
+                String::new()
+            });
+        }
+        WalCmd::Repair { .. } => return Err(unimplemented("wal repair")),
+    }
     Ok(())
 }

@@ -32,6 +32,9 @@ pub struct Cli {
     /// Key file holding the repository KEK (instead of PG_HARDSTORAGE_PASSPHRASE)
     #[arg(long, global = true)]
     pub key_file: Option<PathBuf>,
+    /// File holding the repository passphrase (for restore_command, services)
+    #[arg(long, global = true, env = "PG_HARDSTORAGE_PASSPHRASE_FILE")]
+    pub passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -50,10 +53,8 @@ pub enum Command {
     /// Restore a backup into a directory
     Restore(RestoreArgs),
     /// WAL archiving (PostgreSQL deployments)
-    Wal {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    #[command(subcommand)]
+    Wal(WalCmd),
     /// Key management
     Kms {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -113,6 +114,23 @@ pub enum RepoCmd {
         #[arg(long)]
         apply: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WalCmd {
+    /// Stream WAL from the deployment's replication slot (runs until stopped)
+    Stream { deployment: String },
+    /// Archived segments and gaps
+    List { deployment: String },
+    /// The restore_command shim: exit 1 when the segment is not archived,
+    /// 255 on any other failure (which stops recovery)
+    Fetch {
+        deployment: String,
+        segment: String,
+        dest: PathBuf,
+    },
+    /// Recreate the slot and record the gap
+    Repair { deployment: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -246,7 +264,13 @@ fn main() {
         Ok(()) => 0,
         Err(p) => {
             out.failure(&p);
-            p.exit_code()
+            match &cli.command {
+                // restore_command semantics: "not archived" is 1 (end of
+                // archive); anything else must stop recovery (status > 125).
+                Command::Wal(WalCmd::Fetch { .. }) if p.code == "wal.segment_not_found" => 1,
+                Command::Wal(WalCmd::Fetch { .. }) => 255,
+                _ => p.exit_code(),
+            }
         }
     };
     std::process::exit(code);

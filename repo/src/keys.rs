@@ -26,10 +26,31 @@ impl std::fmt::Debug for KeySource {
 }
 
 impl KeySource {
-    /// `--key-file` wins over `PG_HARDSTORAGE_PASSPHRASE`.
-    pub fn from_env(key_file: Option<PathBuf>) -> Result<Self, Problem> {
+    /// `--key-file` wins over `--passphrase-file`, which wins over
+    /// `PG_HARDSTORAGE_PASSPHRASE`.
+    pub fn from_env(
+        key_file: Option<PathBuf>,
+        passphrase_file: Option<PathBuf>,
+    ) -> Result<Self, Problem> {
         if let Some(p) = key_file {
             return Ok(KeySource::KeyFile(p));
+        }
+        if let Some(p) = passphrase_file {
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                Problem::io(
+                    "auth.key_required",
+                    format!("passphrase file {}", p.display()),
+                    &e,
+                )
+            })?;
+            let pass = text.trim_end_matches(['\n', '\r']).to_string();
+            if pass.is_empty() {
+                return Err(Problem::new(
+                    "auth.key_required",
+                    format!("passphrase file {} is empty", p.display()),
+                ));
+            }
+            return Ok(KeySource::Passphrase(pass));
         }
         match std::env::var("PG_HARDSTORAGE_PASSPHRASE") {
             Ok(p) if !p.is_empty() => Ok(KeySource::Passphrase(p)),

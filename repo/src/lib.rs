@@ -16,6 +16,7 @@ pub mod pgbackup;
 pub mod repository;
 pub mod restore;
 pub mod verify;
+pub mod wal;
 
 pub use keys::KeySource;
 pub use repository::{InitOptions, Repository};

@@ -27,6 +27,74 @@ pub struct RestoreOptions {
     pub target: PathBuf,
     pub force: bool,
     pub threads: usize,
+    /// For PostgreSQL backups: archive recovery (restore_command and target).
+    pub recovery: Option<Recovery>,
+}
+
+/// Where recovery stops.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecoveryTarget {
+    /// The end of the archive.
+    Latest,
+    /// `YYYY-MM-DD HH:MM:SS.ffffff+00`.
+    Time(String),
+    Lsn(String),
+    Name(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Recovery {
+    pub restore_command: String,
+    pub target: RecoveryTarget,
+}
+
+fn quote_conf(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+/// Writes `recovery.signal` and the recovery settings into
+/// `postgresql.auto.conf`, owned like the data directory.
+fn write_recovery(
+    target: &Path,
+    r: &Recovery,
+    root: &Entry,
+    backup_id: &str,
+) -> Result<(), Problem> {
+    use std::io::Write;
+    let mut conf = format!(
+        "\n# pg_hardstorage: archive recovery for {backup_id}\nrestore_command = {}\n",
+        quote_conf(&r.restore_command)
+    );
+    match &r.target {
+        RecoveryTarget::Latest => {}
+        RecoveryTarget::Time(t) => {
+            conf.push_str(&format!("recovery_target_time = {}\n", quote_conf(t)))
+        }
+        RecoveryTarget::Lsn(l) => {
+            conf.push_str(&format!("recovery_target_lsn = {}\n", quote_conf(l)))
+        }
+        RecoveryTarget::Name(n) => {
+            conf.push_str(&format!("recovery_target_name = {}\n", quote_conf(n)))
+        }
+    }
+    if r.target != RecoveryTarget::Latest {
+        conf.push_str("recovery_target_action = 'promote'\nrecovery_target_inclusive = off\n");
+    }
+    let auto = target.join("postgresql.auto.conf");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&auto)
+        .map_err(|e| werr(&auto, e))?;
+    f.write_all(conf.as_bytes()).map_err(|e| werr(&auto, e))?;
+    let signal = target.join("recovery.signal");
+    std::fs::write(&signal, b"").map_err(|e| werr(&signal, e))?;
+    if unsafe { libc::geteuid() } == 0 {
+        for p in [&auto, &signal] {
+            std::os::unix::fs::chown(p, Some(root.uid), Some(root.gid)).map_err(|e| werr(p, e))?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -266,6 +334,13 @@ fn run(
         set_owner_and_times(&p, e, false)?;
     }
     let _ = bus;
+    if let Some(r) = &opts.recovery {
+        let root = m
+            .entries
+            .first()
+            .ok_or_else(|| Problem::new("verify.malformed", "manifest has no root entry"))?;
+        write_recovery(&opts.target, r, root, &m.backup_id)?;
+    }
     sync_filesystem(&opts.target)?;
     std::fs::remove_file(&marker).map_err(|e| werr(&marker, e))?;
     sync_filesystem(&opts.target)?;

@@ -163,7 +163,7 @@ fn exit_codes_follow_the_contract() {
     assert_eq!(code, 7, "{v}");
     assert_error(&v, "repo.already_exists");
     // Not built yet: a clear error, never a fake success.
-    let (code, v) = env.json(&["wal", "list", "a"]);
+    let (code, v) = env.json(&["kms", "inspect"]);
     assert_eq!(code, 1, "{v}");
     assert_error(&v, "unimplemented");
 }

@@ -2,6 +2,7 @@
 
 mod crash;
 mod envelopes;
+mod pitr;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -69,6 +69,7 @@ pub fn restore_to(repo: &Repository, m: &Manifest, target: &Path) -> Result<(), 
             target: target.to_path_buf(),
             force: false,
             threads: 2,
+            recovery: None,
         },
         &EventBus::new(),
     )

@@ -141,6 +141,7 @@ fn restore_refuses_a_live_postmaster_even_with_force() {
             target: live.data.clone(),
             force: true,
             threads: 1,
+            recovery: None,
         },
         &pg_hardstorage_engine::event::EventBus::new(),
     )

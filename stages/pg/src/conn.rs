@@ -339,6 +339,199 @@ impl Conn {
     }
 }
 
+/// One message of a physical replication stream.
+#[derive(Debug)]
+pub enum ReplMsg {
+    /// WAL bytes starting at `start`.
+    XLogData { start: u64, data: Bytes },
+    /// The server's position; `reply` asks for a status update now.
+    Keepalive { end: u64, reply: bool },
+    /// The stream ended (timeline switch or server shutdown).
+    End,
+}
+
+/// Microseconds since 2000-01-01, the protocol's clock.
+fn pg_now() -> i64 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    unix - 946_684_800_000_000
+}
+
+fn be_u64(b: &[u8]) -> Result<u64, Problem> {
+    let a: [u8; 8] = b
+        .get(..8)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| proto("short replication message"))?;
+    Ok(u64::from_be_bytes(a))
+}
+
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+impl Conn {
+    /// `(restart_lsn, timeline)` of a physical slot, `None` if it does not exist.
+    pub fn read_slot(&mut self, slot: &str) -> Result<Option<(u64, u32)>, Problem> {
+        let sets = self.simple_query(&format!("READ_REPLICATION_SLOT {slot}"))?;
+        let row = sets.first().and_then(|s| s.first());
+        match row {
+            Some(r) if r.first().cloned().flatten().is_some() => {
+                let lsn = r
+                    .get(1)
+                    .cloned()
+                    .flatten()
+                    .and_then(|l| parse_lsn(&l))
+                    .unwrap_or(0);
+                let tli = r
+                    .get(2)
+                    .cloned()
+                    .flatten()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                Ok(Some((lsn, tli)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub fn create_slot(&mut self, slot: &str) -> Result<(), Problem> {
+        self.simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL"
+        ))
+        .map(|_| ())
+    }
+
+    /// Sends `START_REPLICATION` and waits for the copy-both answer.
+    pub fn start_replication(
+        &mut self,
+        slot: &str,
+        start: u64,
+        timeline: u32,
+    ) -> Result<(), Problem> {
+        let mut b = BytesMut::new();
+        let sql = format!(
+            "START_REPLICATION SLOT {slot} PHYSICAL {} TIMELINE {timeline}",
+            format_lsn(start)
+        );
+        frontend::query(&sql, &mut b).map_err(proto)?;
+        self.send(&b)?;
+        loop {
+            let (tag, body) = self.recv_raw()?;
+            match tag {
+                b'W' => return Ok(()),
+                b'E' => return Err(self.raw_error(body)),
+                b'N' | b'S' => {}
+                t => {
+                    return Err(proto(format!(
+                        "unexpected {:?} after START_REPLICATION",
+                        t as char
+                    )))
+                }
+            }
+        }
+    }
+
+    fn raw_error(&self, body: Bytes) -> Problem {
+        let mut fields = String::new();
+        for f in body.split(|b| *b == 0) {
+            if let Some((&t, v)) = f.split_first() {
+                if t == b'M' || t == b'C' {
+                    fields.push_str(&String::from_utf8_lossy(v));
+                    fields.push(' ');
+                }
+            }
+        }
+        Problem::new("pg.server_error", format!("PostgreSQL: {}", fields.trim()))
+    }
+
+    /// One raw protocol frame: the message types `postgres-protocol`
+    /// does not know (CopyBothResponse) are read here.
+    fn recv_raw(&mut self) -> Result<(u8, Bytes), Problem> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if len < 4 {
+                    return Err(proto("bad frame length"));
+                }
+                if self.buf.len() > len {
+                    let frame = self.buf.split_to(len + 1).freeze();
+                    return Ok((frame[0], frame.slice(5..)));
+                }
+            }
+            let Conn {
+                rt, stream, buf, ..
+            } = self;
+            buf.reserve(1 << 20);
+            let n = rt
+                .block_on(async {
+                    match stream {
+                        Stream::Tcp(s) => s.read_buf(buf).await,
+                        Stream::Unix(s) => s.read_buf(buf).await,
+                    }
+                })
+                .map_err(io_err)?;
+            if n == 0 {
+                return Err(Problem::new(
+                    "pg.unreachable",
+                    "PostgreSQL closed the replication connection",
+                ));
+            }
+        }
+    }
+
+    /// The next message of a replication stream.
+    pub fn recv_replication(&mut self) -> Result<ReplMsg, Problem> {
+        loop {
+            let (tag, body) = self.recv_raw()?;
+            match tag {
+                b'd' => match body.first() {
+                    Some(b'w') => {
+                        let start = be_u64(&body[1..])?;
+                        if body.len() < 25 {
+                            return Err(proto("short XLogData"));
+                        }
+                        return Ok(ReplMsg::XLogData {
+                            start,
+                            data: body.slice(25..),
+                        });
+                    }
+                    Some(b'k') => {
+                        let end = be_u64(&body[1..])?;
+                        let reply = body.get(17).copied().unwrap_or(0) != 0;
+                        return Ok(ReplMsg::Keepalive { end, reply });
+                    }
+                    _ => return Err(proto("unknown replication CopyData")),
+                },
+                b'c' => return Ok(ReplMsg::End),
+                b'E' => return Err(self.raw_error(body)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Standby status update: what is written, what is durable (flush), applied.
+    pub fn send_status(&mut self, write: u64, flush: u64, apply: u64) -> Result<(), Problem> {
+        let mut payload = Vec::with_capacity(34);
+        payload.push(b'r');
+        payload.extend_from_slice(&write.to_be_bytes());
+        payload.extend_from_slice(&flush.to_be_bytes());
+        payload.extend_from_slice(&apply.to_be_bytes());
+        payload.extend_from_slice(&pg_now().to_be_bytes());
+        payload.push(0);
+        let mut frame = vec![b'd'];
+        frame.extend_from_slice(&((payload.len() + 4) as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        self.send(&frame)
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         let mut b = BytesMut::new();

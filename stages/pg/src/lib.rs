@@ -8,6 +8,6 @@ pub mod conninfo;
 pub mod source;
 pub mod tar;
 
-pub use conn::{Conn, SystemInfo};
+pub use conn::{format_lsn, parse_lsn, Conn, ReplMsg, SystemInfo};
 pub use conninfo::ConnInfo;
 pub use source::{BaseBackupInfo, BaseBackupSource, TarEntry};

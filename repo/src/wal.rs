@@ -1,0 +1,376 @@
+//! WAL archiving: segments streamed from a replication slot go through the
+//! same pipeline as every other byte (chunk, dedup, compress, encrypt, pack)
+//! and are recorded by a sealed per-segment object, written only after the
+//! segment's packs are durable. Only then is its end confirmed to
+//! PostgreSQL as flushed, so the server never recycles WAL we do not hold.
+
+use crate::backup::run_pipeline;
+use crate::chunks::decode_chunk;
+use crate::index::RepoIndex;
+use crate::{deployment, Repository};
+use bytes::Bytes;
+use pg_hardstorage_engine::event::{Event, EventBus, Severity};
+use pg_hardstorage_engine::pipeline::PipelineConfig;
+use pg_hardstorage_engine::stage::{Block, ChunkId, Source};
+use pg_hardstorage_engine::Problem;
+use phs_pg::{format_lsn, Conn, ConnInfo, ReplMsg};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const SEGMENT_SIZE: u64 = 16 << 20;
+const SEGS_PER_XLOGID: u64 = 0x1_0000_0000 / SEGMENT_SIZE;
+/// Magic of sealed WAL records.
+pub const WAL_MAGIC: &[u8; 8] = b"PHSWALR\x01";
+
+pub fn segment_name(timeline: u32, segno: u64) -> String {
+    format!(
+        "{timeline:08X}{:08X}{:08X}",
+        segno / SEGS_PER_XLOGID,
+        segno % SEGS_PER_XLOGID
+    )
+}
+
+/// `(timeline, segno)` of a 24-hex-digit segment name.
+pub fn parse_segment_name(name: &str) -> Option<(u32, u64)> {
+    if name.len() != 24 || !name.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let tli = u32::from_str_radix(&name[..8], 16).ok()?;
+    let hi = u64::from_str_radix(&name[8..16], 16).ok()?;
+    let lo = u64::from_str_radix(&name[16..], 16).ok()?;
+    Some((tli, hi * SEGS_PER_XLOGID + lo))
+}
+
+fn valid_wal_file(name: &str) -> bool {
+    parse_segment_name(name).is_some()
+        || (name.len() == 16
+            && name.ends_with(".history")
+            && name[..8].chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+fn key(deployment: &str, name: &str) -> String {
+    format!("wal/{deployment}/{name}")
+}
+
+/// The sealed record of one archived WAL file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WalRecord {
+    pub name: String,
+    pub size: u64,
+    pub archived_at: String,
+    pub chunks: Vec<(ChunkId, u32)>,
+}
+
+/// One in-memory buffer as a pipeline source.
+struct OneFile(Option<Bytes>);
+
+impl Source for OneFile {
+    fn name(&self) -> &'static str {
+        "read"
+    }
+    fn run(&mut self, emit: &mut dyn FnMut(Block) -> Result<(), Problem>) -> Result<(), Problem> {
+        let data = self.0.take().unwrap_or_default();
+        emit(Block {
+            file: 0,
+            offset: 0,
+            data,
+            eof: true,
+        })
+    }
+}
+
+/// Archives one WAL file; `Ok(false)` when it was already archived.
+pub fn archive(
+    repo: &Repository,
+    deployment: &str,
+    name: &str,
+    data: Bytes,
+    bus: &EventBus,
+) -> Result<bool, Problem> {
+    if !valid_wal_file(name) {
+        return Err(Problem::new(
+            "usage.invalid_argument",
+            format!("{name:?} is not a WAL file name"),
+        ));
+    }
+    let k = key(deployment, name);
+    if repo.store.head(&k)?.is_some() {
+        return Ok(false);
+    }
+    let size = data.len() as u64;
+    let dedup = Arc::new(RepoIndex::load(repo)?.dedup());
+    let cfg = PipelineConfig {
+        workers: 2,
+        queue_bytes: 32 << 20,
+        progress_every: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let mut chunks = Vec::new();
+    run_pipeline(
+        repo,
+        Box::new(OneFile(Some(data))),
+        dedup,
+        &EventBus::new(),
+        &cfg,
+        &mut |c| chunks.push((c.id, c.len)),
+    )?;
+    let rec = WalRecord {
+        name: name.to_string(),
+        size,
+        archived_at: pg_hardstorage_engine::event::now_rfc3339(),
+        chunks,
+    };
+    let body = serde_json::to_vec(&rec).map_err(|e| Problem::internal(e.to_string()))?;
+    let sealed = repo.seal(WAL_MAGIC, &k, &body)?;
+    // The record is the commit point of the segment, after its packs.
+    let fresh = repo.store.put_if_absent(&k, Bytes::from(sealed))?;
+    if fresh {
+        bus.publish(Event::new(Severity::Info, "wal_archived").body(json!({
+            "deployment": deployment, "segment": name, "bytes": size,
+        })));
+    }
+    Ok(fresh)
+}
+
+pub fn record(
+    repo: &Repository,
+    deployment: &str,
+    name: &str,
+) -> Result<Option<WalRecord>, Problem> {
+    match repo.get_sealed(WAL_MAGIC, &key(deployment, name))? {
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Problem::new("verify.malformed", format!("WAL record {name}: {e}"))),
+        None => Ok(None),
+    }
+}
+
+/// Archived WAL file names of a deployment, sorted.
+pub fn list_names(repo: &Repository, deployment: &str) -> Result<Vec<String>, Problem> {
+    deployment::validate_name(deployment)?;
+    let prefix = format!("wal/{deployment}/");
+    Ok(repo
+        .store
+        .list(&prefix)?
+        .into_iter()
+        .filter_map(|o| o.key.strip_prefix(&prefix).map(str::to_string))
+        .collect())
+}
+
+/// Segments and the gaps between them, per timeline.
+pub fn list(repo: &Repository, deployment: &str) -> Result<serde_json::Value, Problem> {
+    let names = list_names(repo, deployment)?;
+    let mut segs: Vec<(u32, u64, String)> = names
+        .iter()
+        .filter_map(|n| parse_segment_name(n).map(|(t, s)| (t, s, n.clone())))
+        .collect();
+    segs.sort();
+    let mut gaps = Vec::new();
+    for w in segs.windows(2) {
+        if w[0].0 == w[1].0 && w[1].1 > w[0].1 + 1 {
+            gaps.push(json!({
+                "timeline": w[0].0,
+                "from": segment_name(w[0].0, w[0].1 + 1),
+                "to": segment_name(w[0].0, w[1].1 - 1),
+            }));
+        }
+    }
+    let history: Vec<&String> = names.iter().filter(|n| n.ends_with(".history")).collect();
+    Ok(json!({
+        "deployment": deployment,
+        "segments": segs.iter().map(|(_, _, n)| n).collect::<Vec<_>>(),
+        "first": segs.first().map(|s| &s.2),
+        "last": segs.last().map(|s| &s.2),
+        "gaps": gaps,
+        "history_files": history,
+    }))
+}
+
+/// The restore_command shim: writes WAL file `name` to `dest`, verified.
+/// A file that is not archived is `wal.segment_not_found`.
+pub fn fetch(repo: &Repository, deployment: &str, name: &str, dest: &Path) -> Result<u64, Problem> {
+    if !valid_wal_file(name) {
+        return Err(Problem::new(
+            "wal.segment_not_found",
+            format!("{name:?} is not a WAL file we archive"),
+        ));
+    }
+    let rec = record(repo, deployment, name)?.ok_or_else(|| {
+        Problem::new(
+            "wal.segment_not_found",
+            format!("{name} is not in the archive of {deployment}"),
+        )
+        .with("deployment", deployment)
+        .with("segment", name)
+    })?;
+    let index = RepoIndex::load(repo)?;
+    let aead = repo.aead();
+    let mut out = Vec::with_capacity(rec.size as usize);
+    for (id, len) in &rec.chunks {
+        let (pack, loc) = index.locate(id)?;
+        let env = repo
+            .store
+            .get_range(pack, loc.offset..loc.offset + loc.len as u64)?;
+        let plain = decode_chunk(repo, aead.as_ref(), id, &env)?;
+        if plain.len() != *len as usize {
+            return Err(Problem::new(
+                "verify.checksum_mismatch",
+                format!("{name}: chunk length differs"),
+            ));
+        }
+        out.extend_from_slice(&plain);
+    }
+    if out.len() as u64 != rec.size {
+        return Err(Problem::new(
+            "verify.checksum_mismatch",
+            format!("{name}: size differs from its record"),
+        ));
+    }
+    // Write beside the destination, then rename: recovery never reads half a file.
+    let tmp = dest.with_extension("phs-tmp");
+    std::fs::write(&tmp, &out).map_err(|e| Problem::io("io.write_failed", tmp.display(), &e))?;
+    std::fs::rename(&tmp, dest).map_err(|e| Problem::io("io.write_failed", dest.display(), &e))?;
+    Ok(rec.size)
+}
+
+pub fn slot_name(deployment: &str) -> String {
+    format!(
+        "pg_hardstorage_{}",
+        deployment.to_ascii_lowercase().replace('-', "_")
+    )
+}
+
+/// Where streaming resumes: the end of the newest archived segment of the
+/// timeline, or the slot's restart point, whichever is later.
+fn resume_point(
+    repo: &Repository,
+    deployment: &str,
+    timeline: u32,
+    slot_restart: u64,
+) -> Result<u64, Problem> {
+    let archived = list_names(repo, deployment)?
+        .iter()
+        .filter_map(|n| parse_segment_name(n))
+        .filter(|(t, _)| *t == timeline)
+        .map(|(_, s)| (s + 1) * SEGMENT_SIZE)
+        .max()
+        .unwrap_or(0);
+    Ok(archived.max(slot_restart - slot_restart % SEGMENT_SIZE))
+}
+
+/// Streams WAL from the deployment's slot into the repository until an
+/// error (returned) or the server ends the stream. `stop` is polled between
+/// messages.
+pub fn stream_once(
+    repo: &Repository,
+    deployment: &str,
+    bus: &EventBus,
+    stop: &dyn Fn() -> bool,
+) -> Result<(), Problem> {
+    let d = deployment::get(repo, deployment)?;
+    let ci = ConnInfo::parse(d.pg.as_deref().unwrap_or_default())?;
+    let mut conn = Conn::connect(&ci, true)?;
+    let system = conn.identify_system()?;
+    let slot = slot_name(deployment);
+    let restart = match conn.read_slot(&slot)? {
+        Some((lsn, _)) => lsn,
+        None => {
+            conn.create_slot(&slot)?;
+            bus.publish(
+                Event::new(Severity::Notice, "wal_slot_created").body(json!({"slot": slot})),
+            );
+            conn.read_slot(&slot)?.map(|(l, _)| l).unwrap_or(0)
+        }
+    };
+    let tli = system.timeline;
+    let mut pos = resume_point(repo, deployment, tli, restart)?;
+    bus.publish(
+        Event::new(Severity::Info, "wal_stream_started").body(json!({
+            "deployment": deployment, "slot": slot, "timeline": tli, "start_lsn": format_lsn(pos),
+            "system_identifier": system.system_identifier,
+        })),
+    );
+    conn.start_replication(&slot, pos, tli)?;
+    let mut seg: Vec<u8> = Vec::with_capacity(SEGMENT_SIZE as usize);
+    let mut flushed = pos;
+    while !stop() {
+        match conn.recv_replication()? {
+            ReplMsg::XLogData { start, data } => {
+                if start != pos + seg.len() as u64 {
+                    return Err(Problem::new(
+                        "pg.protocol",
+                        format!(
+                            "WAL arrived at {} but {} was expected",
+                            format_lsn(start),
+                            format_lsn(pos + seg.len() as u64)
+                        ),
+                    ));
+                }
+                let mut data = &data[..];
+                while !data.is_empty() {
+                    let room = (SEGMENT_SIZE as usize) - seg.len();
+                    let take = room.min(data.len());
+                    seg.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if seg.len() as u64 == SEGMENT_SIZE {
+                        let name = segment_name(tli, pos / SEGMENT_SIZE);
+                        let bytes = Bytes::from(std::mem::replace(
+                            &mut seg,
+                            Vec::with_capacity(SEGMENT_SIZE as usize),
+                        ));
+                        archive(repo, deployment, &name, bytes, bus)?;
+                        pos += SEGMENT_SIZE;
+                        flushed = pos;
+                        // Durable in the repository: only now confirm it.
+                        conn.send_status(pos, flushed, flushed)?;
+                    }
+                }
+            }
+            ReplMsg::Keepalive { reply, .. } => {
+                if reply {
+                    conn.send_status(pos + seg.len() as u64, flushed, flushed)?;
+                }
+            }
+            ReplMsg::End => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// `wal stream`: streams, reconnecting with backoff, until `stop`.
+pub fn stream(
+    repo: &Repository,
+    deployment: &str,
+    bus: &EventBus,
+    stop: &dyn Fn() -> bool,
+) -> Result<(), Problem> {
+    let mut backoff = Duration::from_millis(500);
+    while !stop() {
+        match stream_once(repo, deployment, bus, stop) {
+            Ok(()) => backoff = Duration::from_millis(500),
+            Err(p)
+                if matches!(
+                    p.code.as_ref(),
+                    "deployment.not_found"
+                        | "deployment.invalid"
+                        | "pg.auth_failed"
+                        | "pg.replication_denied"
+                ) =>
+            {
+                return Err(p)
+            }
+            Err(p) => {
+                bus.publish(Event::new(Severity::Warning, "wal_stream_retry").body(json!({
+                    "deployment": deployment, "error": p.to_json(), "retry_in_seconds": backoff.as_secs_f64(),
+                })));
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    Ok(())
+}
