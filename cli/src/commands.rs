@@ -12,7 +12,7 @@ use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::backup::{take_backup, BackupOptions};
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
 use pg_hardstorage_repo::restore::{restore, Recovery, RecoveryTarget, RestoreOptions};
-use pg_hardstorage_repo::{bench, catalog, verify, InitOptions, KeySource, Repository};
+use pg_hardstorage_repo::{bench, catalog, pitr, verify, InitOptions, KeySource, Repository};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -423,49 +423,65 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
 fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
     let r = open(cli)?;
     deployment::validate_name(&a.deployment)?;
-    let target = recovery_target(a)?;
+    let target = pitr::recovery_target(a.to.as_deref(), a.to_lsn.as_deref(), a.to_name.as_deref())?;
     let m = match (&target, a.backup.as_str()) {
         // With a target, `latest` is the newest backup that finished before it.
         (Some(RecoveryTarget::Time(_)), "latest") => {
-            latest_before(&r, &a.deployment, a.to.as_deref())?
+            pitr::latest_before(&r, &a.deployment, a.to.as_deref())?
         }
         _ => catalog::resolve(&r, &a.deployment, &a.backup)?,
     };
+    let is_pg = m.source["type"] == "postgres";
+    if target.is_some() && !is_pg {
+        return Err(Problem::new(
+            "usage.invalid_argument",
+            "--to, --to-lsn and --to-name apply to PostgreSQL backups only",
+        ));
+    }
+    let archived = if is_pg {
+        pg_hardstorage_repo::wal::list_names(&r, &a.deployment)?
+    } else {
+        Vec::new()
+    };
     let recovery = match target {
-        None => None,
         Some(t) => {
-            if m.source["type"] != "postgres" {
-                return Err(Problem::new(
-                    "usage.invalid_argument",
-                    "--to, --to-lsn and --to-name apply to PostgreSQL backups only",
-                ));
-            }
-            if let (RecoveryTarget::Time(_), Some(when)) = (&t, a.to.as_deref()) {
-                let at = parse_when(when)?;
-                let finished = time::OffsetDateTime::parse(
-                    &m.finished_at,
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .map_err(|e| Problem::internal(e.to_string()))?;
-                if at < finished {
-                    return Err(Problem::new(
-                        "restore.target_outside_archive",
-                        format!(
-                            "{when:?} is before backup {} finished ({})",
-                            m.backup_id, m.finished_at
-                        ),
-                    )
-                    .suggest(
-                        "Pick an older backup, or a later target",
-                        Some(format!("pg_hardstorage backup list {}", a.deployment)),
-                    ));
-                }
+            if !a.force {
+                pitr::check_target(&r, &a.deployment, &m, &t, a.to.as_deref(), &archived)?;
             }
             Some(Recovery {
                 restore_command: restore_command(cli, &a.deployment)?,
                 target: t,
             })
         }
+        // WAL archived after the backup: recover to the end of the archive.
+        None if archived.iter().any(|n| !n.ends_with(".history")) => {
+            match restore_command(cli, &a.deployment) {
+                Ok(cmd) => Some({
+                    if !a.force {
+                        pitr::check_target(
+                            &r,
+                            &a.deployment,
+                            &m,
+                            &RecoveryTarget::Latest,
+                            None,
+                            &archived,
+                        )?;
+                    }
+                    Recovery {
+                        restore_command: cmd,
+                        target: RecoveryTarget::Latest,
+                    }
+                }),
+                Err(_) => {
+                    out.bus.publish(
+                    pg_hardstorage_engine::Event::new(pg_hardstorage_engine::Severity::Warning, "wal_recovery_skipped")
+                        .body(json!({"reason": "no --key-file or --passphrase-file that PostgreSQL could use in restore_command"})),
+                );
+                    None
+                }
+            }
+        }
+        None => None,
     };
     out.stream_events();
     let opts = RestoreOptions {
@@ -510,104 +526,6 @@ fn bench_cmd(out: &mut Out, a: &BenchArgs) -> R {
     let body = serde_json::to_value(&report).unwrap_or_default();
     out.success("bench", body, |_| report.table());
     Ok(())
-}
-
-/// Parses `--to`: RFC 3339, or relative ("5 minutes ago"), in UTC.
-fn parse_when(s: &str) -> Result<time::OffsetDateTime, Problem> {
-    use time::format_description::well_known::Rfc3339;
-    let bad = || {
-        Problem::new("usage.invalid_time", format!("cannot read time {s:?}")).suggest(
-            "Use RFC 3339 (2026-11-27T10:20:18Z) or \"N seconds|minutes|hours|days ago\"",
-            None,
-        )
-    };
-    if let Ok(t) = time::OffsetDateTime::parse(s.trim(), &Rfc3339) {
-        return Ok(t.to_offset(time::UtcOffset::UTC));
-    }
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    if let [n, unit, "ago"] = parts.as_slice() {
-        let n: i64 = n.parse().map_err(|_| bad())?;
-        let secs = match unit.trim_end_matches('s') {
-            "second" => 1,
-            "minute" => 60,
-            "hour" => 3600,
-            "day" => 86400,
-            _ => return Err(bad()),
-        };
-        if n < 0 {
-            return Err(bad());
-        }
-        return Ok(time::OffsetDateTime::now_utc() - time::Duration::seconds(n * secs));
-    }
-    Err(bad())
-}
-
-fn recovery_target(a: &RestoreArgs) -> Result<Option<RecoveryTarget>, Problem> {
-    let given = [a.to.is_some(), a.to_lsn.is_some(), a.to_name.is_some()];
-    if given.iter().filter(|g| **g).count() > 1 {
-        return Err(Problem::new(
-            "usage.invalid_argument",
-            "give at most one of --to, --to-lsn, --to-name",
-        ));
-    }
-    if let Some(w) = &a.to {
-        let t = parse_when(w)?;
-        let f = time::macros::format_description!(
-            "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]+00"
-        );
-        return Ok(Some(RecoveryTarget::Time(
-            t.format(&f).map_err(|e| Problem::internal(e.to_string()))?,
-        )));
-    }
-    if let Some(l) = &a.to_lsn {
-        if phs_pg_lsn_ok(l) {
-            return Ok(Some(RecoveryTarget::Lsn(l.clone())));
-        }
-        return Err(Problem::new(
-            "usage.invalid_argument",
-            format!("{l:?} is not an LSN (like 0/3000028)"),
-        ));
-    }
-    if let Some(n) = &a.to_name {
-        return Ok(Some(RecoveryTarget::Name(n.clone())));
-    }
-    Ok(None)
-}
-
-fn phs_pg_lsn_ok(l: &str) -> bool {
-    l.split_once('/').is_some_and(|(a, b)| {
-        !a.is_empty()
-            && !b.is_empty()
-            && a.len() <= 8
-            && b.len() <= 8
-            && a.chars().chain(b.chars()).all(|c| c.is_ascii_hexdigit())
-    })
-}
-
-fn latest_before(
-    r: &Repository,
-    deployment: &str,
-    when: Option<&str>,
-) -> Result<pg_hardstorage_engine::format::Manifest, Problem> {
-    let at = parse_when(when.unwrap_or_default())?;
-    let all = catalog::list(r, Some(deployment))?;
-    let pick = all.iter().rev().find(|b| {
-        time::OffsetDateTime::parse(
-            &b.finished_at,
-            &time::format_description::well_known::Rfc3339,
-        )
-        .is_ok_and(|f| f <= at)
-    });
-    match pick {
-        Some(b) => catalog::resolve(r, deployment, &b.backup_id),
-        None => Err(Problem::new(
-            "restore.target_outside_archive",
-            format!(
-                "no backup of {deployment:?} finished before {}",
-                when.unwrap_or_default()
-            ),
-        )),
-    }
 }
 
 /// The command PostgreSQL runs for each WAL file: this binary, with key

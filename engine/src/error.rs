@@ -79,6 +79,8 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("restore.target_invalid", Class::Preflight, false),
     ("restore.postmaster_running", Class::Preflight, false),
     ("restore.target_outside_archive", Class::Preflight, false),
+    ("restore.foreign_system", Class::Preflight, false),
+    ("restore.wal_missing", Class::Preflight, false),
     ("verify.checksum_mismatch", Class::Verify, false),
     ("verify.decrypt_failed", Class::Verify, false),
     ("verify.malformed", Class::Verify, false),

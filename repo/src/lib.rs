@@ -13,6 +13,7 @@ pub mod index;
 pub mod keys;
 pub mod lock;
 pub mod pgbackup;
+pub mod pitr;
 pub mod repository;
 pub mod restore;
 pub mod verify;

@@ -156,7 +156,27 @@ fn live_postmaster(target: &Path) -> Option<i32> {
     alive.then_some(pid)
 }
 
-fn preflight(target: &Path, force: bool) -> Result<(), Problem> {
+/// The system identifier in a data directory's `global/pg_control`.
+fn pg_system_identifier(dir: &Path) -> Option<u64> {
+    let b = std::fs::read(dir.join("global/pg_control")).ok()?;
+    Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+fn preflight(target: &Path, force: bool, sysid: Option<&str>) -> Result<(), Problem> {
+    // A data directory of another cluster is named as such, not just "not empty".
+    if let (Some(want), Some(have)) = (sysid, pg_system_identifier(target)) {
+        if want != have.to_string() && !force {
+            return Err(Problem::new(
+                "restore.foreign_system",
+                format!(
+                    "{} holds the data directory of another cluster (system identifier {have}, the backup is of {want})",
+                    target.display()
+                ),
+            )
+            .with("target", target.display().to_string())
+            .suggest("Restore into an empty directory; --force overwrites the other cluster", None));
+        }
+    }
     // Never overridable: writing under a running server destroys it.
     if let Some(pid) = live_postmaster(target) {
         return Err(Problem::new(
@@ -251,7 +271,11 @@ fn run(
     bus: &EventBus,
 ) -> Result<RestoreSummary, Problem> {
     let t0 = Instant::now();
-    preflight(&opts.target, opts.force)?;
+    preflight(
+        &opts.target,
+        opts.force,
+        m.source["system_identifier"].as_str(),
+    )?;
     m.validate()?;
     let index = RepoIndex::load(repo)?;
     // Every chunk must be locatable before a byte is written.

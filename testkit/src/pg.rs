@@ -145,7 +145,15 @@ impl PgCluster {
         }
     }
 
-    pub fn started(mut self) -> PgCluster {
+    pub fn started(self) -> PgCluster {
+        match self.try_started() {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Starts the server; on failure returns pg_ctl's error and the server log.
+    pub fn try_started(mut self) -> Result<PgCluster, String> {
         let opts = format!(
             "-p {} -c listen_addresses='' -c unix_socket_directories='{}'",
             self.port,
@@ -169,13 +177,13 @@ impl PgCluster {
         );
         if !o.status.success() {
             let logtext = std::fs::read_to_string(&log).unwrap_or_default();
-            panic!(
+            return Err(format!(
                 "pg_ctl start failed: {}\n{logtext}",
                 String::from_utf8_lossy(&o.stderr)
-            );
+            ));
         }
         self.running = true;
-        self
+        Ok(self)
     }
 
     pub fn conninfo(&self) -> String {

@@ -188,3 +188,239 @@ fn wal_fetch_exit_codes() {
     assert!(o.status.code().is_some_and(|c| c > 125), "{:?}", o.status);
     assert!(!dest.exists());
 }
+
+struct Setup {
+    env: Env,
+    key: String,
+    src: PgCluster,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let env = Env::new();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        let key = env.path("repo.key");
+        std::fs::write(&key, "3c".repeat(32)).expect("key");
+        give_to_postgres(&key);
+        let key = key.to_str().expect("utf8").to_string();
+        env.ok(&["repo", "init", "--key-file", &key]);
+        let src = PgCluster::start();
+        src.psql("postgres", "CREATE TABLE t (v text)");
+        env.ok(&[
+            "deployment",
+            "create",
+            "pg",
+            "--pg",
+            &src.conninfo(),
+            "--key-file",
+            &key,
+        ]);
+        env.ok(&["backup", "run", "pg", "--key-file", &key]);
+        Setup { env, key, src }
+    }
+
+    fn streamer(&self) -> Streamer {
+        Streamer(
+            self.env
+                .cmd(&[
+                    "wal",
+                    "stream",
+                    "pg",
+                    "--key-file",
+                    &self.key,
+                    "-o",
+                    "ndjson",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("wal stream"),
+        )
+    }
+
+    /// Switches WAL and waits until the segment holding the current insert
+    /// position is archived; returns the archive listing.
+    fn archive_now(&self) -> serde_json::Value {
+        let at = lsn(&self
+            .src
+            .psql("postgres", "SELECT pg_current_wal_insert_lsn()"));
+        self.src.psql("postgres", "SELECT pg_switch_wal()");
+        let want = format!("{:08X}{:08X}{:08X}", 1, (at / SEG) / 256, (at / SEG) % 256);
+        let start = Instant::now();
+        loop {
+            let l = self.env.ok(&["wal", "list", "pg", "--key-file", &self.key]);
+            if l["segments"]
+                .as_array()
+                .expect("segments")
+                .iter()
+                .any(|s| s.as_str() == Some(&want))
+            {
+                return l;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "segment {want} never archived: {l}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn restore(&self, target: &str, extra: &[&str]) -> (i32, serde_json::Value) {
+        let t = self.env.path(target);
+        let mut args = vec![
+            "restore",
+            "pg",
+            "--backup",
+            "latest",
+            "--target",
+            t.to_str().expect("utf8"),
+            "--key-file",
+            &self.key,
+        ];
+        args.extend_from_slice(extra);
+        self.env.json(&args)
+    }
+}
+
+/// kill -9 of the streamer mid-segment, then a restart: no gap, no
+/// duplicate, and a restore to the end of the archive sees every row.
+#[test]
+fn streamer_crash_loses_nothing() {
+    let s = Setup::new();
+    let mut first = s.streamer();
+    for i in 0..200 {
+        s.src.psql(
+            "postgres",
+            &format!("INSERT INTO t SELECT 'r{i}-' || g FROM generate_series(1, 50) g"),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+    for i in 200..300 {
+        s.src.psql(
+            "postgres",
+            &format!("INSERT INTO t SELECT 'r{i}-' || g FROM generate_series(1, 50) g"),
+        );
+    }
+    let _second = s.streamer();
+    let listing = s.archive_now();
+    assert_eq!(
+        listing["gaps"].as_array().map(Vec::len),
+        Some(0),
+        "{listing}"
+    );
+    let segs: Vec<&str> = listing["segments"]
+        .as_array()
+        .expect("segs")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let mut dedup = segs.clone();
+    dedup.dedup();
+    assert_eq!(segs, dedup, "duplicate segments");
+    let (code, v) = s.restore("all", &[]);
+    assert_eq!(code, 0, "{v}");
+    let restored = PgCluster::on_existing(&s.env.path("all")).started();
+    wait_promoted(&restored);
+    assert_eq!(
+        restored.psql("postgres", "SELECT count(*) FROM t").trim(),
+        "15000"
+    );
+}
+
+/// Each pre-flight refusal exits 4 with its code; a deleted segment stops
+/// recovery instead of letting PostgreSQL promote a cluster missing WAL.
+#[test]
+fn refusals_and_missing_wal() {
+    let s = Setup::new();
+    let _streamer = s.streamer();
+    s.src.psql("postgres", "INSERT INTO t VALUES ('A')");
+    std::thread::sleep(Duration::from_millis(1100));
+    s.src.psql("postgres", "INSERT INTO t VALUES ('B')");
+    let after_b = s.src.psql(
+        "postgres",
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    let listing = s.archive_now();
+
+    for (target, args, code) in [
+        (
+            "early",
+            vec!["--to", "2000-01-01T00:00:00Z"],
+            "restore.target_outside_archive",
+        ),
+        (
+            "late",
+            vec!["--to", "2999-01-01T00:00:00Z"],
+            "restore.target_outside_archive",
+        ),
+        ("far", vec!["--to-lsn", "FF/0"], "restore.wal_missing"),
+        (
+            "badtime",
+            vec!["--to", "yesterday-ish"],
+            "usage.invalid_time",
+        ),
+    ] {
+        let (exit, v) = s.restore(target, &args);
+        assert_eq!(v["error"]["code"], code, "{args:?}: {v}");
+        let want = if code.starts_with("usage.") { 2 } else { 4 };
+        assert_eq!(exit, want, "{args:?}: {v}");
+    }
+    // The data directory of another cluster.
+    let mut other = PgCluster::start();
+    other.stop();
+    let (exit, v) = s.env.json(&[
+        "restore",
+        "pg",
+        "--backup",
+        "latest",
+        "--target",
+        other.data.to_str().expect("utf8"),
+        "--key-file",
+        &s.key,
+    ]);
+    assert_eq!(
+        (exit, v["error"]["code"].as_str()),
+        (4, Some("restore.foreign_system")),
+        "{v}"
+    );
+
+    // Archive one more segment after B, then delete the one holding B.
+    s.src.psql("postgres", "INSERT INTO t VALUES ('C')");
+    let listing2 = s.archive_now();
+    assert_ne!(listing2["last"], listing["last"]);
+    let holding_b = listing["last"].as_str().expect("last");
+    std::fs::remove_file(s.env.repo().join("wal/pg").join(holding_b)).expect("delete segment");
+    // The pre-flight sees the hole...
+    let (exit, v) = s.restore("missing", &["--to", after_b.trim()]);
+    assert_eq!(
+        (exit, v["error"]["code"].as_str()),
+        (4, Some("restore.wal_missing")),
+        "{v}"
+    );
+    let (exit, v) = s.restore("missing-latest", &[]);
+    assert_eq!(
+        (exit, v["error"]["code"].as_str()),
+        (4, Some("restore.wal_missing")),
+        "{v}"
+    );
+    // ...and forced past it, PostgreSQL stops instead of promoting.
+    let (exit, v) = s.restore("missing", &["--to", after_b.trim(), "--force"]);
+    assert_eq!(exit, 0, "{v}");
+    match PgCluster::on_existing(&s.env.path("missing")).try_started() {
+        Ok(pg) => {
+            std::thread::sleep(Duration::from_secs(2));
+            let r = pg.psql("postgres", "SELECT pg_is_in_recovery()");
+            assert_eq!(r.trim(), "t", "a cluster missing WAL must not promote");
+        }
+        Err(log) => assert!(
+            log.contains("recovery ended before configured recovery target was reached"),
+            "{log}"
+        ),
+    }
+}
