@@ -290,6 +290,7 @@ fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
                 pg: pg.clone(),
                 pgdata: pgdata.as_ref().map(|p| p.display().to_string()),
                 created_at: pg_hardstorage_engine::event::now_rfc3339(),
+                system_identifier: None,
             };
             let (d, created) = deployment::create(&r, d)?;
             let mut body = d.public();
@@ -309,7 +310,21 @@ fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
             let body = deployment::get(&r, name)?.public();
             out.success("deployments.show", body, deployment_table);
         }
-        DeploymentCmd::Update { .. } => return Err(unimplemented("deployment update")),
+        DeploymentCmd::Update {
+            name,
+            pg,
+            pgdata,
+            path,
+        } => {
+            let d = deployment::update(
+                &r,
+                name,
+                pg.clone(),
+                pgdata.as_ref().map(|p| p.display().to_string()),
+                path.as_ref().map(|p| p.display().to_string()),
+            )?;
+            out.success("deployments.update", d.public(), deployment_table);
+        }
         DeploymentCmd::Delete { name } => {
             let d = deployment::delete(&r, name)?;
             let mut body = d.public();

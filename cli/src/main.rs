@@ -149,10 +149,15 @@ pub enum DeploymentCmd {
     Show {
         name: String,
     },
+    /// Change a deployment's connection string, data directory or path
     Update {
         name: String,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[arg(long)]
+        pg: Option<String>,
+        #[arg(long)]
+        pgdata: Option<PathBuf>,
+        #[arg(long)]
+        path: Option<PathBuf>,
     },
     /// Remove a deployment (its backups are kept)
     Delete {

@@ -90,6 +90,7 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("pg.unreachable", Class::Unavailable, true),
     ("pg.auth_failed", Class::AuthDenied, false),
     ("pg.replication_denied", Class::Preflight, false),
+    ("pg.system_mismatch", Class::Preflight, false),
     ("pg.server_error", Class::Internal, false),
     ("pg.protocol", Class::Internal, false),
     ("storage.unreachable", Class::Unavailable, true),

@@ -25,6 +25,10 @@ pub struct Deployment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pgdata: Option<String>,
     pub created_at: String,
+    /// The PostgreSQL cluster this deployment was first seen to be; every
+    /// later connection must show the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
 }
 
 impl Deployment {
@@ -157,6 +161,70 @@ pub fn list(repo: &Repository) -> Result<Vec<Deployment>, Problem> {
         }
     }
     Ok(out)
+}
+
+fn store(repo: &Repository, d: &Deployment) -> Result<(), Problem> {
+    let body = serde_json::to_vec(d).map_err(|e| Problem::internal(e.to_string()))?;
+    repo.put_sealed(DEPLOYMENT_MAGIC, &key(&d.name), &body)
+}
+
+/// Changes a deployment's source settings (`None` keeps a field).
+pub fn update(
+    repo: &Repository,
+    name: &str,
+    pg: Option<String>,
+    pgdata: Option<String>,
+    path: Option<String>,
+) -> Result<Deployment, Problem> {
+    let mut d = get(repo, name)?;
+    if let Some(pg) = pg {
+        if d.kind != Kind::Postgres {
+            return Err(Problem::new(
+                "deployment.invalid",
+                format!("{name} is a path deployment; --pg does not apply"),
+            ));
+        }
+        phs_pg::ConnInfo::parse(&pg)?;
+        d.pg = Some(pg);
+    }
+    if let Some(pgdata) = pgdata {
+        d.pgdata = Some(pgdata);
+    }
+    if let Some(path) = path {
+        if d.kind != Kind::Path {
+            return Err(Problem::new(
+                "deployment.invalid",
+                format!("{name} is a postgres deployment; --path does not apply"),
+            ));
+        }
+        let abs = std::path::absolute(&path)
+            .map_err(|e| Problem::new("deployment.invalid", format!("path {path:?}: {e}")))?;
+        d.path = Some(abs.display().to_string());
+    }
+    store(repo, &d)?;
+    Ok(d)
+}
+
+/// Binds the deployment to the cluster it is connected to on first contact,
+/// and refuses a different cluster afterwards.
+pub fn bind_system(repo: &Repository, name: &str, sysid: &str) -> Result<(), Problem> {
+    let mut d = get(repo, name)?;
+    match d.system_identifier.as_deref() {
+        Some(known) if known == sysid => Ok(()),
+        Some(known) => Err(Problem::new(
+            "pg.system_mismatch",
+            format!("deployment {name} is cluster {known}, but the server is cluster {sysid}"),
+        )
+        .with("deployment", name)
+        .suggest(
+            "Point the deployment at its own cluster, or create a new deployment for this one",
+            Some(format!("pg_hardstorage deployment show {name}")),
+        )),
+        None => {
+            d.system_identifier = Some(sysid.to_string());
+            store(repo, &d)
+        }
+    }
 }
 
 /// Removes the deployment record; its backups stay in the repository.

@@ -64,6 +64,45 @@ fn entry(h: &phs_pg::TarEntry, chunks: Vec<(ChunkId, u32)>) -> Entry {
     e
 }
 
+/// Checks the server before taking anything from it: the right cluster,
+/// WAL level, and a bound on what a lagging slot may pin.
+pub fn preflight(
+    repo: &Repository,
+    name: &str,
+    conn: &mut Conn,
+    bus: &EventBus,
+) -> Result<phs_pg::SystemInfo, Problem> {
+    let system = conn.identify_system()?;
+    deployment::bind_system(repo, name, &system.system_identifier)?;
+    let show = |conn: &mut Conn, what: &str| -> Result<String, Problem> {
+        Ok(conn
+            .simple_query(&format!("SHOW {what}"))?
+            .first()
+            .and_then(|s| s.first())
+            .and_then(|r| r.first().cloned().flatten())
+            .unwrap_or_default())
+    };
+    if show(conn, "wal_level")? == "minimal" {
+        return Err(Problem::new(
+            "pg.replication_denied",
+            "wal_level is minimal: base backups and WAL streaming need replica or logical",
+        )
+        .suggest(
+            "Set wal_level = replica and restart PostgreSQL",
+            Some("ALTER SYSTEM SET wal_level = replica".into()),
+        ));
+    }
+    if show(conn, "max_slot_wal_keep_size")? == "-1" {
+        bus.publish(Event::new(Severity::Warning, "pg_preflight_warning").body(json!({
+            "deployment": name,
+            "setting": "max_slot_wal_keep_size",
+            "value": "-1",
+            "advice": "unbounded: if archiving stalls, the replication slot can fill the primary's disk; set a limit such as 64GB",
+        })));
+    }
+    Ok(system)
+}
+
 /// Takes a base backup of a postgres deployment.
 pub fn backup_postgres(
     repo: &Repository,
@@ -120,7 +159,7 @@ fn run(
 ) -> Result<(Manifest, bool), Problem> {
     let started_at = pg_hardstorage_engine::event::now_rfc3339();
     let mut conn = Conn::connect(ci, true)?;
-    let system = conn.identify_system()?;
+    let system = preflight(repo, name, &mut conn, bus)?;
     let server_version = conn.server_version.clone();
     let label = format!("pg_hardstorage {backup_id}");
     let options = format!(

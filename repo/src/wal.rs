@@ -274,7 +274,9 @@ pub fn stream_once(
     let d = deployment::get(repo, deployment)?;
     let ci = ConnInfo::parse(d.pg.as_deref().unwrap_or_default())?;
     let mut conn = Conn::connect(&ci, true)?;
-    let system = conn.identify_system()?;
+    // Re-checked on every (re)connect: a different cluster behind the same
+    // address must never be archived under this deployment.
+    let system = crate::pgbackup::preflight(repo, deployment, &mut conn, bus)?;
     let slot = slot_name(deployment);
     let restart = match conn.read_slot(&slot)? {
         Some((lsn, _)) => lsn,
@@ -352,16 +354,13 @@ pub fn stream(
     while !stop() {
         match stream_once(repo, deployment, bus, stop) {
             Ok(()) => backoff = Duration::from_millis(500),
+            // Configuration and identity problems do not heal by retrying.
             Err(p)
-                if matches!(
-                    p.code.as_ref(),
-                    "deployment.not_found"
-                        | "deployment.invalid"
-                        | "pg.auth_failed"
-                        | "pg.replication_denied"
-                ) =>
+                if !(p.retryable()
+                    || matches!(p.code.as_ref(), "pg.server_error" | "pg.protocol")) =>
             {
-                return Err(p)
+                bus.publish(Event::failure("wal_stream_failed", &p));
+                return Err(p);
             }
             Err(p) => {
                 bus.publish(Event::new(Severity::Warning, "wal_stream_retry").body(json!({

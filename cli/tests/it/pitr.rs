@@ -424,3 +424,55 @@ fn refusals_and_missing_wal() {
         ),
     }
 }
+
+/// A deployment is bound to the cluster it first saw: pointed at another
+/// one (same address, new cluster), backups and streaming refuse, exit 4.
+/// The pre-flight also warns when a lagging slot could fill the primary.
+#[test]
+fn deployment_is_bound_to_its_cluster() {
+    let s = Setup::new();
+    let o = s
+        .env
+        .cmd(&["backup", "run", "pg", "--key-file", &s.key, "-o", "ndjson"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.lines().any(|l| l.contains("\"pg_preflight_warning\"") && l.contains("max_slot_wal_keep_size")),
+        "{text}"
+    );
+    let other = PgCluster::start();
+    let shown = s.env.ok(&[
+        "deployment",
+        "update",
+        "pg",
+        "--pg",
+        &other.conninfo(),
+        "--key-file",
+        &s.key,
+    ]);
+    assert!(
+        shown["pg"]
+            .as_str()
+            .is_some_and(|p| p.contains(&other.port.to_string())),
+        "{shown}"
+    );
+    let (code, v) = s.env.json(&["backup", "run", "pg", "--key-file", &s.key]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (4, Some("pg.system_mismatch")),
+        "{v}"
+    );
+    let o = s
+        .env
+        .cmd(&["wal", "stream", "pg", "--key-file", &s.key, "-o", "json"])
+        .output()
+        .expect("stream");
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

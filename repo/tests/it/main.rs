@@ -30,6 +30,7 @@ pub fn add_path_deployment(repo: &Repository, name: &str, path: &Path) {
             pg: None,
             pgdata: None,
             created_at: String::new(),
+            system_identifier: None,
         },
     )
     .expect("create deployment");

@@ -69,6 +69,7 @@ fn full_restore(repo: &pg_hardstorage_repo::Repository, tmp: &std::path::Path, s
             pg: Some(src.conninfo()),
             pgdata: None,
             created_at: String::new(),
+            system_identifier: None,
         },
     )
     .expect("deployment");
