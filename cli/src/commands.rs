@@ -11,7 +11,7 @@ use pg_hardstorage_engine::store::{DynStore, Throttled};
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::backup::{take_backup, BackupOptions};
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
-use pg_hardstorage_repo::restore::{restore, Recovery, RecoveryTarget, RestoreOptions};
+use pg_hardstorage_repo::restore::{restore, Recovery, RecoveryTarget, RestoreOptions, VerifyMode};
 use pg_hardstorage_repo::{bench, catalog, pitr, verify, InitOptions, KeySource, Repository};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -506,6 +506,11 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
             .threads
             .unwrap_or_else(pg_hardstorage_engine::pipeline::default_workers),
         recovery,
+        verify: match a.verify.as_str() {
+            "skip" => VerifyMode::Skip,
+            "require" => VerifyMode::Require,
+            _ => VerifyMode::Auto,
+        },
     };
     let s = restore(&r, &m, &opts, &out.bus)?;
     let body = serde_json::to_value(s).unwrap_or_default();

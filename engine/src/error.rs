@@ -87,6 +87,8 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("verify.truncated", Class::Verify, false),
     ("verify.missing_object", Class::Verify, false),
     ("verify.signature_invalid", Class::Verify, false),
+    ("verify.pg_verifybackup_failed", Class::Verify, false),
+    ("restore.verify_unavailable", Class::Internal, false),
     ("pg.unreachable", Class::Unavailable, true),
     ("pg.auth_failed", Class::AuthDenied, false),
     ("pg.replication_denied", Class::Preflight, false),

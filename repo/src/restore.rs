@@ -29,6 +29,66 @@ pub struct RestoreOptions {
     pub threads: usize,
     /// For PostgreSQL backups: archive recovery (restore_command and target).
     pub recovery: Option<Recovery>,
+    /// Whether to run `pg_verifybackup` on a restored PostgreSQL backup.
+    pub verify: VerifyMode,
+}
+
+/// `--verify`: every chunk is always verified as it is read; this decides
+/// whether PostgreSQL's own `pg_verifybackup` also checks the result.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// Run it when it is installed.
+    #[default]
+    Auto,
+    Skip,
+    /// Fail when it is missing or fails.
+    Require,
+}
+
+/// Runs `pg_verifybackup` on a restored data directory.
+fn pg_verifybackup(target: &Path, mode: VerifyMode) -> Result<&'static str, Problem> {
+    if mode == VerifyMode::Skip {
+        return Ok("skipped");
+    }
+    let bindir = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let tool = bindir
+        .map(|b| b.join("pg_verifybackup"))
+        .filter(|p| p.exists());
+    let Some(tool) = tool else {
+        return match mode {
+            VerifyMode::Require => Err(Problem::new(
+                "restore.verify_unavailable",
+                "--verify require: pg_verifybackup is not installed here",
+            )
+            .suggest(
+                "Install the PostgreSQL server programs, or use --verify auto",
+                None,
+            )),
+            _ => Ok("unavailable"),
+        };
+    };
+    let out = std::process::Command::new(&tool)
+        .arg("--ignore")
+        .arg(IN_PROGRESS_MARKER)
+        .arg(target)
+        .output()
+        .map_err(|e| Problem::io("restore.verify_unavailable", tool.display(), &e))?;
+    if out.status.success() {
+        Ok("passed")
+    } else {
+        Err(Problem::new(
+            "verify.pg_verifybackup_failed",
+            format!(
+                "pg_verifybackup rejected the restored directory: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        )
+        .with("target", target.display().to_string()))
+    }
 }
 
 /// Where recovery stops.
@@ -105,6 +165,8 @@ pub struct RestoreSummary {
     pub bytes: u64,
     pub duration_seconds: f64,
     pub verified: bool,
+    /// `passed`, `skipped`, `unavailable` or `not_applicable`.
+    pub pg_verifybackup: String,
 }
 
 const MAX_RUN: u64 = 16 << 20;
@@ -366,6 +428,12 @@ fn run(
         write_recovery(&opts.target, r, root, &m.backup_id)?;
     }
     sync_filesystem(&opts.target)?;
+    let has_pg_manifest = m.entries.iter().any(|e| e.path == "backup_manifest");
+    let pg_check = if m.source["type"] == "postgres" && has_pg_manifest {
+        pg_verifybackup(&opts.target, opts.verify)?
+    } else {
+        "not_applicable"
+    };
     std::fs::remove_file(&marker).map_err(|e| werr(&marker, e))?;
     sync_filesystem(&opts.target)?;
     Ok(RestoreSummary {
@@ -375,6 +443,7 @@ fn run(
         bytes: bytes.load(Ordering::Relaxed),
         duration_seconds: (t0.elapsed().as_secs_f64() * 100.0).round() / 100.0,
         verified: true,
+        pg_verifybackup: pg_check.to_string(),
     })
 }
 

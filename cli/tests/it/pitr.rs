@@ -124,6 +124,7 @@ fn pitr_to_time_lsn_and_restore_point() {
             k,
         ]);
         assert!(r["files"].as_u64().expect("files") > 100, "{r}");
+        assert_eq!(r["pg_verifybackup"], "passed", "{r}");
         let restored = PgCluster::on_existing(&target).started();
         wait_promoted(&restored);
         assert_eq!(

@@ -71,6 +71,7 @@ pub fn restore_to(repo: &Repository, m: &Manifest, target: &Path) -> Result<(), 
             force: false,
             threads: 2,
             recovery: None,
+            verify: Default::default(),
         },
         &EventBus::new(),
     )

@@ -143,6 +143,7 @@ fn restore_refuses_a_live_postmaster_even_with_force() {
             force: true,
             threads: 1,
             recovery: None,
+            verify: Default::default(),
         },
         &pg_hardstorage_engine::event::EventBus::new(),
     )
