@@ -289,6 +289,20 @@ pub fn stream_once(
         }
     };
     let tli = system.timeline;
+    // Recovery to a later timeline needs every history file up to it.
+    for t in 2..=tli {
+        let name = format!("{t:08X}.history");
+        if record(repo, deployment, &name)?.is_none() {
+            let (_, content) = conn.timeline_history(t)?;
+            archive(
+                repo,
+                deployment,
+                &name,
+                Bytes::from(content.into_bytes()),
+                bus,
+            )?;
+        }
+    }
     let mut pos = resume_point(repo, deployment, tli, restart)?;
     bus.publish(
         Event::new(Severity::Info, "wal_stream_started").body(json!({

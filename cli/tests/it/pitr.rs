@@ -105,6 +105,7 @@ fn pitr_to_time_lsn_and_restore_point() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    let mut last = None;
     for (n, flag, value) in [
         (0, "--to", t.trim().to_string()),
         (1, "--to-lsn", at_lsn.trim().to_string()),
@@ -134,7 +135,57 @@ fn pitr_to_time_lsn_and_restore_point() {
             "A",
             "{flag} {value}: row A present, row B absent"
         );
+        last = Some(restored);
     }
+
+    // The promoted restore runs on timeline 2: streaming from it archives
+    // its history file, which recovery through it will ask for.
+    let promoted = last.expect("a restored cluster");
+    env.ok(&[
+        "deployment",
+        "create",
+        "pg2",
+        "--pg",
+        &promoted.conninfo(),
+        "--key-file",
+        k,
+    ]);
+    let _s2 = Streamer(
+        env.cmd(&["wal", "stream", "pg2", "--key-file", k, "-o", "ndjson"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wal stream pg2"),
+    );
+    let start = Instant::now();
+    loop {
+        let l = env.ok(&["wal", "list", "pg2", "--key-file", k]);
+        if l["history_files"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|f| f == "00000002.history"))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "history file never archived: {l}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dest = env.path("history");
+    env.ok(&[
+        "wal",
+        "fetch",
+        "pg2",
+        "00000002.history",
+        dest.to_str().expect("utf8"),
+        "--key-file",
+        k,
+    ]);
+    assert_eq!(
+        std::fs::read(&dest).expect("fetched"),
+        std::fs::read(promoted.data.join("pg_wal/00000002.history")).expect("server's")
+    );
 }
 
 /// restore_command semantics: a segment that is not archived exits 1; a

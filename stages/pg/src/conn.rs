@@ -400,6 +400,17 @@ impl Conn {
         }
     }
 
+    /// `TIMELINE_HISTORY n`: the history file's name and contents.
+    pub fn timeline_history(&mut self, timeline: u32) -> Result<(String, String), Problem> {
+        let sets = self.simple_query(&format!("TIMELINE_HISTORY {timeline}"))?;
+        let row = sets
+            .first()
+            .and_then(|s| s.first())
+            .ok_or_else(|| proto("TIMELINE_HISTORY returned no row"))?;
+        let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        Ok((get(0), get(1)))
+    }
+
     pub fn create_slot(&mut self, slot: &str) -> Result<(), Problem> {
         self.simple_query(&format!(
             "CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL"
