@@ -279,7 +279,31 @@ pub fn stream_once(
     let system = crate::pgbackup::preflight(repo, deployment, &mut conn, bus)?;
     let slot = slot_name(deployment);
     let restart = match conn.read_slot(&slot)? {
-        Some((lsn, _)) => lsn,
+        Some((lsn, _)) if lsn > 0 => lsn,
+        Some(_) => {
+            // PostgreSQL invalidated the slot (max_slot_wal_keep_size): the
+            // WAL it held is gone from the server. Say so loudly, make the
+            // hole visible, and carry on from a fresh slot.
+            let archived = resume_point(repo, deployment, system.timeline, 0)?;
+            bus.publish(
+                Event::new(Severity::Error, "wal_slot_invalidated").body(json!({
+                    "deployment": deployment, "slot": slot,
+                    "archived_until": format_lsn(archived),
+                })),
+            );
+            conn.simple_query(&format!("DROP_REPLICATION_SLOT {slot}"))?;
+            conn.create_slot(&slot)?;
+            let fresh = conn.read_slot(&slot)?.map(|(l, _)| l).unwrap_or(0);
+            let gap_to = fresh - fresh % SEGMENT_SIZE;
+            if gap_to > archived {
+                bus.publish(Event::new(Severity::Error, "wal_gap").body(json!({
+                    "deployment": deployment, "timeline": system.timeline,
+                    "from": segment_name(system.timeline, archived / SEGMENT_SIZE),
+                    "to": segment_name(system.timeline, gap_to / SEGMENT_SIZE - 1),
+                })));
+            }
+            fresh
+        }
         None => {
             conn.create_slot(&slot)?;
             bus.publish(
@@ -313,6 +337,7 @@ pub fn stream_once(
     conn.start_replication(&slot, pos, tli)?;
     let mut seg: Vec<u8> = Vec::with_capacity(SEGMENT_SIZE as usize);
     let mut flushed = pos;
+    let mut last_report = std::time::Instant::now();
     while !stop() {
         match conn.recv_replication()? {
             ReplMsg::XLogData { start, data } => {
@@ -346,9 +371,19 @@ pub fn stream_once(
                     }
                 }
             }
-            ReplMsg::Keepalive { reply, .. } => {
+            ReplMsg::Keepalive { reply, end } => {
                 if reply {
                     conn.send_status(pos + seg.len() as u64, flushed, flushed)?;
+                }
+                if last_report.elapsed() >= Duration::from_secs(10) {
+                    last_report = std::time::Instant::now();
+                    bus.publish(Event::new(Severity::Info, "wal_progress").body(json!({
+                        "deployment": deployment,
+                        "server_lsn": format_lsn(end),
+                        "received_lsn": format_lsn(pos + seg.len() as u64),
+                        "flushed_lsn": format_lsn(flushed),
+                        "lag_bytes": end.saturating_sub(flushed),
+                    })));
                 }
             }
             ReplMsg::End => return Ok(()),

@@ -528,3 +528,65 @@ fn deployment_is_bound_to_its_cluster() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// PostgreSQL invalidates a slot that falls too far behind: the streamer
+/// says so (error events), recreates the slot, keeps archiving, the hole
+/// shows in `wal list`, and restores across it are refused.
+#[test]
+fn invalidated_slot_is_recreated_and_the_gap_refused() {
+    let s = Setup::new();
+    s.src.psql(
+        "postgres",
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+    );
+    s.src.psql("postgres", "SELECT pg_reload_conf()");
+    {
+        let _first = s.streamer();
+        std::thread::sleep(Duration::from_millis(500));
+        s.src.psql("postgres", "INSERT INTO t VALUES ('before')");
+        s.archive_now();
+    }
+    // Far more WAL than the slot may hold, while nobody streams.
+    let mut lost = false;
+    for _ in 0..6 {
+        s.src.psql(
+            "postgres",
+            "INSERT INTO t SELECT repeat('x', 2000) FROM generate_series(1, 20000)",
+        );
+        s.src.psql("postgres", "SELECT pg_switch_wal()");
+        s.src.psql("postgres", "CHECKPOINT");
+        let status = s.src.psql(
+            "postgres",
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pg_hardstorage_pg'",
+        );
+        if status.trim() == "lost" {
+            lost = true;
+            break;
+        }
+    }
+    assert!(lost, "PostgreSQL did not invalidate the slot");
+    let events = s.env.path("stream.ndjson");
+    let _second = Streamer(
+        s.env
+            .cmd(&["wal", "stream", "pg", "--key-file", &s.key, "-o", "ndjson"])
+            .stdout(std::fs::File::create(&events).expect("events file"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wal stream"),
+    );
+    s.src.psql("postgres", "INSERT INTO t VALUES ('after')");
+    let listing = s.archive_now();
+    assert!(
+        !listing["gaps"].as_array().expect("gaps").is_empty(),
+        "{listing}"
+    );
+    let text = std::fs::read_to_string(&events).expect("events");
+    assert!(text.contains("\"wal_slot_invalidated\""), "{text}");
+    assert!(text.contains("\"wal_gap\""), "{text}");
+    let (code, v) = s.restore("across", &[]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (4, Some("restore.wal_missing")),
+        "{v}"
+    );
+}
