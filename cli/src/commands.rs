@@ -613,7 +613,23 @@ fn wal_cmd(cli: &Cli, out: &mut Out, c: &WalCmd) -> R {
                 String::new()
             });
         }
-        WalCmd::Repair { .. } => return Err(unimplemented("wal repair")),
+        WalCmd::Repair { deployment } => {
+            out.stream_events();
+            let body = pg_hardstorage_repo::wal::repair(&r, deployment, &out.bus)?;
+            out.success("wal.repair", body, |b| {
+                format!(
+                    "slot {} recreated at {}; archive ends at {}{}\n",
+                    b["slot"].as_str().unwrap_or(""),
+                    b["restart_lsn"].as_str().unwrap_or(""),
+                    b["archived_until"].as_str().unwrap_or(""),
+                    if b["gap"].is_null() {
+                        ""
+                    } else {
+                        " (a gap was recorded)"
+                    }
+                )
+            });
+        }
     }
     Ok(())
 }

@@ -392,6 +392,47 @@ pub fn stream_once(
     Ok(())
 }
 
+/// `wal repair`: drops and recreates the deployment's slot (RESERVE_WAL),
+/// and reports the WAL between the archive's end and the new slot's start,
+/// which is lost (`wal list` shows it as a gap once streaming resumes).
+pub fn repair(
+    repo: &Repository,
+    deployment: &str,
+    bus: &EventBus,
+) -> Result<serde_json::Value, Problem> {
+    let d = deployment::get(repo, deployment)?;
+    let ci = ConnInfo::parse(d.pg.as_deref().unwrap_or_default())?;
+    let mut conn = Conn::connect(&ci, true)?;
+    let system = crate::pgbackup::preflight(repo, deployment, &mut conn, bus)?;
+    let slot = slot_name(deployment);
+    let existed = conn.read_slot(&slot)?.is_some();
+    if existed {
+        conn.simple_query(&format!("DROP_REPLICATION_SLOT {slot}"))?;
+    }
+    conn.create_slot(&slot)?;
+    let fresh = conn.read_slot(&slot)?.map(|(l, _)| l).unwrap_or(0);
+    let archived = resume_point(repo, deployment, system.timeline, 0)?;
+    let start = fresh - fresh % SEGMENT_SIZE;
+    let gap = (archived > 0 && start > archived).then(|| {
+        json!({
+            "timeline": system.timeline,
+            "from": segment_name(system.timeline, archived / SEGMENT_SIZE),
+            "to": segment_name(system.timeline, start / SEGMENT_SIZE - 1),
+        })
+    });
+    if let Some(g) = &gap {
+        bus.publish(Event::new(Severity::Error, "wal_gap").body(g.clone()));
+    }
+    Ok(json!({
+        "deployment": deployment,
+        "slot": slot,
+        "recreated": existed,
+        "restart_lsn": format_lsn(fresh),
+        "archived_until": format_lsn(archived),
+        "gap": gap,
+    }))
+}
+
 /// `wal stream`: streams, reconnecting with backoff, until `stop`.
 pub fn stream(
     repo: &Repository,
