@@ -85,7 +85,11 @@ fn stamp() -> String {
 }
 
 /// A fresh backup id: `<deployment>.<kind>.<UTC stamp>`, suffixed only when taken.
-fn new_backup_id(repo: &Repository, deployment: &str, kind: &str) -> Result<String, Problem> {
+pub(crate) fn new_backup_id(
+    repo: &Repository,
+    deployment: &str,
+    kind: &str,
+) -> Result<String, Problem> {
     let base = format!("{deployment}.{kind}.{}", stamp());
     for n in 1..1000 {
         let id = if n == 1 {
@@ -333,23 +337,7 @@ fn run_backup(
             e.chunks.push((c.id, c.len));
         }
     })?;
-    let mut stats = BackupStats::default();
-    for e in entries.iter_mut() {
-        match e.kind {
-            EntryKind::File => {
-                // The bytes actually read, should the file have changed size.
-                e.size = e.chunks.iter().map(|(_, l)| *l as u64).sum();
-                stats.files += 1;
-                stats.bytes_logical += e.size;
-            }
-            EntryKind::Dir => stats.dirs += 1,
-            EntryKind::Symlink => stats.symlinks += 1,
-        }
-    }
-    let snap = report.metrics.snapshot();
-    stats.bytes_added = snap.bytes_physical;
-    stats.chunks = snap.chunks;
-    stats.chunks_new = snap.chunks_new;
+    let stats = settle(&mut entries, &report);
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         backup_id: backup_id.to_string(),
@@ -366,6 +354,28 @@ fn run_backup(
     let verified = quick_verify(repo, &manifest).is_ok();
     let _ = t0;
     Ok((manifest, report, verified))
+}
+
+/// Sets each file's size to the bytes actually read (a file may have
+/// changed size while it was read) and sums the backup's statistics.
+pub(crate) fn settle(entries: &mut [Entry], report: &Report) -> BackupStats {
+    let mut stats = BackupStats::default();
+    for e in entries.iter_mut() {
+        match e.kind {
+            EntryKind::File => {
+                e.size = e.chunks.iter().map(|(_, l)| *l as u64).sum();
+                stats.files += 1;
+                stats.bytes_logical += e.size;
+            }
+            EntryKind::Dir => stats.dirs += 1,
+            EntryKind::Symlink => stats.symlinks += 1,
+        }
+    }
+    let snap = report.metrics.snapshot();
+    stats.bytes_added = snap.bytes_physical;
+    stats.chunks = snap.chunks;
+    stats.chunks_new = snap.chunks_new;
+    stats
 }
 
 /// Runs the standard pipeline from `source` into the repository's packs.

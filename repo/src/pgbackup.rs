@@ -7,39 +7,17 @@
 //! `pg_verifybackup` can check it. (Continuous WAL archiving and
 //! point-in-time recovery build on this.)
 
-use crate::backup::{commit, run_pipeline, snapshot_key, BackupOptions};
+use crate::backup::{commit, new_backup_id, run_pipeline, settle, BackupOptions};
 use crate::index::RepoIndex;
 use crate::lock::Lease;
 use crate::{deployment, Repository};
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
-use pg_hardstorage_engine::format::{BackupStats, Entry, EntryKind, Manifest, FORMAT_VERSION};
+use pg_hardstorage_engine::format::{Entry, EntryKind, Manifest, FORMAT_VERSION};
 use pg_hardstorage_engine::stage::ChunkId;
 use pg_hardstorage_engine::Problem;
 use phs_pg::{BaseBackupSource, Conn, ConnInfo};
 use serde_json::json;
 use std::sync::Arc;
-
-fn stamp() -> String {
-    let f = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-    time::OffsetDateTime::now_utc()
-        .format(&f)
-        .unwrap_or_default()
-}
-
-fn new_id(repo: &Repository, deployment: &str) -> Result<String, Problem> {
-    let base = format!("{deployment}.full.{}", stamp());
-    for n in 1..1000 {
-        let id = if n == 1 {
-            base.clone()
-        } else {
-            format!("{base}-{n}")
-        };
-        if repo.store.head(&snapshot_key(deployment, &id))?.is_none() {
-            return Ok(id);
-        }
-    }
-    Err(Problem::internal("could not find a free backup id"))
-}
 
 fn entry(h: &phs_pg::TarEntry, chunks: Vec<(ChunkId, u32)>) -> Entry {
     let kind = match h.kind {
@@ -113,7 +91,7 @@ pub fn backup_postgres(
     let d = deployment::get(repo, name)?;
     let ci = ConnInfo::parse(d.pg.as_deref().unwrap_or_default())?;
     let _lease = Lease::acquire(repo, name, "backup")?;
-    let backup_id = new_id(repo, name)?;
+    let backup_id = new_backup_id(repo, name, "full")?;
     let mut subj = serde_json::Map::new();
     subj.insert("deployment".into(), json!(name));
     subj.insert("backup_id".into(), json!(backup_id));
@@ -206,21 +184,7 @@ fn run(
     for (h, c) in members.iter().zip(chunks) {
         entries.push(entry(h, c));
     }
-    let mut stats = BackupStats::default();
-    for e in &entries {
-        match e.kind {
-            EntryKind::File => {
-                stats.files += 1;
-                stats.bytes_logical += e.size;
-            }
-            EntryKind::Dir => stats.dirs += 1,
-            EntryKind::Symlink => stats.symlinks += 1,
-        }
-    }
-    let snap = report.metrics.snapshot();
-    stats.bytes_added = snap.bytes_physical;
-    stats.chunks = snap.chunks;
-    stats.chunks_new = snap.chunks_new;
+    let stats = settle(&mut entries, &report);
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         backup_id: backup_id.to_string(),

@@ -37,38 +37,9 @@ fn wait_promoted(pg: &PgCluster) {
 
 #[test]
 fn pitr_to_time_lsn_and_restore_point() {
-    let env = Env::new();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
-    }
-    let key = env.path("repo.key");
-    std::fs::write(&key, "5a".repeat(32)).expect("key");
-    give_to_postgres(&key);
-    let k = key.to_str().expect("utf8");
-    env.ok(&["repo", "init", "--key-file", k]);
-
-    let src = PgCluster::start();
-    src.psql("postgres", "CREATE TABLE t (v text)");
-    env.ok(&[
-        "deployment",
-        "create",
-        "pg",
-        "--pg",
-        &src.conninfo(),
-        "--key-file",
-        k,
-    ]);
-    env.ok(&["backup", "run", "pg", "--key-file", k]);
-
-    let _streamer = Streamer(
-        env.cmd(&["wal", "stream", "pg", "--key-file", k, "-o", "ndjson"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("wal stream"),
-    );
+    let setup = Setup::new();
+    let (env, src, k) = (&setup.env, &setup.src, setup.key.as_str());
+    let _streamer = setup.streamer();
     std::thread::sleep(Duration::from_millis(500));
     src.psql("postgres", "INSERT INTO t VALUES ('A')");
     let at_lsn = src.psql("postgres", "SELECT pg_current_wal_insert_lsn()");
@@ -79,31 +50,7 @@ fn pitr_to_time_lsn_and_restore_point() {
     );
     std::thread::sleep(Duration::from_millis(1100));
     src.psql("postgres", "INSERT INTO t VALUES ('B')");
-    let b_lsn = lsn(&src.psql("postgres", "SELECT pg_current_wal_insert_lsn()"));
-    src.psql("postgres", "SELECT pg_switch_wal()");
-    let want = format!(
-        "{:08X}{:08X}{:08X}",
-        1,
-        (b_lsn / SEG) / 256,
-        (b_lsn / SEG) % 256
-    );
-    let start = Instant::now();
-    loop {
-        let l = env.ok(&["wal", "list", "pg", "--key-file", k]);
-        if l["segments"]
-            .as_array()
-            .expect("segments")
-            .iter()
-            .any(|s| s.as_str() == Some(&want))
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "segment {want} never archived: {l}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    setup.archive_now();
 
     let mut last = None;
     for (n, flag, value) in [

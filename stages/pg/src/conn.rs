@@ -124,29 +124,35 @@ impl Conn {
         .map_err(io_err)
     }
 
+    /// Reads more bytes from the socket into the buffer.
+    fn fill(&mut self, want: usize) -> Result<(), Problem> {
+        let Conn {
+            rt, stream, buf, ..
+        } = self;
+        buf.reserve(want);
+        let n = rt
+            .block_on(async {
+                match stream {
+                    Stream::Tcp(s) => s.read_buf(buf).await,
+                    Stream::Unix(s) => s.read_buf(buf).await,
+                }
+            })
+            .map_err(io_err)?;
+        if n == 0 {
+            return Err(Problem::new(
+                "pg.unreachable",
+                "PostgreSQL closed the connection",
+            ));
+        }
+        Ok(())
+    }
+
     fn recv(&mut self) -> Result<Message, Problem> {
         loop {
             if let Some(m) = Message::parse(&mut self.buf).map_err(proto)? {
                 return Ok(m);
             }
-            let Conn {
-                rt, stream, buf, ..
-            } = self;
-            buf.reserve(1 << 16);
-            let n = rt
-                .block_on(async {
-                    match stream {
-                        Stream::Tcp(s) => s.read_buf(buf).await,
-                        Stream::Unix(s) => s.read_buf(buf).await,
-                    }
-                })
-                .map_err(io_err)?;
-            if n == 0 {
-                return Err(Problem::new(
-                    "pg.unreachable",
-                    "PostgreSQL closed the connection",
-                ));
-            }
+            self.fill(1 << 16)?;
         }
     }
 
@@ -476,24 +482,7 @@ impl Conn {
                     return Ok((frame[0], frame.slice(5..)));
                 }
             }
-            let Conn {
-                rt, stream, buf, ..
-            } = self;
-            buf.reserve(1 << 20);
-            let n = rt
-                .block_on(async {
-                    match stream {
-                        Stream::Tcp(s) => s.read_buf(buf).await,
-                        Stream::Unix(s) => s.read_buf(buf).await,
-                    }
-                })
-                .map_err(io_err)?;
-            if n == 0 {
-                return Err(Problem::new(
-                    "pg.unreachable",
-                    "PostgreSQL closed the replication connection",
-                ));
-            }
+            self.fill(1 << 20)?;
         }
     }
 
