@@ -511,6 +511,20 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
             "require" => VerifyMode::Require,
             _ => VerifyMode::Auto,
         },
+        tablespace_mapping: a
+            .tablespace_mapping
+            .iter()
+            .map(|m| {
+                m.split_once('=')
+                    .map(|(o, n)| (o.to_string(), std::path::PathBuf::from(n)))
+                    .ok_or_else(|| {
+                        Problem::new(
+                            "usage.invalid_argument",
+                            format!("--tablespace-mapping {m:?}: want OLD=NEW"),
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?,
     };
     let s = restore(&r, &m, &opts, &out.bus)?;
     let body = serde_json::to_value(s).unwrap_or_default();

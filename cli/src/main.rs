@@ -222,6 +222,9 @@ pub struct RestoreArgs {
     /// Write into a non-empty target
     #[arg(long)]
     pub force: bool,
+    /// Restore the tablespace at OLD location into NEW (repeatable)
+    #[arg(long, value_name = "OLD=NEW")]
+    pub tablespace_mapping: Vec<String>,
     #[arg(long)]
     pub threads: Option<usize>,
 }

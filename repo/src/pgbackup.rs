@@ -182,7 +182,20 @@ fn run(
     }];
     chunks.resize_with(members.len(), Vec::new);
     for (h, c) in members.iter().zip(chunks) {
-        entries.push(entry(h, c));
+        let mut e = entry(h, c);
+        // A tablespace's link becomes the directory its files are restored
+        // into, where PostgreSQL's backup_manifest expects them.
+        let is_ts_link = e.kind == EntryKind::Symlink
+            && info
+                .tablespaces
+                .iter()
+                .any(|(oid, _)| e.path == format!("pg_tblspc/{oid}"));
+        if is_ts_link {
+            e.kind = EntryKind::Dir;
+            e.mode = 0o700;
+            e.target = None;
+        }
+        entries.push(e);
     }
     let stats = settle(&mut entries, &report);
     let manifest = Manifest {
@@ -201,6 +214,7 @@ fn run(
             "label": label,
             "wal_included": true,
             "has_backup_manifest": info.has_manifest,
+            "tablespaces": info.tablespaces.iter().map(|(oid, loc)| json!({"oid": oid, "location": loc})).collect::<Vec<_>>(),
         }),
         started_at,
         finished_at: pg_hardstorage_engine::event::now_rfc3339(),

@@ -31,6 +31,9 @@ pub struct RestoreOptions {
     pub recovery: Option<Recovery>,
     /// Whether to run `pg_verifybackup` on a restored PostgreSQL backup.
     pub verify: VerifyMode,
+    /// `(old location, new directory)`: where tablespaces go. A tablespace
+    /// without a mapping goes back to its original location.
+    pub tablespace_mapping: Vec<(String, PathBuf)>,
 }
 
 /// `--verify`: every chunk is always verified as it is read; this decides
@@ -292,12 +295,84 @@ fn preflight(target: &Path, force: bool, sysid: Option<&str>) -> Result<(), Prob
     }
 }
 
-fn rel_path(target: &Path, e: &Entry) -> Result<PathBuf, Problem> {
-    let raw = e.path_bytes()?;
-    if raw == b"." {
-        return Ok(target.to_path_buf());
+/// Where entries land: the target, except tablespace contents
+/// (`pg_tblspc/<oid>/…`), which go to their tablespace directory, linked
+/// from `pg_tblspc/<oid>` as PostgreSQL requires.
+struct Places {
+    target: PathBuf,
+    /// `("pg_tblspc/<oid>", directory)`.
+    tablespaces: Vec<(String, PathBuf)>,
+}
+
+impl Places {
+    fn new(m: &Manifest, opts: &RestoreOptions) -> Result<Places, Problem> {
+        let mut tablespaces = Vec::new();
+        for ts in m.source["tablespaces"].as_array().into_iter().flatten() {
+            let (Some(oid), Some(loc)) = (ts["oid"].as_str(), ts["location"].as_str()) else {
+                return Err(Problem::new(
+                    "verify.malformed",
+                    "manifest: bad tablespace record",
+                ));
+            };
+            let dir = opts
+                .tablespace_mapping
+                .iter()
+                .find(|(old, _)| old == loc)
+                .map(|(_, new)| new.clone())
+                .unwrap_or_else(|| PathBuf::from(loc));
+            preflight_dir(&dir, opts.force, "tablespace")?;
+            tablespaces.push((format!("pg_tblspc/{oid}"), dir));
+        }
+        Ok(Places {
+            target: opts.target.clone(),
+            tablespaces,
+        })
     }
-    Ok(target.join(OsStr::from_bytes(&raw)))
+
+    fn path(&self, e: &Entry) -> Result<PathBuf, Problem> {
+        let raw = e.path_bytes()?;
+        if raw == b"." {
+            return Ok(self.target.clone());
+        }
+        for (prefix, dir) in &self.tablespaces {
+            let p = prefix.as_bytes();
+            if raw == p {
+                return Ok(dir.clone());
+            }
+            if raw.starts_with(p) && raw.get(p.len()) == Some(&b'/') {
+                return Ok(dir.join(OsStr::from_bytes(&raw[p.len() + 1..])));
+            }
+        }
+        Ok(self.target.join(OsStr::from_bytes(&raw)))
+    }
+
+    fn link_tablespaces(&self) -> Result<(), Problem> {
+        for (prefix, dir) in &self.tablespaces {
+            let link = self.target.join(prefix);
+            let _ = std::fs::remove_dir(&link);
+            std::os::unix::fs::symlink(dir, &link).map_err(|e| werr(&link, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// A directory a restore writes into must be absent or empty (unless forced).
+fn preflight_dir(dir: &Path, force: bool, what: &str) -> Result<(), Problem> {
+    let nonempty = std::fs::read_dir(dir)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if nonempty && !force {
+        return Err(Problem::new(
+            "restore.target_not_empty",
+            format!("{what} directory {} is not empty", dir.display()),
+        )
+        .with("target", dir.display().to_string())
+        .suggest(
+            "Map it elsewhere with --tablespace-mapping OLD=NEW, or pass --force to write over it",
+            None,
+        ));
+    }
+    Ok(())
 }
 
 fn werr(p: &Path, e: std::io::Error) -> Problem {
@@ -339,6 +414,7 @@ fn run(
         m.source["system_identifier"].as_str(),
     )?;
     m.validate()?;
+    let places = Places::new(m, opts)?;
     let index = RepoIndex::load(repo)?;
     // Every chunk must be locatable before a byte is written.
     for e in &m.entries {
@@ -350,9 +426,10 @@ fn run(
     let marker = opts.target.join(IN_PROGRESS_MARKER);
     std::fs::write(&marker, format!("{}\n", m.backup_id)).map_err(|e| werr(&marker, e))?;
     for e in m.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-        let p = rel_path(&opts.target, e)?;
+        let p = places.path(e)?;
         std::fs::create_dir_all(&p).map_err(|er| werr(&p, er))?;
     }
+    places.link_tablespaces()?;
     let files: Vec<&Entry> = m
         .entries
         .iter()
@@ -379,7 +456,7 @@ fn run(
                     let Some(e) = todo.next().and_then(|i| files.get(i)) else {
                         return;
                     };
-                    let r = rel_path(&opts.target, e).and_then(|p| {
+                    let r = places.path(e).and_then(|p| {
                         restore_file(repo, &index, aead.as_ref(), &mut window, e, &p)
                     });
                     match r {
@@ -403,7 +480,7 @@ fn run(
         return Err(p);
     }
     for e in m.entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
-        let p = rel_path(&opts.target, e)?;
+        let p = places.path(e)?;
         if opts.force {
             let _ = std::fs::remove_file(&p);
         }
@@ -414,7 +491,7 @@ fn run(
     // Directories last and deepest first, so writing into them does not
     // disturb the times just set.
     for e in m.entries.iter().rev().filter(|e| e.kind == EntryKind::Dir) {
-        let p = rel_path(&opts.target, e)?;
+        let p = places.path(e)?;
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(e.mode))
             .map_err(|er| werr(&p, er))?;
         set_owner_and_times(&p, e, false)?;

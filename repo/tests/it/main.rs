@@ -72,6 +72,7 @@ pub fn restore_to(repo: &Repository, m: &Manifest, target: &Path) -> Result<(), 
             threads: 2,
             recovery: None,
             verify: Default::default(),
+            tablespace_mapping: Vec::new(),
         },
         &EventBus::new(),
     )

@@ -144,6 +144,7 @@ fn restore_refuses_a_live_postmaster_even_with_force() {
             threads: 1,
             recovery: None,
             verify: Default::default(),
+            tablespace_mapping: Vec::new(),
         },
         &pg_hardstorage_engine::event::EventBus::new(),
     )
@@ -154,5 +155,86 @@ fn restore_refuses_a_live_postmaster_even_with_force() {
         live.psql("postgres", "SELECT 1").trim(),
         "1",
         "the live server is untouched"
+    );
+}
+
+/// A tablespace outside the data directory is backed up and restored inside
+/// it (pg_tblspc/<oid>/), where PostgreSQL's backup_manifest lists its files.
+#[test]
+fn tablespace_is_backed_up_and_restored() {
+    let (tmp, repo) = local_repo(Default::default());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let src = PgCluster::start();
+    let ts = tmp.path().join("ts");
+    std::fs::create_dir_all(&ts).expect("ts dir");
+    pg_hardstorage_testkit::pg::give_to_postgres(&ts);
+    src.psql(
+        "postgres",
+        &format!("CREATE TABLESPACE extra LOCATION '{}'", ts.display()),
+    );
+    src.psql("postgres", "CREATE TABLE far (v int) TABLESPACE extra");
+    src.psql(
+        "postgres",
+        "INSERT INTO far SELECT g FROM generate_series(1, 5000) g",
+    );
+    deployment::create(
+        &repo,
+        Deployment {
+            name: "ts".into(),
+            kind: Kind::Postgres,
+            path: None,
+            pg: Some(src.conninfo()),
+            pgdata: None,
+            created_at: String::new(),
+            system_identifier: None,
+        },
+    )
+    .expect("deployment");
+    let (m, _) = backup(&repo, "ts").expect("backup with a tablespace");
+    assert_eq!(
+        m.source["tablespaces"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        m.source
+    );
+    let target = tmp.path().join("restored");
+    // The original location is in use by the source cluster: refused.
+    let err = restore_to(&repo, &m, &target).expect_err("tablespace location in use");
+    assert_eq!(err.code, "restore.target_not_empty");
+    let _ = std::fs::remove_dir_all(&target);
+    let moved = tmp.path().join("ts-restored");
+    pg_hardstorage_repo::restore::restore(
+        &repo,
+        &m,
+        &pg_hardstorage_repo::restore::RestoreOptions {
+            target: target.clone(),
+            force: false,
+            threads: 2,
+            recovery: None,
+            verify: Default::default(),
+            tablespace_mapping: vec![(ts.display().to_string(), moved.clone())],
+        },
+        &pg_hardstorage_engine::event::EventBus::new(),
+    )
+    .expect("restore with a tablespace mapping");
+    let oid = m.source["tablespaces"][0]["oid"].as_str().expect("oid");
+    let link = std::fs::read_link(target.join(format!("pg_tblspc/{oid}"))).expect("link");
+    assert_eq!(link, moved);
+    let v = as_postgres("pg_verifybackup", &[target.to_str().expect("utf8")]);
+    assert!(
+        v.status.success(),
+        "pg_verifybackup: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let restored = PgCluster::on_existing(&target).started();
+    assert_eq!(
+        restored
+            .psql("postgres", "SELECT count(*), sum(v) FROM far")
+            .trim(),
+        "5000|12502500"
     );
 }

@@ -21,6 +21,9 @@ pub struct BaseBackupInfo {
     pub end_lsn: String,
     pub end_timeline: u32,
     pub has_manifest: bool,
+    /// `(oid, location)` of each tablespace; their members are stored under
+    /// `pg_tblspc/<oid>/`, where PostgreSQL's backup_manifest lists them.
+    pub tablespaces: Vec<(String, String)>,
 }
 
 pub struct BaseBackupSource {
@@ -59,10 +62,19 @@ struct Emitter<'a> {
     entries: &'a Mutex<Vec<TarEntry>>,
     current: Option<Current>,
     block: usize,
+    /// Prepended to member paths (`pg_tblspc/<oid>/` in a tablespace archive).
+    prefix: String,
 }
 
 impl Emitter<'_> {
-    fn member(&mut self, h: Header) -> Result<(), Problem> {
+    fn member(&mut self, mut h: Header) -> Result<(), Problem> {
+        if !self.prefix.is_empty() {
+            h.path = if h.path.is_empty() || h.path == "." {
+                self.prefix.trim_end_matches('/').to_string()
+            } else {
+                format!("{}{}", self.prefix, h.path)
+            };
+        }
         let mut entries = lock(self.entries);
         let file = entries.len() as u64;
         let is_file = h.kind == Kind::File && h.size > 0;
@@ -142,7 +154,9 @@ impl Source for BaseBackupSource {
             entries: &entries,
             current: None,
             block: self.block,
+            prefix: String::new(),
         };
+        let mut tablespaces = Vec::new();
         let mut reader = Reader::new();
         let mut archives = 0;
         let mut in_manifest = false;
@@ -155,15 +169,29 @@ impl Source for BaseBackupSource {
                 let payload = bytes.slice(1..);
                 match kind {
                     b'n' => {
-                        archives += 1;
-                        let names = cstrings(&payload);
-                        let location = names.get(1).cloned().unwrap_or_default();
-                        if archives > 1 || !location.is_empty() {
+                        if archives > 0 && !reader.is_done() {
                             return Err(Problem::new(
-                                "unimplemented",
-                                format!("tablespaces are not backed up yet (found {location:?})"),
+                                "pg.protocol",
+                                "a tar archive of the base backup ended early",
                             ));
                         }
+                        archives += 1;
+                        let names = cstrings(&payload);
+                        let name = names.first().cloned().unwrap_or_default();
+                        let location = names.get(1).cloned().unwrap_or_default();
+                        out.prefix = if location.is_empty() {
+                            String::new()
+                        } else {
+                            let oid = name.trim_end_matches(".tar");
+                            if oid.is_empty() || !oid.chars().all(|c| c.is_ascii_digit()) {
+                                return Err(Problem::new(
+                                    "pg.protocol",
+                                    format!("tablespace archive named {name:?}"),
+                                ));
+                            }
+                            tablespaces.push((oid.to_string(), location.clone()));
+                            format!("pg_tblspc/{oid}/")
+                        };
                         reader = Reader::new();
                         Ok(())
                     }
@@ -214,6 +242,7 @@ impl Source for BaseBackupSource {
             end_lsn,
             end_timeline,
             has_manifest: in_manifest,
+            tablespaces,
         };
         Ok(())
     }
