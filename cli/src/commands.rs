@@ -7,7 +7,7 @@ use crate::{
 use clap::CommandFactory;
 use pg_hardstorage_engine::format::ChunkerParams;
 use pg_hardstorage_engine::pipeline::PipelineConfig;
-use pg_hardstorage_engine::store::{DynStore, Throttled};
+use pg_hardstorage_engine::store::{DynStore, OutageWhile, Throttled};
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::backup::{take_backup, BackupOptions};
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
@@ -54,8 +54,14 @@ fn store(cli: &Cli, create: bool) -> Result<DynStore, Problem> {
             Some("export PG_HARDSTORAGE_REPO=/var/lib/pg_hardstorage".into()),
         )
     })?;
-    let s = phs_store::open_store(&url, create)?;
-    // A rehearsal knob for slow storage (and the crash and backpressure tests).
+    let mut s = phs_store::open_store(&url, create)?;
+    // Rehearsal knobs: an outage while a flag file exists, slow storage.
+    if let Ok(flag) = std::env::var("PG_HARDSTORAGE_FAULT_OUTAGE_WHILE") {
+        s = Arc::new(OutageWhile {
+            inner: s,
+            flag: flag.into(),
+        });
+    }
     match std::env::var("PG_HARDSTORAGE_FAULT_PUT_DELAY_MS")
         .ok()
         .and_then(|v| v.parse().ok())

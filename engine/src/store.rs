@@ -84,3 +84,64 @@ impl Store for Throttled {
         self.inner.delete(key)
     }
 }
+
+/// Fails every call with `storage.unreachable` while a flag file exists:
+/// rehearses an outage (and lets tests take the repository away and give
+/// it back while a long-running command keeps going).
+pub struct OutageWhile {
+    pub inner: DynStore,
+    pub flag: std::path::PathBuf,
+}
+
+impl OutageWhile {
+    fn check(&self) -> Result<(), Problem> {
+        if self.flag.exists() {
+            return Err(Problem::new(
+                "storage.unreachable",
+                format!(
+                    "{} is unreachable (outage rehearsal)",
+                    self.inner.describe()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Store for OutageWhile {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn put(&self, key: &str, data: Bytes) -> Result<(), Problem> {
+        self.check()?;
+        self.inner.put(key, data)
+    }
+    fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, Problem> {
+        self.check()?;
+        self.inner.put_if_absent(key, data)
+    }
+    fn put_parts_if_absent(&self, key: &str, parts: Vec<Bytes>) -> Result<bool, Problem> {
+        self.check()?;
+        self.inner.put_parts_if_absent(key, parts)
+    }
+    fn get(&self, key: &str) -> Result<Option<Bytes>, Problem> {
+        self.check()?;
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, Problem> {
+        self.check()?;
+        self.inner.get_range(key, range)
+    }
+    fn head(&self, key: &str) -> Result<Option<u64>, Problem> {
+        self.check()?;
+        self.inner.head(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, Problem> {
+        self.check()?;
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), Problem> {
+        self.check()?;
+        self.inner.delete(key)
+    }
+}

@@ -244,6 +244,12 @@ impl Setup {
     /// Switches WAL and waits until the segment holding the current insert
     /// position is archived; returns the archive listing.
     fn archive_now(&self) -> serde_json::Value {
+        // A WAL record (touching no table), so the switch below always
+        // completes a segment.
+        self.src.psql(
+            "postgres",
+            "SELECT pg_logical_emit_message(false, 'phs', 'tick')",
+        );
         let at = lsn(&self
             .src
             .psql("postgres", "SELECT pg_current_wal_insert_lsn()"));
@@ -536,4 +542,53 @@ fn invalidated_slot_is_recreated_and_the_gap_refused() {
         (4, Some("restore.wal_missing")),
         "{v}"
     );
+}
+
+/// The repository goes away while WAL keeps coming: the streamer retries
+/// with backoff (events say so) and archives everything, without a gap,
+/// once it is back.
+#[test]
+fn streamer_rides_out_a_repository_outage() {
+    let s = Setup::new();
+    let flag = s.env.path("outage");
+    let events = s.env.path("outage.ndjson");
+    let _streamer = Streamer(
+        s.env
+            .cmd(&["wal", "stream", "pg", "--key-file", &s.key, "-o", "ndjson"])
+            .env("PG_HARDSTORAGE_FAULT_OUTAGE_WHILE", &flag)
+            .stdout(std::fs::File::create(&events).expect("events"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wal stream"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&flag, b"down").expect("outage on");
+    s.src.psql(
+        "postgres",
+        "INSERT INTO t SELECT 'x' || g FROM generate_series(1, 1000) g",
+    );
+    s.src.psql("postgres", "SELECT pg_switch_wal()");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&events)
+        .unwrap_or_default()
+        .contains("\"wal_stream_retry\"")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no retry event during the outage"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let flushed = s.src.psql(
+        "postgres",
+        "SELECT confirmed_flush_lsn IS NULL, restart_lsn FROM pg_replication_slots WHERE slot_name = 'pg_hardstorage_pg'",
+    );
+    std::fs::remove_file(&flag).expect("outage off");
+    let listing = s.archive_now();
+    assert_eq!(
+        listing["gaps"].as_array().map(Vec::len),
+        Some(0),
+        "{listing}"
+    );
+    let _ = flushed;
 }
