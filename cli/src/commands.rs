@@ -603,7 +603,8 @@ fn wal_cmd(cli: &Cli, out: &mut Out, c: &WalCmd) -> R {
     match c {
         WalCmd::Stream { deployment } => {
             out.stream_events();
-            pg_hardstorage_repo::wal::stream(&r, deployment, &out.bus, &|| false)?;
+            crate::signals::install();
+            pg_hardstorage_repo::wal::stream(&r, deployment, &out.bus, &crate::signals::stopping)?;
             out.success(
                 "wal.stream",
                 json!({"deployment": deployment, "stopped": true}),

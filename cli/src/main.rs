@@ -5,6 +5,7 @@
 mod commands;
 mod output;
 mod progress;
+mod signals;
 
 use clap::{Args, Parser, Subcommand};
 use output::{Format, Out};

@@ -339,7 +339,8 @@ pub fn stream_once(
     let mut flushed = pos;
     let mut last_report = std::time::Instant::now();
     while !stop() {
-        match conn.recv_replication()? {
+        match conn.recv_replication(Duration::from_secs(1))? {
+            ReplMsg::Idle => {}
             ReplMsg::XLogData { start, data } => {
                 if start != pos + seg.len() as u64 {
                     return Err(Problem::new(
@@ -389,6 +390,13 @@ pub fn stream_once(
             ReplMsg::End => return Ok(()),
         }
     }
+    bus.publish(
+        Event::new(Severity::Notice, "wal_stream_stopped").body(json!({
+            "deployment": deployment,
+            "flushed_lsn": format_lsn(flushed),
+            "unarchived_bytes": seg.len(),
+        })),
+    );
     Ok(())
 }
 
@@ -456,7 +464,10 @@ pub fn stream(
                 bus.publish(Event::new(Severity::Warning, "wal_stream_retry").body(json!({
                     "deployment": deployment, "error": p.to_json(), "retry_in_seconds": backoff.as_secs_f64(),
                 })));
-                std::thread::sleep(backoff);
+                let until = std::time::Instant::now() + backoff;
+                while std::time::Instant::now() < until && !stop() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }

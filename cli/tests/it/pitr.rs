@@ -592,3 +592,36 @@ fn streamer_rides_out_a_repository_outage() {
     );
     let _ = flushed;
 }
+
+/// SIGTERM stops `wal stream` promptly and cleanly (exit 0, a final
+/// `wal_stream_stopped` event); archived WAL stays archived.
+#[test]
+fn wal_stream_stops_on_sigterm() {
+    let s = Setup::new();
+    let events = s.env.path("term.ndjson");
+    let mut child = s
+        .env
+        .cmd(&["wal", "stream", "pg", "--key-file", &s.key, "-o", "ndjson"])
+        .stdout(std::fs::File::create(&events).expect("events"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wal stream");
+    std::thread::sleep(Duration::from_millis(300));
+    s.archive_now();
+    // SAFETY: sending SIGTERM to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "wal stream ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    let text = std::fs::read_to_string(&events).expect("events");
+    assert!(text.contains("\"wal_stream_stopped\""), "{text}");
+}

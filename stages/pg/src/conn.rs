@@ -126,25 +126,44 @@ impl Conn {
 
     /// Reads more bytes from the socket into the buffer.
     fn fill(&mut self, want: usize) -> Result<(), Problem> {
+        match self.fill_within(want, None)? {
+            true => Ok(()),
+            false => Err(proto("read timed out")),
+        }
+    }
+
+    /// Like `fill`; `Ok(false)` when `limit` passed with nothing read
+    /// (`read_buf` is cancel-safe: nothing is lost).
+    fn fill_within(
+        &mut self,
+        want: usize,
+        limit: Option<std::time::Duration>,
+    ) -> Result<bool, Problem> {
         let Conn {
             rt, stream, buf, ..
         } = self;
         buf.reserve(want);
-        let n = rt
-            .block_on(async {
-                match stream {
-                    Stream::Tcp(s) => s.read_buf(buf).await,
-                    Stream::Unix(s) => s.read_buf(buf).await,
-                }
-            })
-            .map_err(io_err)?;
+        let read = async {
+            match stream {
+                Stream::Tcp(s) => s.read_buf(buf).await,
+                Stream::Unix(s) => s.read_buf(buf).await,
+            }
+        };
+        let n = match limit {
+            None => rt.block_on(read),
+            Some(d) => match rt.block_on(async { tokio::time::timeout(d, read).await }) {
+                Ok(r) => r,
+                Err(_) => return Ok(false),
+            },
+        }
+        .map_err(io_err)?;
         if n == 0 {
             return Err(Problem::new(
                 "pg.unreachable",
                 "PostgreSQL closed the connection",
             ));
         }
-        Ok(())
+        Ok(true)
     }
 
     fn recv(&mut self) -> Result<Message, Problem> {
@@ -354,6 +373,8 @@ pub enum ReplMsg {
     Keepalive { end: u64, reply: bool },
     /// The stream ended (timeline switch or server shutdown).
     End,
+    /// Nothing arrived within the wait asked for.
+    Idle,
 }
 
 /// Microseconds since 2000-01-01, the protocol's clock.
@@ -471,6 +492,18 @@ impl Conn {
     /// does not know (CopyBothResponse) are read here.
     fn recv_raw(&mut self) -> Result<(u8, Bytes), Problem> {
         loop {
+            if let Some(f) = self.recv_raw_within(None)? {
+                return Ok(f);
+            }
+        }
+    }
+
+    /// A frame, or `None` when `limit` passed without one.
+    fn recv_raw_within(
+        &mut self,
+        limit: Option<std::time::Duration>,
+    ) -> Result<Option<(u8, Bytes)>, Problem> {
+        loop {
             if self.buf.len() >= 5 {
                 let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
                     as usize;
@@ -479,17 +512,22 @@ impl Conn {
                 }
                 if self.buf.len() > len {
                     let frame = self.buf.split_to(len + 1).freeze();
-                    return Ok((frame[0], frame.slice(5..)));
+                    return Ok(Some((frame[0], frame.slice(5..))));
                 }
             }
-            self.fill(1 << 20)?;
+            if !self.fill_within(1 << 20, limit)? {
+                return Ok(None);
+            }
         }
     }
 
     /// The next message of a replication stream.
-    pub fn recv_replication(&mut self) -> Result<ReplMsg, Problem> {
+    /// The next message, waiting at most `limit` (`Idle` after that).
+    pub fn recv_replication(&mut self, limit: std::time::Duration) -> Result<ReplMsg, Problem> {
         loop {
-            let (tag, body) = self.recv_raw()?;
+            let Some((tag, body)) = self.recv_raw_within(Some(limit))? else {
+                return Ok(ReplMsg::Idle);
+            };
             match tag {
                 b'd' => match body.first() {
                     Some(b'w') => {
