@@ -625,3 +625,33 @@ fn wal_stream_stops_on_sigterm() {
     let text = std::fs::read_to_string(&events).expect("events");
     assert!(text.contains("\"wal_stream_stopped\""), "{text}");
 }
+
+/// A role without REPLICATION cannot take base backups: a clear pre-flight
+/// refusal (exit 4, `pg.replication_denied`) that says how to grant it.
+#[test]
+fn missing_replication_privilege_is_refused_clearly() {
+    let s = Setup::new();
+    s.src.psql("postgres", "CREATE ROLE norep LOGIN");
+    let conninfo = s.src.conninfo().replace("user=postgres", "user=norep");
+    s.env.ok(&[
+        "deployment",
+        "create",
+        "np",
+        "--pg",
+        &conninfo,
+        "--key-file",
+        &s.key,
+    ]);
+    let (code, v) = s.env.json(&["backup", "run", "np", "--key-file", &s.key]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (4, Some("pg.replication_denied")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["suggestion"]["human"]
+            .as_str()
+            .is_some_and(|h| h.contains("REPLICATION")),
+        "{v}"
+    );
+}
