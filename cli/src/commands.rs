@@ -445,13 +445,13 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
     let r = open(cli)?;
     deployment::validate_name(&a.deployment)?;
     let target = pitr::recovery_target(a.to.as_deref(), a.to_lsn.as_deref(), a.to_name.as_deref())?;
-    let m = match (&target, a.backup.as_str()) {
-        // With a target, `latest` is the newest backup that finished before it.
-        (Some(RecoveryTarget::Time(_)), "latest") => {
-            pitr::latest_before(&r, &a.deployment, a.to.as_deref())?
-        }
-        _ => catalog::resolve(&r, &a.deployment, &a.backup)?,
-    };
+    let m = pitr::choose_backup(
+        &r,
+        &a.deployment,
+        &a.backup,
+        target.as_ref(),
+        a.to.as_deref(),
+    )?;
     let is_pg = m.source["type"] == "postgres";
     if target.is_some() && !is_pg {
         return Err(Problem::new(

@@ -72,6 +72,36 @@ pub fn recovery_target(
     Ok(None)
 }
 
+/// The backup a restore starts from: `which` (an id), or for `latest` the
+/// newest backup that can reach the target — finished before a time target,
+/// ended at or before an LSN target; the newest one otherwise.
+pub fn choose_backup(
+    r: &Repository,
+    deployment: &str,
+    which: &str,
+    target: Option<&RecoveryTarget>,
+    when: Option<&str>,
+) -> Result<Manifest, Problem> {
+    match (target, which) {
+        (Some(RecoveryTarget::Time(_)), "latest") => latest_before(r, deployment, when),
+        (Some(RecoveryTarget::Lsn(l)), "latest") => {
+            let want = phs_pg::parse_lsn(l).unwrap_or(0);
+            for b in catalog::list(r, Some(deployment))?.iter().rev() {
+                let m = catalog::resolve(r, deployment, &b.backup_id)?;
+                let end = m.source["end_lsn"].as_str().and_then(phs_pg::parse_lsn);
+                if end.is_some_and(|e| e <= want) {
+                    return Ok(m);
+                }
+            }
+            Err(Problem::new(
+                "restore.target_outside_archive",
+                format!("no backup of {deployment:?} ended before {l}"),
+            ))
+        }
+        _ => catalog::resolve(r, deployment, which),
+    }
+}
+
 pub fn latest_before(
     r: &Repository,
     deployment: &str,

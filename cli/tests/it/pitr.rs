@@ -51,6 +51,14 @@ fn pitr_to_time_lsn_and_restore_point() {
     std::thread::sleep(Duration::from_millis(1100));
     src.psql("postgres", "INSERT INTO t VALUES ('B')");
     setup.archive_now();
+    // A newer backup (after B): `latest` must still pick the one that can
+    // reach each target (the time and LSN targets lie before it).
+    let first = env.ok(&["backup", "list", "pg", "--key-file", k])[0]["backup_id"]
+        .as_str()
+        .expect("first backup")
+        .to_string();
+    std::thread::sleep(Duration::from_millis(1100));
+    env.ok(&["backup", "run", "pg", "--key-file", k]);
 
     let mut last = None;
     for (n, flag, value) in [
@@ -59,11 +67,17 @@ fn pitr_to_time_lsn_and_restore_point() {
         (2, "--to-name", "before_b".to_string()),
     ] {
         let target = env.path(&format!("pitr{n}"));
+        // A restore point's position is unknown before replay: name the backup.
+        let backup = if flag == "--to-name" {
+            first.as_str()
+        } else {
+            "latest"
+        };
         let r = env.ok(&[
             "restore",
             "pg",
             "--backup",
-            "latest",
+            backup,
             "--target",
             target.to_str().expect("utf8"),
             flag,
