@@ -194,6 +194,37 @@ impl PgCluster {
         )
     }
 
+    /// The server log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.sock.join("postgres.log")).unwrap_or_default()
+    }
+
+    /// Like `psql`, but a failure (server gone) is returned, not a panic.
+    pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let port = self.port.to_string();
+        let o = as_postgres(
+            "psql",
+            &[
+                "-h",
+                self.sock.to_str().unwrap_or_default(),
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-At",
+                "-c",
+                sql,
+            ],
+        );
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+
     /// Runs SQL with psql; returns its unaligned, tuples-only output.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let port = self.port.to_string();

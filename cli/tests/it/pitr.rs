@@ -431,16 +431,24 @@ fn refusals_and_missing_wal() {
     // ...and forced past it, PostgreSQL stops instead of promoting.
     let (exit, v) = s.restore("missing", &["--to", after_b.trim(), "--force"]);
     assert_eq!(exit, 0, "{v}");
+    // It may come up in recovery for a moment; it must never promote, and
+    // PostgreSQL stops when recovery ends before the target.
+    const STOPPED: &str = "recovery ended before configured recovery target was reached";
     match PgCluster::on_existing(&s.env.path("missing")).try_started() {
         Ok(pg) => {
-            std::thread::sleep(Duration::from_secs(2));
-            let r = pg.psql("postgres", "SELECT pg_is_in_recovery()");
-            assert_eq!(r.trim(), "t", "a cluster missing WAL must not promote");
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                match pg.try_psql("postgres", "SELECT pg_is_in_recovery()") {
+                    Ok(r) => assert_eq!(r.trim(), "t", "a cluster missing WAL must not promote"),
+                    Err(_) => {
+                        assert!(pg.log().contains(STOPPED), "{}", pg.log());
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
-        Err(log) => assert!(
-            log.contains("recovery ended before configured recovery target was reached"),
-            "{log}"
-        ),
+        Err(log) => assert!(log.contains(STOPPED), "{log}"),
     }
 }
 
