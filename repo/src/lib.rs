@@ -12,6 +12,7 @@ pub mod deployment;
 pub mod index;
 pub mod keys;
 pub mod lock;
+mod parallel;
 pub mod pgbackup;
 pub mod pitr;
 pub mod repository;

@@ -18,8 +18,7 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -267,31 +266,12 @@ fn preflight(target: &Path, force: bool, sysid: Option<&str>) -> Result<(), Prob
             format!("target {} exists and is not a directory", target.display()),
         )
         .with("target", target.display().to_string())),
-        Ok(_) => {
-            let nonempty = std::fs::read_dir(target)
-                .map_err(|e| {
-                    Problem::io(
-                        "restore.target_invalid",
-                        format!("target {}", target.display()),
-                        &e,
-                    )
-                })?
-                .next()
-                .is_some();
-            if nonempty && !force {
-                Err(Problem::new(
-                    "restore.target_not_empty",
-                    format!("target {} is not empty", target.display()),
-                )
-                .with("target", target.display().to_string())
-                .suggest(
-                    "Restore into an empty or new directory, or pass --force to write over it",
-                    None,
-                ))
-            } else {
-                Ok(())
-            }
-        }
+        Ok(_) => preflight_dir(
+            target,
+            force,
+            "target",
+            "Restore into an empty or new directory, or pass --force to write over it",
+        ),
     }
 }
 
@@ -320,7 +300,12 @@ impl Places {
                 .find(|(old, _)| old == loc)
                 .map(|(_, new)| new.clone())
                 .unwrap_or_else(|| PathBuf::from(loc));
-            preflight_dir(&dir, opts.force, "tablespace")?;
+            preflight_dir(
+                &dir,
+                opts.force,
+                "tablespace directory",
+                "Map it elsewhere with --tablespace-mapping OLD=NEW, or pass --force to write over it",
+            )?;
             tablespaces.push((format!("pg_tblspc/{oid}"), dir));
         }
         Ok(Places {
@@ -357,20 +342,25 @@ impl Places {
 }
 
 /// A directory a restore writes into must be absent or empty (unless forced).
-fn preflight_dir(dir: &Path, force: bool, what: &str) -> Result<(), Problem> {
-    let nonempty = std::fs::read_dir(dir)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false);
+fn preflight_dir(dir: &Path, force: bool, what: &str, suggestion: &str) -> Result<(), Problem> {
+    let nonempty = match std::fs::read_dir(dir) {
+        Ok(mut d) => d.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            return Err(Problem::io(
+                "restore.target_invalid",
+                format!("{what} {}", dir.display()),
+                &e,
+            ))
+        }
+    };
     if nonempty && !force {
         return Err(Problem::new(
             "restore.target_not_empty",
-            format!("{what} directory {} is not empty", dir.display()),
+            format!("{what} {} is not empty", dir.display()),
         )
         .with("target", dir.display().to_string())
-        .suggest(
-            "Map it elsewhere with --tablespace-mapping OLD=NEW, or pass --force to write over it",
-            None,
-        ));
+        .suggest(suggestion, None));
     }
     Ok(())
 }
@@ -389,7 +379,7 @@ pub fn restore(
     subj.insert("deployment".into(), json!(m.deployment));
     subj.insert("backup_id".into(), json!(m.backup_id));
     bus.publish(Event::new(Severity::Info, "restore_started").subject(subj.clone()));
-    let r = run(repo, m, opts, bus);
+    let r = run(repo, m, opts);
     match &r {
         Ok(s) => bus.publish(
             Event::new(Severity::Notice, "restore_completed")
@@ -401,12 +391,7 @@ pub fn restore(
     r
 }
 
-fn run(
-    repo: &Repository,
-    m: &Manifest,
-    opts: &RestoreOptions,
-    bus: &EventBus,
-) -> Result<RestoreSummary, Problem> {
+fn run(repo: &Repository, m: &Manifest, opts: &RestoreOptions) -> Result<RestoreSummary, Problem> {
     let t0 = Instant::now();
     preflight(
         &opts.target,
@@ -435,50 +420,14 @@ fn run(
         .iter()
         .filter(|e| e.kind == EntryKind::File)
         .collect();
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let first: Mutex<Option<Problem>> = Mutex::new(None);
     let bytes = AtomicU64::new(0);
     let aead = repo.aead();
-    std::thread::scope(|s| {
-        for _ in 0..opts.threads.max(1) {
-            s.spawn(|| {
-                let mut window = Window::default();
-                let mut todo = std::ops::Range { start: 0, end: 0 };
-                loop {
-                    if failed.load(Ordering::Acquire) {
-                        return;
-                    }
-                    if todo.is_empty() {
-                        let i = next.fetch_add(BATCH, Ordering::Relaxed);
-                        todo = i..(i + BATCH).min(files.len());
-                    }
-                    let Some(e) = todo.next().and_then(|i| files.get(i)) else {
-                        return;
-                    };
-                    let r = places.path(e).and_then(|p| {
-                        restore_file(repo, &index, aead.as_ref(), &mut window, e, &p)
-                    });
-                    match r {
-                        Ok(n) => {
-                            bytes.fetch_add(n, Ordering::Relaxed);
-                        }
-                        Err(p) => {
-                            failed.store(true, Ordering::Release);
-                            first
-                                .lock()
-                                .unwrap_or_else(|x| x.into_inner())
-                                .get_or_insert(p);
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    if let Some(p) = first.into_inner().unwrap_or_else(|x| x.into_inner()) {
-        return Err(p);
-    }
+    crate::parallel::for_each(&files, opts.threads, BATCH, Window::default, |window, e| {
+        let p = places.path(e)?;
+        let n = restore_file(repo, &index, aead.as_ref(), window, e, &p)?;
+        bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    })?;
     for e in m.entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
         let p = places.path(e)?;
         if opts.force {
@@ -496,7 +445,6 @@ fn run(
             .map_err(|er| werr(&p, er))?;
         set_owner_and_times(&p, e, false)?;
     }
-    let _ = bus;
     if let Some(r) = &opts.recovery {
         let root = m
             .entries

@@ -12,8 +12,7 @@ use pg_hardstorage_engine::Problem;
 use serde::Serialize;
 use serde_json::json;
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifySummary {
@@ -60,39 +59,21 @@ fn run(repo: &Repository, m: &Manifest, threads: usize) -> Result<VerifySummary,
         }
     }
     let packs: Vec<_> = by_pack.into_iter().collect();
-    let next = AtomicUsize::new(0);
-    let first = Mutex::new(None);
     let (chunks, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let aead = repo.aead();
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((pack, ids)) = packs.get(i) else {
-                    return;
-                };
-                if first.lock().unwrap_or_else(|x| x.into_inner()).is_some() {
-                    return;
-                }
-                match verify_pack(repo, &index, aead.as_ref(), pack, ids) {
-                    Ok(n) => {
-                        chunks.fetch_add(ids.len() as u64, Ordering::Relaxed);
-                        bytes.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Err(p) => {
-                        first
-                            .lock()
-                            .unwrap_or_else(|x| x.into_inner())
-                            .get_or_insert(p);
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    if let Some(p) = first.into_inner().unwrap_or_else(|x| x.into_inner()) {
-        return Err(p.with("backup_id", m.backup_id.clone()));
-    }
+    crate::parallel::for_each(
+        &packs,
+        threads,
+        1,
+        || (),
+        |_, (pack, ids)| {
+            let n = verify_pack(repo, &index, aead.as_ref(), pack, ids)?;
+            chunks.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            bytes.fetch_add(n, Ordering::Relaxed);
+            Ok(())
+        },
+    )
+    .map_err(|p| p.with("backup_id", m.backup_id.clone()))?;
     Ok(VerifySummary {
         backup_id: m.backup_id.clone(),
         packs: packs.len() as u64,

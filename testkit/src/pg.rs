@@ -214,6 +214,8 @@ impl PgCluster {
                 "-d",
                 db,
                 "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
                 "-c",
                 sql,
             ],
@@ -227,28 +229,8 @@ impl PgCluster {
 
     /// Runs SQL with psql; returns its unaligned, tuples-only output.
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let port = self.port.to_string();
-        check(
-            "psql",
-            as_postgres(
-                "psql",
-                &[
-                    "-h",
-                    self.sock.to_str().expect("utf8"),
-                    "-p",
-                    &port,
-                    "-U",
-                    "postgres",
-                    "-d",
-                    db,
-                    "-At",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-c",
-                    sql,
-                ],
-            ),
-        )
+        self.try_psql(db, sql)
+            .unwrap_or_else(|e| panic!("psql failed on {sql:?}: {e}"))
     }
 
     pub fn run(&self, prog: &str, args: &[&str]) -> String {

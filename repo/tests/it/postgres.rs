@@ -14,6 +14,22 @@ const TABLES: [&str; 4] = [
     "pgbench_history",
 ];
 
+fn add_pg_deployment(repo: &pg_hardstorage_repo::Repository, name: &str, pg: &PgCluster) {
+    deployment::create(
+        repo,
+        Deployment {
+            name: name.into(),
+            kind: Kind::Postgres,
+            path: None,
+            pg: Some(pg.conninfo()),
+            pgdata: None,
+            created_at: String::new(),
+            system_identifier: None,
+        },
+    )
+    .expect("deployment");
+}
+
 fn checksums(pg: &PgCluster) -> Vec<String> {
     TABLES
         .iter()
@@ -60,19 +76,7 @@ fn full_restore(repo: &pg_hardstorage_repo::Repository, tmp: &std::path::Path, s
     );
     let before = checksums(&src);
 
-    deployment::create(
-        repo,
-        Deployment {
-            name: "pg1".into(),
-            kind: Kind::Postgres,
-            path: None,
-            pg: Some(src.conninfo()),
-            pgdata: None,
-            created_at: String::new(),
-            system_identifier: None,
-        },
-    )
-    .expect("deployment");
+    add_pg_deployment(repo, "pg1", &src);
     let (m, events) = backup(repo, "pg1").expect("base backup");
     assert_eq!(
         events.ops().last().map(String::as_str),
@@ -181,19 +185,7 @@ fn tablespace_is_backed_up_and_restored() {
         "postgres",
         "INSERT INTO far SELECT g FROM generate_series(1, 5000) g",
     );
-    deployment::create(
-        &repo,
-        Deployment {
-            name: "ts".into(),
-            kind: Kind::Postgres,
-            path: None,
-            pg: Some(src.conninfo()),
-            pgdata: None,
-            created_at: String::new(),
-            system_identifier: None,
-        },
-    )
-    .expect("deployment");
+    add_pg_deployment(&repo, "ts", &src);
     let (m, _) = backup(&repo, "ts").expect("backup with a tablespace");
     assert_eq!(
         m.source["tablespaces"].as_array().map(Vec::len),
