@@ -504,14 +504,11 @@ fn restore_file(
     e: &Entry,
     dest: &Path,
 ) -> Result<u64, Problem> {
-    match write_file(repo, index, aead, window, e, dest) {
-        Ok(n) => Ok(n),
-        Err(p) => {
-            // Never leave a file whose content did not verify.
-            let _ = std::fs::remove_file(dest);
-            Err(p.with("path", e.path.clone()))
-        }
-    }
+    write_file(repo, index, aead, window, e, dest).map_err(|p| {
+        // Never leave a file whose content did not verify.
+        let _ = std::fs::remove_file(dest);
+        p.with("path", e.path.clone())
+    })
 }
 
 fn write_file(

@@ -248,18 +248,13 @@ impl PgCluster {
     }
 
     pub fn stop(&mut self) {
+        self.stop_with("fast");
+    }
+
+    fn stop_with(&mut self, mode: &str) {
         if self.running {
-            let _ = as_postgres(
-                "pg_ctl",
-                &[
-                    "-D",
-                    self.data.to_str().unwrap_or_default(),
-                    "-m",
-                    "fast",
-                    "-w",
-                    "stop",
-                ],
-            );
+            let data = self.data.to_str().unwrap_or_default().to_string();
+            let _ = as_postgres("pg_ctl", &["-D", &data, "-m", mode, "-w", "stop"]);
             self.running = false;
         }
     }
@@ -267,18 +262,6 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        if self.running {
-            let _ = as_postgres(
-                "pg_ctl",
-                &[
-                    "-D",
-                    self.data.to_str().unwrap_or_default(),
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "stop",
-                ],
-            );
-        }
+        self.stop_with("immediate");
     }
 }
