@@ -358,6 +358,7 @@ pub fn parse_pack(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
 pub const MANIFEST_MAGIC: &[u8; 8] = b"PHSMANI\x01";
 pub const INDEX_MAGIC: &[u8; 8] = b"PHSINDX\x01";
 pub const DEPLOYMENT_MAGIC: &[u8; 8] = b"PHSDEPL\x01";
+pub const TOKEN_MAGIC: &[u8; 8] = b"PHSTOKN\x01";
 pub const MAC_LEN: usize = 32;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -444,6 +445,11 @@ pub struct Entry {
     pub target: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<(ChunkId, u32)>,
+    /// Set for a file stored page by page (a PostgreSQL relation file):
+    /// `chunks` then lists the page runs its pages live in, in no
+    /// particular order, and the map says which run and slot holds each page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<PageMap>,
 }
 
 impl Entry {
@@ -471,6 +477,86 @@ impl Entry {
     }
 }
 
+// ---------------------------------------------------------------- page maps
+
+/// Bytes of one page record: keyed-hash prefix | run u32le | slot u16le.
+pub const PAGE_RECORD: usize = PAGE_HASH + 4 + 2;
+/// Bytes of the page hash kept in a record: a prefix of the keyed BLAKE3
+/// of the page. It is only ever compared with the record of the same page
+/// in the previous backup, never looked up in a set, so 128 bits leave no
+/// room for a collision.
+pub const PAGE_HASH: usize = 16;
+
+/// Where each page of a paged file lives: `records` is base64 of one
+/// [`PAGE_RECORD`] per page, in page order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageMap {
+    pub page_size: u32,
+    pub records: String,
+}
+
+/// One page's record, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRecord {
+    pub hash: [u8; PAGE_HASH],
+    /// Index into the entry's `chunks` (the run holding the page).
+    pub run: u32,
+    /// Which page of the run it is.
+    pub slot: u16,
+}
+
+impl PageRecord {
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.hash);
+        out.extend_from_slice(&self.run.to_le_bytes());
+        out.extend_from_slice(&self.slot.to_le_bytes());
+    }
+}
+
+impl PageMap {
+    pub fn from_records(page_size: u32, raw: &[u8]) -> Self {
+        use base64::Engine;
+        PageMap {
+            page_size,
+            records: base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw),
+        }
+    }
+
+    /// Decodes and checks the records against the entry's runs: every run
+    /// exists, is whole pages long, and holds the slot named.
+    pub fn decode(&self, runs: &[(ChunkId, u32)]) -> Result<Vec<PageRecord>, Problem> {
+        use base64::Engine;
+        let bad = |m: String| Problem::new("verify.malformed", format!("page map: {m}"));
+        if !(512..=(1 << 16)).contains(&self.page_size) || !self.page_size.is_power_of_two() {
+            return Err(bad(format!("page size {} is invalid", self.page_size)));
+        }
+        let raw = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(&self.records)
+            .map_err(|e| bad(format!("records are not base64: {e}")))?;
+        if !raw.len().is_multiple_of(PAGE_RECORD) {
+            return Err(bad("records are not whole".into()));
+        }
+        let ps = self.page_size as u64;
+        let mut out = Vec::with_capacity(raw.len() / PAGE_RECORD);
+        for rec in raw.chunks_exact(PAGE_RECORD) {
+            let mut hash = [0u8; PAGE_HASH];
+            hash.copy_from_slice(&rec[..PAGE_HASH]);
+            let run = u32::from_le_bytes([rec[16], rec[17], rec[18], rec[19]]);
+            let slot = u16::from_le_bytes([rec[20], rec[21]]);
+            let Some((_, len)) = runs.get(run as usize) else {
+                return Err(bad(format!("page names run {run} of {}", runs.len())));
+            };
+            let len = *len as u64;
+            if !len.is_multiple_of(ps) || (slot as u64 + 1) * ps > len {
+                return Err(bad(format!("slot {slot} lies outside run {run}")));
+            }
+            out.push(PageRecord { hash, run, slot });
+        }
+        Ok(out)
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupStats {
@@ -481,6 +567,21 @@ pub struct BackupStats {
     pub bytes_added: u64,
     pub chunks: u64,
     pub chunks_new: u64,
+    /// Paged (relation) files: their bytes, their pages, the pages the
+    /// backup stored anew (all others were found unchanged in the
+    /// previous backup), and the bytes those added to the repository.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub paged_bytes: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages_stored: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub paged_bytes_added: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -523,6 +624,17 @@ impl Manifest {
                     "verify.malformed",
                     format!("manifest: unsafe path {:?}", e.path),
                 ));
+            }
+            if let Some(map) = &e.pages {
+                let pages = map.decode(&e.chunks)?;
+                if e.kind != EntryKind::File || pages.len() as u64 * map.page_size as u64 != e.size
+                {
+                    return Err(Problem::new(
+                        "verify.malformed",
+                        format!("manifest: page map of {:?} does not match its size", e.path),
+                    ));
+                }
+                continue;
             }
             let sum: u64 = e.chunks.iter().map(|(_, l)| *l as u64).sum();
             if e.kind == EntryKind::File && sum != e.size {

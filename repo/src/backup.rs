@@ -154,6 +154,7 @@ fn entry_of(rel: &[u8], m: &std::fs::Metadata, target: Option<String>) -> Entry 
         size: if kind == EntryKind::File { m.len() } else { 0 },
         target,
         chunks: Vec::new(),
+        pages: None,
     };
     e.set_path_bytes(rel);
     e
@@ -332,7 +333,7 @@ fn run_backup(
         .read_backend
         .unwrap_or_else(|| phs_read::probe().backend);
     let source: Box<dyn Source> = Box::new(FileSource::new(files, backend));
-    let report = run_pipeline(repo, source, dedup, bus, &opts.pipeline, &mut |c| {
+    let report = run_pipeline(repo, source, dedup, bus, &opts.pipeline, None, &mut |c| {
         if let Some(e) = entries.get_mut(c.file as usize) {
             e.chunks.push((c.id, c.len));
         }
@@ -363,7 +364,9 @@ pub(crate) fn settle(entries: &mut [Entry], report: &Report) -> BackupStats {
     for e in entries.iter_mut() {
         match e.kind {
             EntryKind::File => {
-                e.size = e.chunks.iter().map(|(_, l)| *l as u64).sum();
+                if e.pages.is_none() {
+                    e.size = e.chunks.iter().map(|(_, l)| *l as u64).sum();
+                }
                 stats.files += 1;
                 stats.bytes_logical += e.size;
             }
@@ -385,10 +388,19 @@ pub fn run_pipeline(
     dedup: Arc<phs_dedup::DedupIndex>,
     bus: &EventBus,
     cfg: &PipelineConfig,
+    pages: Option<Arc<dyn phs_chunk::PagePlanner>>,
     on_chunk: &mut dyn FnMut(pg_hardstorage_engine::stage::ChunkRef),
 ) -> Result<Report, Problem> {
     let params = phs_chunk::Params::new(&repo.config.chunker)?;
-    let splitter = phs_chunk::FastCdcFactory(params);
+    let splitter: Box<dyn pg_hardstorage_engine::stage::SplitterFactory> = match pages {
+        Some(planner) => Box::new(phs_chunk::PageAwareFactory {
+            cdc: params,
+            key: repo.keys.id,
+            planner,
+            run_pages: crate::pages::RUN_PAGES,
+        }),
+        None => Box::new(phs_chunk::FastCdcFactory(params)),
+    };
     let chain = chain(repo, dedup);
     let r2 = repo.clone();
     let sink = PackSink::new(
@@ -403,7 +415,7 @@ pub fn run_pipeline(
     p.run(
         Stages {
             source,
-            splitter: &splitter,
+            splitter: splitter.as_ref(),
             chain: &chain,
             sink: Box::new(sink),
         },

@@ -443,6 +443,7 @@ pub fn run(opts: &BenchOptions, bus: &EventBus) -> Result<BenchReport, Problem> 
         Arc::new(phs_dedup::DedupIndex::default()),
         bus,
         &opts.pipeline,
+        None,
         &mut |_| {},
     )?;
     let wall = t.elapsed().as_secs_f64();

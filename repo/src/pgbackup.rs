@@ -10,9 +10,10 @@
 use crate::backup::{commit, new_backup_id, run_pipeline, settle, BackupOptions};
 use crate::index::RepoIndex;
 use crate::lock::Lease;
+use crate::pages::RelationPlanner;
 use crate::{deployment, Repository};
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
-use pg_hardstorage_engine::format::{Entry, EntryKind, Manifest, FORMAT_VERSION};
+use pg_hardstorage_engine::format::{BackupStats, Entry, EntryKind, Manifest, FORMAT_VERSION};
 use pg_hardstorage_engine::stage::ChunkId;
 use pg_hardstorage_engine::Problem;
 use phs_pg::{BaseBackupSource, Conn, ConnInfo};
@@ -37,6 +38,7 @@ fn entry(h: &phs_pg::TarEntry, chunks: Vec<(ChunkId, u32)>) -> Entry {
         size: chunks.iter().map(|(_, l)| *l as u64).sum(),
         target: (kind == EntryKind::Symlink).then(|| h.link.clone()),
         chunks,
+        pages: None,
     };
     e.set_path_bytes(h.path.as_bytes());
     e
@@ -52,14 +54,6 @@ pub fn preflight(
 ) -> Result<phs_pg::SystemInfo, Problem> {
     let system = conn.identify_system()?;
     deployment::bind_system(repo, name, &system.system_identifier)?;
-    let show = |conn: &mut Conn, what: &str| -> Result<String, Problem> {
-        Ok(conn
-            .simple_query(&format!("SHOW {what}"))?
-            .first()
-            .and_then(|s| s.first())
-            .and_then(|r| r.first().cloned().flatten())
-            .unwrap_or_default())
-    };
     if show(conn, "wal_level")? == "minimal" {
         return Err(Problem::new(
             "pg.replication_denied",
@@ -79,6 +73,29 @@ pub fn preflight(
         })));
     }
     Ok(system)
+}
+
+/// The server's page size (`block_size`, 8192 unless PostgreSQL was built otherwise).
+fn block_size(conn: &mut Conn) -> Result<u32, Problem> {
+    let v = show(conn, "block_size")?;
+    v.parse::<u32>()
+        .ok()
+        .filter(|n| n.is_power_of_two() && (512..=65536).contains(n))
+        .ok_or_else(|| {
+            Problem::new(
+                "pg.protocol",
+                format!("server reports block_size {v:?}, not a page size"),
+            )
+        })
+}
+
+fn show(conn: &mut Conn, what: &str) -> Result<String, Problem> {
+    Ok(conn
+        .simple_query(&format!("SHOW {what}"))?
+        .first()
+        .and_then(|s| s.first())
+        .and_then(|r| r.first().cloned().flatten())
+        .unwrap_or_default())
 }
 
 /// Takes a base backup of a postgres deployment.
@@ -144,11 +161,22 @@ fn run(
         "LABEL '{}', CHECKPOINT 'fast', MANIFEST 'yes', WAL true, WAIT false",
         label.replace('\'', "''")
     );
+    let page_size = block_size(&mut conn)?;
     let source = BaseBackupSource::new(conn, options);
     let (members, info) = (source.entries.clone(), source.info.clone());
     let index = RepoIndex::load(repo)?;
     let dedup = Arc::new(index.dedup());
     drop(index);
+    // Relation files are paged against the deployment's newest backup.
+    let planner = {
+        let previous = crate::pages::previous_backup(repo, name);
+        Arc::new(RelationPlanner::new(
+            members.clone(),
+            page_size,
+            previous.as_ref(),
+        ))
+    };
+    let mut added = crate::pages::Added::default();
     let mut chunks: Vec<Vec<(ChunkId, u32)>> = Vec::new();
     let report = run_pipeline(
         repo,
@@ -156,7 +184,9 @@ fn run(
         dedup,
         bus,
         &opts.pipeline,
+        Some(planner.clone()),
         &mut |c| {
+            added.record(&c);
             let i = c.file as usize;
             if chunks.len() <= i {
                 chunks.resize_with(i + 1, Vec::new);
@@ -179,6 +209,7 @@ fn run(
         size: 0,
         target: None,
         chunks: Vec::new(),
+        pages: None,
     }];
     chunks.resize_with(members.len(), Vec::new);
     for (h, c) in members.iter().zip(chunks) {
@@ -197,7 +228,13 @@ fn run(
         }
         entries.push(e);
     }
-    let stats = settle(&mut entries, &report);
+    let mut paged = BackupStats::default();
+    planner.apply(&mut entries, 1, &added.by_file, &mut paged);
+    let mut stats = settle(&mut entries, &report);
+    stats.paged_bytes = paged.paged_bytes;
+    stats.pages = paged.pages;
+    stats.pages_stored = paged.pages_stored;
+    stats.paged_bytes_added = paged.paged_bytes_added;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         backup_id: backup_id.to_string(),

@@ -116,6 +116,7 @@ pub fn archive(
         dedup,
         &EventBus::new(),
         &cfg,
+        None,
         &mut |c| chunks.push((c.id, c.len)),
     )?;
     let rec = WalRecord {

@@ -42,6 +42,7 @@ fn arb_entry() -> impl Strategy<Value = Entry> {
                 size: chunks.iter().map(|(_, l)| *l as u64).sum(),
                 target: (kind == EntryKind::Symlink).then(|| "target".to_string()),
                 chunks,
+                pages: None,
             }
         })
 }
@@ -153,6 +154,7 @@ fn manifest_rejects_escaping_paths() {
                 size: 0,
                 target: None,
                 chunks: vec![],
+                pages: None,
             }],
         };
         assert_eq!(
@@ -160,5 +162,46 @@ fn manifest_rejects_escaping_paths() {
             "verify.malformed",
             "{bad}"
         );
+    }
+}
+
+proptest! {
+    /// Page maps: records round-trip, and a record naming a run or slot
+    /// that does not exist is refused.
+    #[test]
+    fn page_map_roundtrip_and_bounds(
+        runs in prop::collection::vec(1u32..5, 1..6),
+        picks in prop::collection::vec((any::<[u8; 16]>(), 0usize..8, 0u16..8), 0..40),
+        junk in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let ps = 8192u32;
+        let runs: Vec<(ChunkId, u32)> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, pages)| (ChunkId([i as u8; 32]), pages * ps))
+            .collect();
+        let mut raw = Vec::new();
+        let mut valid = true;
+        let mut want = Vec::new();
+        for (hash, run, slot) in &picks {
+            let r = PageRecord { hash: *hash, run: *run as u32, slot: *slot };
+            valid &= runs.get(*run).is_some_and(|(_, len)| (*slot as u32 + 1) * ps <= *len);
+            r.encode_into(&mut raw);
+            want.push(r);
+        }
+        let map = PageMap::from_records(ps, &raw);
+        match map.decode(&runs) {
+            Ok(got) => {
+                prop_assert!(valid);
+                prop_assert_eq!(got, want);
+            }
+            Err(p) => {
+                prop_assert!(!valid);
+                prop_assert_eq!(p.code.as_ref(), "verify.malformed");
+            }
+        }
+        // Arbitrary record bytes: a value or verify.malformed, never a panic.
+        let _ = PageMap::from_records(ps, &junk).decode(&runs);
+        let _ = PageMap { page_size: ps, records: String::from_utf8_lossy(&junk).into() }.decode(&runs);
     }
 }

@@ -98,6 +98,7 @@ fn edges_never_exceed_their_byte_budget() {
         Arc::new(Default::default()),
         &EventBus::new(),
         &cfg,
+        None,
         &mut |_| {},
     )
     .expect("pipeline");

@@ -4,6 +4,7 @@
 mod backpressure;
 mod dedup;
 mod integrity;
+mod pagededup;
 mod postgres;
 mod roundtrip;
 mod s3;
@@ -31,6 +32,7 @@ pub fn add_path_deployment(repo: &Repository, name: &str, path: &Path) {
             pgdata: None,
             created_at: String::new(),
             system_identifier: None,
+            tenant: None,
         },
     )
     .expect("create deployment");

@@ -14,7 +14,7 @@ const TABLES: [&str; 4] = [
     "pgbench_history",
 ];
 
-fn add_pg_deployment(repo: &pg_hardstorage_repo::Repository, name: &str, pg: &PgCluster) {
+pub fn add_pg_deployment(repo: &pg_hardstorage_repo::Repository, name: &str, pg: &PgCluster) {
     deployment::create(
         repo,
         Deployment {
@@ -25,6 +25,7 @@ fn add_pg_deployment(repo: &pg_hardstorage_repo::Repository, name: &str, pg: &Pg
             pgdata: None,
             created_at: String::new(),
             system_identifier: None,
+            tenant: None,
         },
     )
     .expect("deployment");

@@ -12,6 +12,16 @@ use pg_hardstorage_engine::format::ChunkerParams;
 use pg_hardstorage_engine::stage::{Block, Chunk, Splitter, SplitterFactory};
 use pg_hardstorage_engine::Problem;
 
+pub mod pages;
+pub use pages::{Baseline, PageAwareFactory, PagePlan, PagePlanner, PagedFile};
+
+/// A run's chunk id, computed by the page splitter itself (it hashes every
+/// page anyway and needs the id for its map): the keyed BLAKE3 of the run,
+/// the same function the hash stage applies to every other chunk.
+pub fn run_id(key: &[u8; 32], data: &[u8]) -> pg_hardstorage_engine::stage::ChunkId {
+    pg_hardstorage_engine::stage::ChunkId(*blake3::keyed_hash(key, data).as_bytes())
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Params {
     min: usize,

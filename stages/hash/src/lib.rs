@@ -20,7 +20,11 @@ impl ChunkStage for KeyedHash {
         "hash"
     }
     fn process(&mut self, chunk: &mut Chunk) -> Result<(), Problem> {
-        chunk.id = chunk_id(&self.key, &chunk.data);
+        // A splitter may have named the chunk already (page runs); the id
+        // is the same keyed hash either way, so it is not computed twice.
+        if chunk.id == ChunkId::default() {
+            chunk.id = chunk_id(&self.key, &chunk.data);
+        }
         Ok(())
     }
 }
