@@ -9,10 +9,10 @@ use pg_hardstorage_engine::format::ChunkerParams;
 use pg_hardstorage_engine::pipeline::PipelineConfig;
 use pg_hardstorage_engine::store::{DynStore, OutageWhile, Throttled};
 use pg_hardstorage_engine::Problem;
-use pg_hardstorage_repo::backup::{take_backup, BackupOptions};
+use pg_hardstorage_repo::backup::BackupOptions;
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
-use pg_hardstorage_repo::restore::{restore, Recovery, RecoveryTarget, RestoreOptions, VerifyMode};
-use pg_hardstorage_repo::{bench, catalog, pitr, verify, InitOptions, KeySource, Repository};
+use pg_hardstorage_repo::restore::restore;
+use pg_hardstorage_repo::{bench, catalog, ops, InitOptions, KeySource, Repository};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -297,23 +297,17 @@ fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
                 pgdata: pgdata.as_ref().map(|p| p.display().to_string()),
                 created_at: pg_hardstorage_engine::event::now_rfc3339(),
                 system_identifier: None,
+                tenant: None,
             };
-            let (d, created) = deployment::create(&r, d)?;
-            let mut body = d.public();
-            body["created"] = json!(created);
+            let body = ops::deployments_create(&r, d)?;
             out.success("deployments.create", body, deployment_table);
         }
         DeploymentCmd::List => {
-            let body = Value::Array(
-                deployment::list(&r)?
-                    .iter()
-                    .map(Deployment::public)
-                    .collect(),
-            );
+            let body = ops::deployments_list(&r, None)?;
             out.success("deployments.list", body, deployment_table);
         }
         DeploymentCmd::Show { name } => {
-            let body = deployment::get(&r, name)?.public();
+            let body = ops::deployments_show(&r, name)?;
             out.success("deployments.show", body, deployment_table);
         }
         DeploymentCmd::Update {
@@ -322,20 +316,17 @@ fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
             pgdata,
             path,
         } => {
-            let d = deployment::update(
+            let body = ops::deployments_update(
                 &r,
                 name,
                 pg.clone(),
                 pgdata.as_ref().map(|p| p.display().to_string()),
                 path.as_ref().map(|p| p.display().to_string()),
             )?;
-            out.success("deployments.update", d.public(), deployment_table);
+            out.success("deployments.update", body, deployment_table);
         }
         DeploymentCmd::Delete { name } => {
-            let d = deployment::delete(&r, name)?;
-            let mut body = d.public();
-            body["deleted"] = json!(true);
-            body["backups_kept"] = json!(true);
+            let body = ops::deployments_delete(&r, name)?;
             out.success("deployments.delete", body, |_| {
                 format!("deleted deployment {name} (backups kept)\n")
             });
@@ -378,9 +369,7 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
                 pipeline: pipeline_cfg(pipeline),
                 read_backend: None,
             };
-            let m = take_backup(&r, deployment, &out.bus, &opts)?;
-            let body = serde_json::to_value(pg_hardstorage_repo::backup::BackupSummary::of(&m))
-                .unwrap_or_default();
+            let body = ops::backups_take(&r, deployment, &out.bus, &opts)?;
             out.success("backups.take", body, |b| {
                 format!(
                     "backup {} done: {} files, {} read, {} added\n",
@@ -393,17 +382,12 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
         }
         BackupCmd::List { deployment } => {
             let r = open(cli)?;
-            if let Some(d) = deployment {
-                deployment::validate_name(d)?;
-            }
-            let body =
-                serde_json::to_value(catalog::list(&r, deployment.as_deref())?).unwrap_or_default();
+            let body = ops::backups_list(&r, deployment.as_deref())?;
             out.success("backups.list", body, backups_table);
         }
         BackupCmd::Show { id } => {
             let r = open(cli)?;
-            let m = catalog::load(&r, id)?;
-            let body = serde_json::to_value(&m).unwrap_or_default();
+            let body = ops::backups_show(&r, id)?;
             out.success("backups.show", body, |b| {
                 format!(
                     "backup {}\ndeployment {}\nstarted {}  finished {}\nfiles {}  bytes {}  added {}\n",
@@ -419,11 +403,10 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
         }
         BackupCmd::Verify { id } => {
             let r = open(cli)?;
-            let m = catalog::load(&r, id)?;
+            catalog::load(&r, id)?;
             out.stream_events();
             let threads = pg_hardstorage_engine::pipeline::default_workers();
-            let s = verify::verify(&r, &m, &out.bus, threads)?;
-            let body = serde_json::to_value(s).unwrap_or_default();
+            let body = ops::backups_verify(&r, id, &out.bus, threads)?;
             out.success("backups.verify", body, |b| {
                 format!(
                     "backup {} verified: {} chunks in {} packs, {}\n",
@@ -443,95 +426,22 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
 
 fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
     let r = open(cli)?;
-    deployment::validate_name(&a.deployment)?;
-    let target = pitr::recovery_target(a.to.as_deref(), a.to_lsn.as_deref(), a.to_name.as_deref())?;
-    let m = pitr::choose_backup(
-        &r,
-        &a.deployment,
-        &a.backup,
-        target.as_ref(),
-        a.to.as_deref(),
-    )?;
-    let is_pg = m.source["type"] == "postgres";
-    if target.is_some() && !is_pg {
-        return Err(Problem::new(
-            "usage.invalid_argument",
-            "--to, --to-lsn and --to-name apply to PostgreSQL backups only",
-        ));
-    }
-    let archived = if is_pg {
-        pg_hardstorage_repo::wal::list_names(&r, &a.deployment)?
-    } else {
-        Vec::new()
-    };
-    let recovery = match target {
-        Some(t) => {
-            if !a.force {
-                pitr::check_target(&r, &a.deployment, &m, &t, a.to.as_deref(), &archived)?;
-            }
-            Some(Recovery {
-                restore_command: restore_command(cli, &a.deployment)?,
-                target: t,
-            })
-        }
-        // WAL archived after the backup: recover to the end of the archive.
-        None if archived.iter().any(|n| !n.ends_with(".history")) => {
-            match restore_command(cli, &a.deployment) {
-                Ok(cmd) => Some({
-                    if !a.force {
-                        pitr::check_target(
-                            &r,
-                            &a.deployment,
-                            &m,
-                            &RecoveryTarget::Latest,
-                            None,
-                            &archived,
-                        )?;
-                    }
-                    Recovery {
-                        restore_command: cmd,
-                        target: RecoveryTarget::Latest,
-                    }
-                }),
-                Err(_) => {
-                    out.bus.publish(
-                    pg_hardstorage_engine::Event::new(pg_hardstorage_engine::Severity::Warning, "wal_recovery_skipped")
-                        .body(json!({"reason": "no --key-file or --passphrase-file that PostgreSQL could use in restore_command"})),
-                );
-                    None
-                }
-            }
-        }
-        None => None,
-    };
-    out.stream_events();
-    let opts = RestoreOptions {
+    let req = ops::RestoreRequest {
+        deployment: a.deployment.clone(),
+        backup: a.backup.clone(),
         target: a.target.clone(),
+        to: a.to.clone(),
+        to_lsn: a.to_lsn.clone(),
+        to_name: a.to_name.clone(),
+        verify: a.verify.clone(),
         force: a.force,
         threads: a
             .threads
             .unwrap_or_else(pg_hardstorage_engine::pipeline::default_workers),
-        recovery,
-        verify: match a.verify.as_str() {
-            "skip" => VerifyMode::Skip,
-            "require" => VerifyMode::Require,
-            _ => VerifyMode::Auto,
-        },
-        tablespace_mapping: a
-            .tablespace_mapping
-            .iter()
-            .map(|m| {
-                m.split_once('=')
-                    .map(|(o, n)| (o.to_string(), std::path::PathBuf::from(n)))
-                    .ok_or_else(|| {
-                        Problem::new(
-                            "usage.invalid_argument",
-                            format!("--tablespace-mapping {m:?}: want OLD=NEW"),
-                        )
-                    })
-            })
-            .collect::<Result<_, _>>()?,
+        tablespace_mapping: a.tablespace_mapping.clone(),
     };
+    let (m, opts) = ops::restore_plan(&r, &req, &|| restore_command(cli, &a.deployment), &out.bus)?;
+    out.stream_events();
     let s = restore(&r, &m, &opts, &out.bus)?;
     let body = serde_json::to_value(s).unwrap_or_default();
     out.success("restores.initiate", body, |b| {
@@ -612,8 +522,7 @@ fn wal_cmd(cli: &Cli, out: &mut Out, c: &WalCmd) -> R {
             );
         }
         WalCmd::List { deployment } => {
-            deployment::get(&r, deployment)?;
-            let body = pg_hardstorage_repo::wal::list(&r, deployment)?;
+            let body = ops::wal_list(&r, deployment)?;
             out.success("wal.list", body, |b| {
                 format!(
                     "{} segments ({} .. {}), {} gaps\n",
@@ -636,7 +545,7 @@ fn wal_cmd(cli: &Cli, out: &mut Out, c: &WalCmd) -> R {
         }
         WalCmd::Repair { deployment } => {
             out.stream_events();
-            let body = pg_hardstorage_repo::wal::repair(&r, deployment, &out.bus)?;
+            let body = ops::wal_repair(&r, deployment, &out.bus)?;
             out.success("wal.repair", body, |b| {
                 format!(
                     "slot {} recreated at {}; archive ends at {}{}\n",

@@ -29,6 +29,9 @@ pub struct Deployment {
     /// later connection must show the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_identifier: Option<String>,
+    /// The tenant that owns it (RBAC scope); `default` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl Deployment {
@@ -38,6 +41,11 @@ impl Deployment {
             && self.path == other.path
             && self.pg == other.pg
             && self.pgdata == other.pgdata
+            && self.tenant() == other.tenant()
+    }
+
+    pub fn tenant(&self) -> &str {
+        self.tenant.as_deref().unwrap_or(DEFAULT_TENANT)
     }
 
     /// The JSON body shown by `deployment show` (connection strings redacted).
@@ -49,6 +57,8 @@ impl Deployment {
         v
     }
 }
+
+pub const DEFAULT_TENANT: &str = "default";
 
 fn redact(conninfo: &str) -> String {
     conninfo

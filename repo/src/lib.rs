@@ -12,13 +12,30 @@ pub mod deployment;
 pub mod index;
 pub mod keys;
 pub mod lock;
+pub mod ops;
+pub mod pages;
 mod parallel;
 pub mod pgbackup;
 pub mod pitr;
 pub mod repository;
 pub mod restore;
+pub mod tokens;
 pub mod verify;
 pub mod wal;
 
 pub use keys::KeySource;
 pub use repository::{InitOptions, Repository};
+
+#[cfg(test)]
+pub(crate) mod testing {
+    /// An encrypted repository in memory.
+    pub fn memory_repo() -> crate::Repository {
+        let store = phs_store::open_store("memory://", true).expect("memory store");
+        crate::Repository::init(
+            store,
+            &crate::KeySource::Passphrase("unit test passphrase".into()),
+            crate::InitOptions::default(),
+        )
+        .expect("init")
+    }
+}

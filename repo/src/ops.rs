@@ -1,0 +1,246 @@
+//! The operations of the contract, one function each, shared by the CLI and
+//! the REST server: both call these and print or send the body they return,
+//! so `-o json` and the API answer the same work with the same body.
+
+use crate::backup::{take_backup, BackupOptions, BackupSummary};
+use crate::deployment::{self, Deployment};
+use crate::restore::{restore, Recovery, RecoveryTarget, RestoreOptions, VerifyMode};
+use crate::{catalog, pitr, verify, Repository};
+use pg_hardstorage_engine::event::{Event, EventBus, Severity};
+use pg_hardstorage_engine::Problem;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value, Problem> {
+    serde_json::to_value(v).map_err(|e| Problem::internal(e.to_string()))
+}
+
+pub fn deployments_create(repo: &Repository, d: Deployment) -> Result<Value, Problem> {
+    let (d, created) = deployment::create(repo, d)?;
+    let mut body = d.public();
+    body["created"] = json!(created);
+    Ok(body)
+}
+
+/// Every deployment, or those of one tenant.
+pub fn deployments_list(repo: &Repository, tenant: Option<&str>) -> Result<Value, Problem> {
+    Ok(Value::Array(
+        deployment::list(repo)?
+            .iter()
+            .filter(|d| tenant.is_none_or(|t| d.tenant() == t))
+            .map(Deployment::public)
+            .collect(),
+    ))
+}
+
+pub fn deployments_show(repo: &Repository, name: &str) -> Result<Value, Problem> {
+    Ok(deployment::get(repo, name)?.public())
+}
+
+pub fn deployments_update(
+    repo: &Repository,
+    name: &str,
+    pg: Option<String>,
+    pgdata: Option<String>,
+    path: Option<String>,
+) -> Result<Value, Problem> {
+    Ok(deployment::update(repo, name, pg, pgdata, path)?.public())
+}
+
+pub fn deployments_delete(repo: &Repository, name: &str) -> Result<Value, Problem> {
+    let d = deployment::delete(repo, name)?;
+    let mut body = d.public();
+    body["deleted"] = json!(true);
+    body["backups_kept"] = json!(true);
+    Ok(body)
+}
+
+pub fn backups_list(repo: &Repository, deployment: Option<&str>) -> Result<Value, Problem> {
+    if let Some(d) = deployment {
+        deployment::validate_name(d)?;
+    }
+    to_value(catalog::list(repo, deployment)?)
+}
+
+/// One backup's full manifest.
+pub fn backups_show(repo: &Repository, id: &str) -> Result<Value, Problem> {
+    to_value(catalog::load(repo, id)?)
+}
+
+/// Takes a backup; its events go to `bus`.
+pub fn backups_take(
+    repo: &Repository,
+    deployment: &str,
+    bus: &EventBus,
+    opts: &BackupOptions,
+) -> Result<Value, Problem> {
+    deployment::get(repo, deployment)?;
+    let m = take_backup(repo, deployment, bus, opts)?;
+    to_value(BackupSummary::of(&m))
+}
+
+pub fn backups_verify(
+    repo: &Repository,
+    id: &str,
+    bus: &EventBus,
+    threads: usize,
+) -> Result<Value, Problem> {
+    let m = catalog::load(repo, id)?;
+    to_value(verify::verify(repo, &m, bus, threads)?)
+}
+
+/// What a restore is asked to do (the body of `POST …/restores`).
+#[derive(Clone, Debug, Default)]
+pub struct RestoreRequest {
+    pub deployment: String,
+    /// A backup id or `latest`.
+    pub backup: String,
+    pub target: PathBuf,
+    pub to: Option<String>,
+    pub to_lsn: Option<String>,
+    pub to_name: Option<String>,
+    /// `auto`, `skip` or `require`.
+    pub verify: String,
+    pub force: bool,
+    pub threads: usize,
+    /// `OLD=NEW` tablespace mappings.
+    pub tablespace_mapping: Vec<String>,
+}
+
+impl RestoreRequest {
+    fn verify_mode(&self) -> Result<VerifyMode, Problem> {
+        match self.verify.as_str() {
+            "" | "auto" => Ok(VerifyMode::Auto),
+            "skip" => Ok(VerifyMode::Skip),
+            "require" => Ok(VerifyMode::Require),
+            v => Err(Problem::new(
+                "usage.invalid_argument",
+                format!("verify {v:?}: want auto, skip or require"),
+            )),
+        }
+    }
+}
+
+/// Everything a restore checks before it writes a byte: the backup, the
+/// recovery target against the archive, the options. Returns the manifest
+/// to restore and the options to restore it with.
+pub fn restore_plan(
+    repo: &Repository,
+    req: &RestoreRequest,
+    restore_command: &dyn Fn() -> Result<String, Problem>,
+    bus: &EventBus,
+) -> Result<(pg_hardstorage_engine::format::Manifest, RestoreOptions), Problem> {
+    deployment::validate_name(&req.deployment)?;
+    let verify = req.verify_mode()?;
+    let target = pitr::recovery_target(
+        req.to.as_deref(),
+        req.to_lsn.as_deref(),
+        req.to_name.as_deref(),
+    )?;
+    let backup = if req.backup.is_empty() {
+        "latest"
+    } else {
+        &req.backup
+    };
+    let m = pitr::choose_backup(
+        repo,
+        &req.deployment,
+        backup,
+        target.as_ref(),
+        req.to.as_deref(),
+    )?;
+    let is_pg = m.source["type"] == "postgres";
+    if target.is_some() && !is_pg {
+        return Err(Problem::new(
+            "usage.invalid_argument",
+            "--to, --to-lsn and --to-name apply to PostgreSQL backups only",
+        ));
+    }
+    let archived = if is_pg {
+        crate::wal::list_names(repo, &req.deployment)?
+    } else {
+        Vec::new()
+    };
+    let recovery = match target {
+        Some(t) => {
+            if !req.force {
+                pitr::check_target(repo, &req.deployment, &m, &t, req.to.as_deref(), &archived)?;
+            }
+            Some(Recovery {
+                restore_command: restore_command()?,
+                target: t,
+            })
+        }
+        // WAL archived after the backup: recover to the end of the archive.
+        None if archived.iter().any(|n| !n.ends_with(".history")) => match restore_command() {
+            Ok(cmd) => {
+                if !req.force {
+                    pitr::check_target(
+                        repo,
+                        &req.deployment,
+                        &m,
+                        &RecoveryTarget::Latest,
+                        None,
+                        &archived,
+                    )?;
+                }
+                Some(Recovery {
+                    restore_command: cmd,
+                    target: RecoveryTarget::Latest,
+                })
+            }
+            Err(_) => {
+                bus.publish(
+                    Event::new(Severity::Warning, "wal_recovery_skipped").body(json!({
+                        "reason": "no key file or passphrase file that PostgreSQL could use in restore_command"
+                    })),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let tablespace_mapping = req
+        .tablespace_mapping
+        .iter()
+        .map(|m| {
+            m.split_once('=')
+                .map(|(o, n)| (o.to_string(), PathBuf::from(n)))
+                .ok_or_else(|| {
+                    Problem::new(
+                        "usage.invalid_argument",
+                        format!("tablespace mapping {m:?}: want OLD=NEW"),
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let opts = RestoreOptions {
+        target: req.target.clone(),
+        force: req.force,
+        threads: req.threads.max(1),
+        recovery,
+        verify,
+        tablespace_mapping,
+    };
+    Ok((m, opts))
+}
+
+/// Plans and runs a restore; its events go to `bus`.
+pub fn restores_initiate(
+    repo: &Repository,
+    req: &RestoreRequest,
+    restore_command: &dyn Fn() -> Result<String, Problem>,
+    bus: &EventBus,
+) -> Result<Value, Problem> {
+    let (m, opts) = restore_plan(repo, req, restore_command, bus)?;
+    to_value(restore(repo, &m, &opts, bus)?)
+}
+
+pub fn wal_list(repo: &Repository, deployment: &str) -> Result<Value, Problem> {
+    deployment::get(repo, deployment)?;
+    crate::wal::list(repo, deployment)
+}
+
+pub fn wal_repair(repo: &Repository, deployment: &str, bus: &EventBus) -> Result<Value, Problem> {
+    crate::wal::repair(repo, deployment, bus)
+}
