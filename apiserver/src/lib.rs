@@ -1,12 +1,40 @@
-//! The REST control plane (`pg_hardstorage serve`) lands with the API issue;
-//! it will call the same `pg_hardstorage_repo` functions the CLI calls. What
-//! exists now is the piece both share with the CLI: how a coded problem
-//! becomes the contract's HTTP status and error body.
+//! The REST control plane: `pg_hardstorage serve`.
+//!
+//! A thin hyper 1.x server over the same `pg_hardstorage_repo::ops`
+//! functions the CLI calls. Requests are authenticated (bearer token or
+//! mTLS client certificate), authorised by RBAC verb and tenant, and
+//! answered in the contract's envelopes; backup, restore and verify stream
+//! NDJSON events. Library work runs on tokio's blocking pool, the backup
+//! pipeline on its own pinned threads.
 #![deny(clippy::unwrap_used)]
 
-use pg_hardstorage_engine::event::SCHEMA;
+pub mod auth;
+pub mod body;
+pub mod metrics;
+pub mod openapi;
+pub mod routes;
+pub mod tls;
+pub mod webhook;
+
+use crate::auth::{Identity, TokenCache};
+use crate::body::Body;
+use crate::routes::{error, Access, Found, Mode};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use pg_hardstorage_engine::event::{EventBus, SCHEMA};
 use pg_hardstorage_engine::Problem;
+use pg_hardstorage_repo::backup::BackupSummary;
+use pg_hardstorage_repo::Repository;
 use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The HTTP status and `{schema, error}` body for a problem.
 pub fn error_response(p: &Problem) -> (u16, Value) {
@@ -16,20 +44,324 @@ pub fn error_response(p: &Problem) -> (u16, Value) {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub type RestoreCommand = Arc<dyn Fn(&str) -> Result<String, Problem> + Send + Sync>;
 
-    #[test]
-    fn preflight_refusal_is_412_with_suggestion() {
-        let p = Problem::new("restore.target_not_empty", "target /x is not empty")
-            .with("target", "/x")
-            .suggest("Restore into an empty directory", None);
-        let (status, body) = error_response(&p);
-        assert_eq!(status, 412);
-        assert_eq!(body["schema"], "pg_hardstorage.v1");
-        assert_eq!(body["error"]["code"], "restore.target_not_empty");
-        assert_eq!(body["error"]["subject"]["target"], "/x");
-        assert!(body["error"]["suggestion"]["doc_url"].as_str().is_some());
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<tls::TlsFiles>,
+    pub repo: Repository,
+    /// The `restore_command` a restore writes for PostgreSQL, per deployment.
+    pub restore_command: RestoreCommand,
+    /// Event sinks every operation's events also go to.
+    pub webhooks: Vec<webhook::Webhook>,
+    /// Request bodies larger than this are refused.
+    pub body_limit: usize,
+    /// How long running streams get to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+pub struct State {
+    pub repo: Repository,
+    pub tokens: TokenCache,
+    pub restore_command: RestoreCommand,
+    webhooks: Vec<webhook::Webhook>,
+    pub metrics: metrics::Metrics,
+    body_limit: usize,
+    /// Summaries of committed manifests (immutable once written), by key.
+    summaries: Mutex<HashMap<String, BackupSummary>>,
+}
+
+impl State {
+    /// Adds the webhooks and the metrics counter to an operation's bus;
+    /// returns, per webhook, the counter of events this operation lost.
+    pub fn attach_sinks(&self, bus: &EventBus) -> Vec<(String, Arc<AtomicU64>)> {
+        bus.add_sink(self.metrics.sink());
+        self.webhooks
+            .iter()
+            .map(|w| {
+                let sink = w.sink();
+                let counter = sink.dropped_here.clone();
+                bus.add_sink(sink);
+                (w.target.url.clone(), counter)
+            })
+            .collect()
+    }
+
+    /// `/v1/readyz`: the repository answers and the key opens its objects.
+    fn ready(&self) -> Result<Value, Problem> {
+        let t0 = Instant::now();
+        let config = self.repo.store.head("config")?.is_some();
+        if !config {
+            return Err(Problem::new(
+                "storage.unreachable",
+                "the repository's config object is missing",
+            ));
+        }
+        // Token records are sealed: listing them proves the key works.
+        self.tokens.get(&self.repo)?;
+        Ok(json!({
+            "ready": true,
+            "repository": "reachable",
+            "key": "ok",
+            "checked_in_ms": t0.elapsed().as_millis() as u64,
+        }))
+    }
+
+    /// A deployment's backups: a listing plus cached summaries, so a busy
+    /// dashboard costs one LIST per request, not one manifest read per backup.
+    fn backups_list(&self, deployment: &str) -> Result<Value, Problem> {
+        pg_hardstorage_repo::deployment::validate_name(deployment)?;
+        let prefix = format!("snapshots/{deployment}/");
+        let mut out = Vec::new();
+        for o in self.repo.store.list(&prefix)? {
+            let cached = self
+                .summaries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&o.key)
+                .cloned();
+            let s = match cached {
+                Some(s) => s,
+                None => {
+                    let id = o.key.trim_start_matches(&prefix);
+                    let m =
+                        pg_hardstorage_repo::catalog::load_manifest(&self.repo, deployment, id)?;
+                    let s = BackupSummary::of(&m);
+                    self.summaries
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(o.key.clone(), s.clone());
+                    s
+                }
+            };
+            out.push(s);
+        }
+        out.sort_by(|a, b| (&a.finished_at, &a.backup_id).cmp(&(&b.finished_at, &b.backup_id)));
+        serde_json::to_value(out).map_err(|e| Problem::internal(e.to_string()))
+    }
+}
+
+fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn handle(
+    st: Arc<State>,
+    client_cn: Option<String>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let (route_label, resp) = match routes::find(&method, &path) {
+        Found::None => (
+            "unmatched",
+            error(
+                &Problem::new("api.route_not_found", format!("no route {path}"))
+                    .suggest("The routes are listed in /v1/openapi.yaml", None),
+            ),
+        ),
+        Found::WrongMethod(allowed) => {
+            let mut r = error(&Problem::new(
+                "api.method_not_allowed",
+                format!(
+                    "{path} does not take {method}; it takes {}",
+                    allowed.join(", ")
+                ),
+            ));
+            if let Ok(v) = allowed.join(", ").parse() {
+                r.headers_mut().insert("allow", v);
+            }
+            ("unmatched", r)
+        }
+        Found::Route(route, params) => (
+            route.path,
+            serve_route(&st, client_cn, req, route, params).await,
+        ),
+    };
+    st.metrics
+        .http_request(route_label, &method, resp.status().as_u16());
+    Ok(resp)
+}
+
+async fn serve_route(
+    st: &Arc<State>,
+    client_cn: Option<String>,
+    req: Request<Incoming>,
+    route: &'static routes::Route,
+    params: routes::Params,
+) -> Response<Body> {
+    let who: Option<Identity> = match route.access {
+        Access::Open => None,
+        _ => {
+            let authz = header(&req, "authorization").map(str::to_string);
+            let st2 = st.clone();
+            let tokens = routes::blocking(move || st2.tokens.get(&st2.repo)).await;
+            let tokens = match tokens {
+                Ok(t) => t,
+                Err(p) => return error(&p),
+            };
+            let mut who = auth::authenticate(&tokens, authz.as_deref(), client_cn.as_deref());
+            if let (Err(_), Some(presented)) = (&who, authz.clone()) {
+                let st2 = st.clone();
+                let presented = presented
+                    .trim_start_matches("Bearer ")
+                    .trim_start_matches("bearer ")
+                    .to_string();
+                if let Ok(fresh) =
+                    routes::blocking(move || st2.tokens.learn(&st2.repo, &presented)).await
+                {
+                    who = auth::authenticate(&fresh, authz.as_deref(), client_cn.as_deref());
+                }
+            }
+            match who {
+                Ok(i) => Some(i),
+                Err(p) => {
+                    let mut r = error(&p);
+                    if let Ok(v) = "Bearer realm=\"pg_hardstorage\"".parse() {
+                        r.headers_mut().insert("www-authenticate", v);
+                    }
+                    return r;
+                }
+            }
+        }
+    };
+    if let (Access::Verb(v), Some(w)) = (route.access, &who) {
+        if !w.grants(v) {
+            return error(&auth::denied(w, v));
+        }
+    }
+    let accept = header(&req, "accept").unwrap_or("").to_ascii_lowercase();
+    let mode = if accept.contains("application/json") && !accept.contains("ndjson") {
+        Mode::Json
+    } else {
+        Mode::Ndjson
+    };
+    let limited = http_body_util::Limited::new(req.into_body(), st.body_limit);
+    let body: Bytes = match limited.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            let p = if too_large {
+                Problem::new(
+                    "api.body_too_large",
+                    format!("request body over {} bytes", st.body_limit),
+                )
+            } else {
+                Problem::new("api.bad_request", format!("reading the request body: {e}"))
+            };
+            return error(&p);
+        }
+    };
+    routes::dispatch(st.clone(), route, params, who, body, mode).await
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<State>,
+    grace: Duration,
+}
+
+impl Server {
+    /// Binds the address (port 0 picks a free one) inside `rt`.
+    pub fn bind(rt: &tokio::runtime::Runtime, cfg: ServerConfig) -> Result<Server, Problem> {
+        let tls = match &cfg.tls {
+            Some(f) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(f)?)),
+            None => None,
+        };
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(cfg.listen))
+            .map_err(|e| {
+                Problem::new(
+                    "usage.invalid_argument",
+                    format!("cannot listen on {}: {e}", cfg.listen),
+                )
+                .suggest("Pick a free address, e.g. --listen 127.0.0.1:8432", None)
+            })?;
+        Ok(Server {
+            listener,
+            tls,
+            state: Arc::new(State {
+                repo: cfg.repo,
+                tokens: TokenCache::new(Duration::from_secs(2)),
+                restore_command: cfg.restore_command,
+                metrics: metrics::Metrics::new(cfg.webhooks.clone()),
+                webhooks: cfg.webhooks,
+                body_limit: cfg.body_limit,
+                summaries: Mutex::new(HashMap::new()),
+            }),
+            grace: cfg.shutdown_grace,
+        })
+    }
+
+    /// The shared state. Hold a clone until the runtime is gone: the
+    /// repository's store owns a runtime of its own, which must not be
+    /// dropped from inside an async context.
+    pub fn state(&self) -> Arc<State> {
+        self.state.clone()
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, Problem> {
+        self.listener
+            .local_addr()
+            .map_err(|e| Problem::internal(format!("local_addr: {e}")))
+    }
+
+    /// Serves until `shutdown` resolves, then lets running requests and
+    /// streams finish for up to the grace period.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _) = tokio::select! {
+                a = self.listener.accept() => match a {
+                    Ok(x) => x,
+                    Err(_) => continue,
+                },
+                _ = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let st = self.state.clone();
+            match &self.tls {
+                None => {
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), None, req));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    let watcher = graceful.watcher();
+                    tokio::spawn(async move {
+                        // A refused client certificate ends here: no request is served.
+                        let Ok(Ok(tls)) =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                                .await
+                        else {
+                            return;
+                        };
+                        let cn = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| tls::common_name(c));
+                        let svc = hyper::service::service_fn(move |req| {
+                            handle(st.clone(), cn.clone(), req)
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), svc);
+                        let _ = watcher.watch(conn).await;
+                    });
+                }
+            }
+        }
+        let _ = tokio::time::timeout(self.grace, graceful.shutdown()).await;
     }
 }

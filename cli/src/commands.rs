@@ -2,7 +2,8 @@
 
 use crate::output::{bytes, Out};
 use crate::{
-    BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, PipelineArgs, RepoCmd, RestoreArgs, WalCmd,
+    BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, PipelineArgs, RepoCmd, RestoreArgs,
+    TokenCmd, WalCmd,
 };
 use clap::CommandFactory;
 use pg_hardstorage_engine::format::ChunkerParams;
@@ -11,8 +12,7 @@ use pg_hardstorage_engine::store::{DynStore, OutageWhile, Throttled};
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::backup::BackupOptions;
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
-use pg_hardstorage_repo::restore::restore;
-use pg_hardstorage_repo::{bench, catalog, ops, InitOptions, KeySource, Repository};
+use pg_hardstorage_repo::{bench, catalog, ops, tokens, InitOptions, KeySource, Repository};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -82,7 +82,7 @@ fn key_source(cli: &Cli) -> Result<KeySource, Problem> {
     )
 }
 
-fn open(cli: &Cli) -> Result<Repository, Problem> {
+pub fn open(cli: &Cli) -> Result<Repository, Problem> {
     Repository::open(store(cli, false)?, &key_source(cli)?)
 }
 
@@ -131,8 +131,8 @@ pub fn run(cli: &Cli, out: &mut Out) -> R {
         Command::Kms { .. } => Err(unimplemented("kms")),
         Command::Audit { .. } => Err(unimplemented("audit")),
         Command::Doctor { .. } => Err(unimplemented("doctor")),
-        Command::Token { .. } => Err(unimplemented("token")),
-        Command::Serve { .. } => Err(unimplemented("serve")),
+        Command::Token(c) => token_cmd(cli, out, c),
+        Command::Serve(a) => crate::serve::serve(cli, out, a),
     }
 }
 
@@ -442,8 +442,7 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
     };
     let (m, opts) = ops::restore_plan(&r, &req, &|| restore_command(cli, &a.deployment), &out.bus)?;
     out.stream_events();
-    let s = restore(&r, &m, &opts, &out.bus)?;
-    let body = serde_json::to_value(s).unwrap_or_default();
+    let body = ops::restores_run(&r, &m, &opts, &out.bus)?;
     out.success("restores.initiate", body, |b| {
         format!(
             "restored {} into {}: {} files, {}\n",
@@ -481,6 +480,12 @@ fn bench_cmd(out: &mut Out, a: &BenchArgs) -> R {
 /// The command PostgreSQL runs for each WAL file: this binary, with key
 /// material the server's user can read.
 fn restore_command(cli: &Cli, deployment: &str) -> Result<String, Problem> {
+    Ok(format!("{} {deployment} %f %p", restore_command_base(cli)?))
+}
+
+/// `restore_command` up to the deployment name: this binary's `wal fetch`
+/// with the repository and key material PostgreSQL's user can read.
+pub fn restore_command_base(cli: &Cli) -> Result<String, Problem> {
     let exe =
         std::env::current_exe().map_err(|e| Problem::internal(format!("current_exe: {e}")))?;
     let cfg = config(cli)?;
@@ -502,10 +507,73 @@ fn restore_command(cli: &Cli, deployment: &str) -> Result<String, Problem> {
         .suggest("Put the passphrase in a file readable by the postgres user and pass --passphrase-file", None));
     };
     Ok(format!(
-        "'{}' --repo '{}' {key} -q wal fetch {deployment} %f %p",
+        "'{}' --repo '{}' {key} -q wal fetch",
         exe.display(),
         repo
     ))
+}
+
+fn token_cmd(cli: &Cli, out: &mut Out, c: &TokenCmd) -> R {
+    let r = open(cli)?;
+    match c {
+        TokenCmd::Create {
+            verbs,
+            tenant,
+            name,
+        } => {
+            let name = match name {
+                Some(n) => n.clone(),
+                None => {
+                    let mut b = [0u8; 4];
+                    getrandom::fill(&mut b)
+                        .map_err(|e| Problem::internal(format!("getrandom: {e}")))?;
+                    format!("token-{}", hex::encode(b))
+                }
+            };
+            let (t, secret) = tokens::create(&r, &name, verbs, tenant.clone())?;
+            let mut body = t.public();
+            body["token"] = json!(secret);
+            out.success("tokens.create", body, |b| {
+                format!(
+                    "token {} created; it is shown only now:\n{}\n",
+                    b["name"].as_str().unwrap_or(""),
+                    b["token"].as_str().unwrap_or("")
+                )
+            });
+        }
+        TokenCmd::List => {
+            let body = Value::Array(tokens::list(&r)?.iter().map(|t| t.public()).collect());
+            out.success("tokens.list", body, |b| {
+                let mut s = String::new();
+                for t in b.as_array().cloned().unwrap_or_default() {
+                    let _ = writeln!(
+                        s,
+                        "{:<24} {:<40} {}",
+                        t["name"].as_str().unwrap_or(""),
+                        t["verbs"]
+                            .as_array()
+                            .map(|v| v
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default(),
+                        t["tenant"].as_str().unwrap_or("*")
+                    );
+                }
+                s
+            });
+        }
+        TokenCmd::Revoke { name } => {
+            let t = tokens::revoke(&r, name)?;
+            let mut body = t.public();
+            body["revoked"] = json!(true);
+            out.success("tokens.revoke", body, |b| {
+                format!("token {} revoked\n", b["name"].as_str().unwrap_or(""))
+            });
+        }
+    }
+    Ok(())
 }
 
 fn wal_cmd(cli: &Cli, out: &mut Out, c: &WalCmd) -> R {

@@ -5,6 +5,7 @@
 mod commands;
 mod output;
 mod progress;
+mod serve;
 mod signals;
 
 use clap::{Args, Parser, Subcommand};
@@ -71,20 +72,64 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// API tokens
-    Token {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// API bearer tokens (stored hashed; shown once)
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Run the REST API server
-    Serve {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    Serve(ServeArgs),
     /// Measure pipeline throughput and name the bottleneck stage
     Bench(BenchArgs),
     /// Print shell completions
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token scoped to RBAC verbs (and a tenant); prints it once
+    Create {
+        /// Comma-separated: backup:create, backup:read, restore:execute,
+        /// kms:rotate, kms:shred, audit:read, admin:*
+        #[arg(long, value_delimiter = ',', required = true)]
+        verbs: Vec<String>,
+        /// Restrict the token to one tenant's deployments
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Token name (also the CN a client certificate maps to)
+        #[arg(long)]
+        name: Option<String>,
+    },
+    List,
+    Revoke {
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free one)
+    #[arg(long, default_value = "127.0.0.1:8432")]
+    pub listen: String,
+    /// PEM certificate chain for TLS
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA whose client certificates are accepted (mutual TLS)
+    #[arg(long, requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// POST every operation's events to this URL (repeatable)
+    #[arg(long)]
+    pub webhook: Vec<String>,
+    /// Events each webhook may have queued before it drops (and counts) more
+    #[arg(long, default_value_t = 1024)]
+    pub webhook_queue: usize,
+    /// Seconds running streams get to finish after SIGTERM
+    #[arg(long, default_value_t = 60)]
+    pub shutdown_grace: u64,
+    /// Largest request body accepted, in bytes
+    #[arg(long, default_value_t = 1 << 20)]
+    pub body_limit: usize,
 }
 
 #[derive(Subcommand, Debug)]

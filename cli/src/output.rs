@@ -2,9 +2,9 @@
 //! under `-o json`, events line by line under `-o ndjson`, text under
 //! `-o table`.
 
-use pg_hardstorage_engine::event::{now_rfc3339, NdjsonSink, SCHEMA};
+use pg_hardstorage_engine::event::NdjsonSink;
 use pg_hardstorage_engine::{EventBus, Problem};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::io::IsTerminal;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -97,18 +97,7 @@ impl Out {
     }
 }
 
-pub fn envelope(command: &str, body: Value) -> Value {
-    json!({
-        "schema": SCHEMA,
-        "command": command,
-        "generated_at": now_rfc3339(),
-        "result": {"body": body},
-    })
-}
-
-pub fn error_envelope(p: &Problem) -> Value {
-    json!({"schema": SCHEMA, "error": p.to_json()})
-}
+pub use pg_hardstorage_engine::event::{envelope, error_envelope};
 
 /// Human sizes for tables.
 pub fn bytes(n: u64) -> String {

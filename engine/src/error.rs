@@ -22,6 +22,8 @@ pub enum Class {
     Preflight,
     Verify,
     Unavailable,
+    /// The route exists, not with that method (HTTP 405; exit 2 as misuse).
+    MethodNotAllowed,
     Unimplemented,
     Internal,
 }
@@ -37,6 +39,7 @@ impl Class {
             Class::Preflight => 412,
             Class::Verify => 422,
             Class::Unavailable => 503,
+            Class::MethodNotAllowed => 405,
             Class::Unimplemented => 501,
             Class::Internal => 500,
         }
@@ -44,7 +47,7 @@ impl Class {
 
     pub fn exit_code(self) -> i32 {
         match self {
-            Class::Misuse => 2,
+            Class::Misuse | Class::MethodNotAllowed => 2,
             Class::AuthRequired | Class::AuthDenied => 3,
             Class::Preflight => 4,
             Class::NotFound => 6,
@@ -68,7 +71,7 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("token.not_found", Class::NotFound, false),
     ("token.conflict", Class::Conflict, false),
     ("api.route_not_found", Class::NotFound, false),
-    ("api.method_not_allowed", Class::Misuse, false),
+    ("api.method_not_allowed", Class::MethodNotAllowed, false),
     ("api.bad_request", Class::Misuse, false),
     ("api.body_too_large", Class::Misuse, false),
     ("restore.not_found", Class::NotFound, false),
@@ -222,12 +225,40 @@ impl Problem {
         error.insert("code".into(), Value::String(self.code.to_string()));
         error.insert("message".into(), Value::String(self.message.clone()));
         error.insert("subject".into(), Value::Object(self.subject.clone()));
-        if let Some(s) = &self.suggestion {
-            error.insert(
-                "suggestion".into(),
-                serde_json::to_value(s).unwrap_or(Value::Null),
-            );
-        }
+        // Every error carries a suggestion (the contract's shape): the
+        // specific one when the code path gave one, else the class's advice
+        // and the code's runbook.
+        let s = self.suggestion.clone().unwrap_or_else(|| {
+            let human = match self.class() {
+                Class::Misuse => "Check the arguments or request body against the documentation",
+                Class::AuthRequired => "Supply credentials",
+                Class::AuthDenied => "Use credentials that are granted this operation",
+                Class::NotFound => "Check the name or id; list what exists first",
+                Class::Conflict => {
+                    "Resolve the conflict (another writer, or different settings) and retry"
+                }
+                Class::Preflight => "Fix the precondition named in the message, then retry",
+                Class::Unavailable => "Check that the storage or service is reachable, then retry",
+                Class::Verify => {
+                    "Run `pg_hardstorage backup verify` and check the repository's storage"
+                }
+                Class::MethodNotAllowed => "Use a method the route takes (see the Allow header)",
+                Class::Unimplemented => "This capability is not built yet",
+                Class::Internal => "Retry; if it persists, report it with the message",
+            };
+            Suggestion {
+                human: human.into(),
+                command: None,
+                doc_url: format!(
+                    "https://docs.pghardstorage.org/runbooks/{}",
+                    self.code.replace(['.', '_'], "-")
+                ),
+            }
+        });
+        error.insert(
+            "suggestion".into(),
+            serde_json::to_value(s).unwrap_or(Value::Null),
+        );
         Value::Object(error)
     }
 }

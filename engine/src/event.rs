@@ -79,6 +79,21 @@ impl Event {
     }
 }
 
+/// The contract's success envelope, shared by the CLI (`-o json`) and the API.
+pub fn envelope(command: &str, body: Value) -> Value {
+    serde_json::json!({
+        "schema": SCHEMA,
+        "command": command,
+        "generated_at": now_rfc3339(),
+        "result": {"body": body},
+    })
+}
+
+/// The contract's error envelope.
+pub fn error_envelope(p: &Problem) -> Value {
+    serde_json::json!({"schema": SCHEMA, "error": p.to_json()})
+}
+
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
     now.format(&time::format_description::well_known::Rfc3339)

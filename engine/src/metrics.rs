@@ -7,7 +7,7 @@
 use crate::edge::EdgeStats;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Default)]
 pub struct StageCounters {
@@ -124,4 +124,164 @@ impl PipelineMetrics {
             chunks_new: r(&self.totals.chunks_new),
         }
     }
+}
+
+/// Process-wide counters for exporters: pipelines running now, and the
+/// sums of every pipeline that finished in this process.
+#[derive(Default)]
+struct Registry {
+    next: u64,
+    live: Vec<(u64, PipelineMetrics)>,
+    /// stage → (busy ns, bytes in, bytes out, items)
+    stages: Vec<(&'static str, [u64; 4])>,
+    /// edge (worker index dropped) → (pauses, wait ns, items)
+    edges: Vec<(String, [u64; 3])>,
+    runs: u64,
+}
+
+static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+
+fn registry<T>(f: impl FnOnce(&mut Registry) -> T) -> T {
+    let mut g = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    f(g.get_or_insert_with(Registry::default))
+}
+
+/// `reader->chunk[3]` → `reader->chunk`: one series per edge kind.
+fn edge_kind(name: &str) -> String {
+    name.split('[').next().unwrap_or(name).to_string()
+}
+
+fn add<const N: usize, K: PartialEq>(list: &mut Vec<(K, [u64; N])>, k: K, v: [u64; N]) {
+    match list.iter_mut().find(|(n, _)| *n == k) {
+        Some((_, acc)) => {
+            for (a, b) in acc.iter_mut().zip(v) {
+                *a += b;
+            }
+        }
+        None => list.push((k, v)),
+    }
+}
+
+/// Registers a pipeline for its lifetime (drop retires it into the totals).
+pub struct Registered(u64);
+
+impl Registered {
+    pub fn new(m: PipelineMetrics) -> Self {
+        Registered(registry(|r| {
+            r.next += 1;
+            r.live.push((r.next, m));
+            r.next
+        }))
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        registry(|r| {
+            if let Some(i) = r.live.iter().position(|(id, _)| *id == self.0) {
+                let (_, m) = r.live.remove(i);
+                let s = m.snapshot();
+                for st in s.stages {
+                    let busy = (st.busy_seconds * 1e9) as u64;
+                    add(
+                        &mut r.stages,
+                        st.stage,
+                        [busy, st.bytes_in, st.bytes_out, st.items],
+                    );
+                }
+                for e in s.edges {
+                    let wait = (e.wait_seconds * 1e9) as u64;
+                    add(
+                        &mut r.edges,
+                        edge_kind(&e.edge),
+                        [e.backpressure_pauses, wait, e.items],
+                    );
+                }
+                r.runs += 1;
+            }
+        })
+    }
+}
+
+/// One stage's counters summed over every pipeline of the process.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageTotal {
+    pub stage: &'static str,
+    pub busy_seconds: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub items: u64,
+}
+
+/// One edge kind: its live depth and its counters over the process.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EdgeTotal {
+    pub edge: String,
+    pub depth_bytes: u64,
+    pub backpressure_pauses: u64,
+    pub wait_seconds: f64,
+    pub items: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProcessMetrics {
+    pub pipelines_running: u64,
+    pub pipelines_finished: u64,
+    pub stages: Vec<StageTotal>,
+    pub edges: Vec<EdgeTotal>,
+}
+
+/// Finished pipelines' totals plus the live ones' current counters.
+pub fn process_metrics() -> ProcessMetrics {
+    registry(|r| {
+        let mut stages = r.stages.clone();
+        let mut edges: Vec<(String, [u64; 4])> = r
+            .edges
+            .iter()
+            .map(|(k, [p, w, i])| (k.clone(), [0, *p, *w, *i]))
+            .collect();
+        for (_, m) in &r.live {
+            let s = m.snapshot();
+            for st in s.stages {
+                let busy = (st.busy_seconds * 1e9) as u64;
+                add(
+                    &mut stages,
+                    st.stage,
+                    [busy, st.bytes_in, st.bytes_out, st.items],
+                );
+            }
+            for e in s.edges {
+                let wait = (e.wait_seconds * 1e9) as u64;
+                add(
+                    &mut edges,
+                    edge_kind(&e.edge),
+                    [e.depth_bytes, e.backpressure_pauses, wait, e.items],
+                );
+            }
+        }
+        ProcessMetrics {
+            pipelines_running: r.live.len() as u64,
+            pipelines_finished: r.runs,
+            stages: stages
+                .into_iter()
+                .map(|(stage, [b, i, o, n])| StageTotal {
+                    stage,
+                    busy_seconds: b as f64 / 1e9,
+                    bytes_in: i,
+                    bytes_out: o,
+                    items: n,
+                })
+                .collect(),
+            edges: edges
+                .into_iter()
+                .map(|(edge, [d, p, w, n])| EdgeTotal {
+                    edge,
+                    depth_bytes: d,
+                    backpressure_pauses: p,
+                    wait_seconds: w as f64 / 1e9,
+                    items: n,
+                })
+                .collect(),
+        }
+    })
 }

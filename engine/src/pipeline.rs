@@ -191,6 +191,9 @@ impl Pipeline {
             stats: sink_stats,
         });
         self.metrics = metrics.clone();
+        // Exporters (`/metrics`) see the run while it is live, and its
+        // counters in the process totals once it ends.
+        let _registered = crate::metrics::Registered::new(metrics.clone());
 
         let abort = Abort {
             flag: AtomicBool::new(false),

@@ -84,6 +84,13 @@ fn stamp() -> String {
         .unwrap_or_default()
 }
 
+/// A UTC stamp with a random suffix, unique without a lookup.
+pub(crate) fn new_suffix_stamp() -> String {
+    let mut r = [0u8; 3];
+    let _ = getrandom::fill(&mut r);
+    format!("{}-{}", stamp(), hex::encode(r))
+}
+
 /// A fresh backup id: `<deployment>.<kind>.<UTC stamp>`, suffixed only when taken.
 pub(crate) fn new_backup_id(
     repo: &Repository,

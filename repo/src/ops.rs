@@ -222,7 +222,86 @@ pub fn restore_plan(
         verify,
         tablespace_mapping,
     };
+    crate::restore::check(&m, &opts)?;
     Ok((m, opts))
+}
+
+/// A restore's record (`restores/<deployment>/<restore_id>`): written when
+/// it starts and again when it ends, so `GET …/restores/{id}` can answer.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRecord {
+    pub restore_id: String,
+    pub deployment: String,
+    pub backup_id: String,
+    pub target: String,
+    /// `running`, `succeeded` or `failed`.
+    pub status: String,
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+}
+
+fn restore_key(deployment: &str, id: &str) -> String {
+    format!("restores/{deployment}/{id}")
+}
+
+fn put_restore(repo: &Repository, r: &RestoreRecord) -> Result<(), Problem> {
+    let body = serde_json::to_vec(r).map_err(|e| Problem::internal(e.to_string()))?;
+    repo.put_sealed(
+        pg_hardstorage_engine::format::RESTORE_MAGIC,
+        &restore_key(&r.deployment, &r.restore_id),
+        &body,
+    )
+}
+
+/// Runs a planned restore, recording it; its events go to `bus`.
+pub fn restores_run(
+    repo: &Repository,
+    m: &pg_hardstorage_engine::format::Manifest,
+    opts: &RestoreOptions,
+    bus: &EventBus,
+) -> Result<Value, Problem> {
+    let mut rec = RestoreRecord {
+        restore_id: format!(
+            "{}.restore.{}",
+            m.deployment,
+            crate::backup::new_suffix_stamp()
+        ),
+        deployment: m.deployment.clone(),
+        backup_id: m.backup_id.clone(),
+        target: opts.target.display().to_string(),
+        status: "running".into(),
+        started_at: pg_hardstorage_engine::event::now_rfc3339(),
+        finished_at: None,
+        result: None,
+        error: None,
+    };
+    put_restore(repo, &rec)?;
+    let r = restore(repo, m, opts, bus).and_then(to_value);
+    rec.finished_at = Some(pg_hardstorage_engine::event::now_rfc3339());
+    match &r {
+        Ok(v) => {
+            rec.status = "succeeded".into();
+            let mut v = v.clone();
+            v["restore_id"] = json!(rec.restore_id);
+            rec.result = Some(v);
+        }
+        Err(p) => {
+            rec.status = "failed".into();
+            rec.error = Some(p.to_json());
+        }
+    }
+    // The restore's own outcome matters more than its record's.
+    let _ = put_restore(repo, &rec);
+    r.map(|mut v| {
+        v["restore_id"] = json!(rec.restore_id);
+        v
+    })
 }
 
 /// Plans and runs a restore; its events go to `bus`.
@@ -233,7 +312,36 @@ pub fn restores_initiate(
     bus: &EventBus,
 ) -> Result<Value, Problem> {
     let (m, opts) = restore_plan(repo, req, restore_command, bus)?;
-    to_value(restore(repo, &m, &opts, bus)?)
+    restores_run(repo, &m, &opts, bus)
+}
+
+/// A restore's record.
+pub fn restores_status(repo: &Repository, deployment: &str, id: &str) -> Result<Value, Problem> {
+    deployment::validate_name(deployment)?;
+    let valid = !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let not_found = || {
+        Problem::new(
+            "restore.not_found",
+            format!("no restore {id:?} of {deployment:?}"),
+        )
+        .with("deployment", deployment)
+        .with("restore_id", id)
+    };
+    if !valid {
+        return Err(not_found());
+    }
+    let raw = repo
+        .get_sealed(
+            pg_hardstorage_engine::format::RESTORE_MAGIC,
+            &restore_key(deployment, id),
+        )?
+        .ok_or_else(not_found)?;
+    let rec: RestoreRecord = serde_json::from_slice(&raw)
+        .map_err(|e| Problem::new("verify.malformed", format!("restore record {id}: {e}")))?;
+    to_value(rec)
 }
 
 pub fn wal_list(repo: &Repository, deployment: &str) -> Result<Value, Problem> {

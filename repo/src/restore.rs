@@ -391,6 +391,18 @@ pub fn restore(
     r
 }
 
+/// The pre-flight checks alone, before anything is written: a caller that
+/// must answer a refusal with a status code (the API) runs them first.
+pub fn check(m: &Manifest, opts: &RestoreOptions) -> Result<(), Problem> {
+    preflight(
+        &opts.target,
+        opts.force,
+        m.source["system_identifier"].as_str(),
+    )?;
+    m.validate()?;
+    Places::new(m, opts).map(|_| ())
+}
+
 fn run(repo: &Repository, m: &Manifest, opts: &RestoreOptions) -> Result<RestoreSummary, Problem> {
     let t0 = Instant::now();
     preflight(

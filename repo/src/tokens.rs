@@ -118,6 +118,27 @@ pub fn create(
     Ok((t, format!("phs.{name}.{secret_hex}")))
 }
 
+/// One token record, if it exists.
+pub fn get(repo: &Repository, name: &str) -> Result<Option<Token>, Problem> {
+    if validate_name(name).is_err() {
+        return Ok(None);
+    }
+    match repo.get_sealed(TOKEN_MAGIC, &key(name))? {
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Problem::new("verify.malformed", format!("token {name}: {e}"))),
+        None => Ok(None),
+    }
+}
+
+/// The name part of a presented `phs.<name>.<secret>` token.
+pub fn name_of(presented: &str) -> Option<&str> {
+    presented
+        .strip_prefix("phs.")?
+        .rsplit_once('.')
+        .map(|(n, _)| n)
+}
+
 pub fn list(repo: &Repository) -> Result<Vec<Token>, Problem> {
     let mut out = Vec::new();
     for o in repo.store.list("tokens/")? {

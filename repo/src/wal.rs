@@ -194,6 +194,16 @@ pub fn list(repo: &Repository, deployment: &str) -> Result<serde_json::Value, Pr
 /// The restore_command shim: writes WAL file `name` to `dest`, verified.
 /// A file that is not archived is `wal.segment_not_found`.
 pub fn fetch(repo: &Repository, deployment: &str, name: &str, dest: &Path) -> Result<u64, Problem> {
+    let out = read(repo, deployment, name)?;
+    // Write beside the destination, then rename: recovery never reads half a file.
+    let tmp = dest.with_extension("phs-tmp");
+    std::fs::write(&tmp, &out).map_err(|e| Problem::io("io.write_failed", tmp.display(), &e))?;
+    std::fs::rename(&tmp, dest).map_err(|e| Problem::io("io.write_failed", dest.display(), &e))?;
+    Ok(out.len() as u64)
+}
+
+/// WAL file `name`, read through the verifying path.
+pub fn read(repo: &Repository, deployment: &str, name: &str) -> Result<Vec<u8>, Problem> {
     if !valid_wal_file(name) {
         return Err(Problem::new(
             "wal.segment_not_found",
@@ -231,11 +241,7 @@ pub fn fetch(repo: &Repository, deployment: &str, name: &str, dest: &Path) -> Re
             format!("{name}: size differs from its record"),
         ));
     }
-    // Write beside the destination, then rename: recovery never reads half a file.
-    let tmp = dest.with_extension("phs-tmp");
-    std::fs::write(&tmp, &out).map_err(|e| Problem::io("io.write_failed", tmp.display(), &e))?;
-    std::fs::rename(&tmp, dest).map_err(|e| Problem::io("io.write_failed", dest.display(), &e))?;
-    Ok(rec.size)
+    Ok(out)
 }
 
 pub fn slot_name(deployment: &str) -> String {

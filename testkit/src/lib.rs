@@ -3,6 +3,7 @@
 //! Nothing here mocks: a helper that cannot start what it needs fails with
 //! a message saying what is missing.
 
+pub mod http;
 pub mod pg;
 pub mod s3;
 pub mod tree;

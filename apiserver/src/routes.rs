@@ -1,0 +1,828 @@
+//! The route table of `pg_hardstorage.v1` and one handler per route. Every
+//! handler calls the same `pg_hardstorage_repo::ops` function the CLI
+//! calls; none reimplements one.
+
+use crate::auth::Identity;
+use crate::body::{Body, ChannelWriter};
+use crate::State;
+use bytes::Bytes;
+use hyper::Response;
+use pg_hardstorage_engine::event::{envelope, error_envelope, Event, EventBus, NdjsonSink};
+use pg_hardstorage_engine::Problem;
+use pg_hardstorage_repo::backup::BackupOptions;
+use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
+use pg_hardstorage_repo::{catalog, ops};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Who may call a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// No credentials needed (`/v1/healthz`, `/v1/readyz`).
+    Open,
+    /// Any authenticated caller.
+    Authenticated,
+    /// Callers granted this RBAC verb (or `admin:*`).
+    Verb(&'static str),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Healthz,
+    Readyz,
+    Metrics,
+    OpenApi,
+    DeploymentsList,
+    DeploymentsCreate,
+    DeploymentsShow,
+    DeploymentsUpdate,
+    DeploymentsDelete,
+    BackupsList,
+    BackupsTake,
+    BackupsShow,
+    BackupsVerify,
+    RestoresInitiate,
+    RestoresStatus,
+    WalList,
+    WalFetch,
+    WalRepair,
+    /// Comes with the lifecycle/KMS/audit/doctor/fleet issue: 501.
+    Unimplemented,
+}
+
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub command: &'static str,
+    pub access: Access,
+    pub op: Op,
+}
+
+const fn r(
+    method: &'static str,
+    path: &'static str,
+    command: &'static str,
+    access: Access,
+    op: Op,
+) -> Route {
+    Route {
+        method,
+        path,
+        command,
+        access,
+        op,
+    }
+}
+
+use Access::{Authenticated, Open, Verb};
+
+const READ: Access = Verb("backup:read");
+const CREATE: Access = Verb("backup:create");
+const RESTORE: Access = Verb("restore:execute");
+const ADMIN: Access = Verb("admin:*");
+
+pub const ROUTES: &[Route] = &[
+    r("GET", "/v1/healthz", "health.live", Open, Op::Healthz),
+    r("GET", "/v1/readyz", "health.ready", Open, Op::Readyz),
+    r("GET", "/metrics", "metrics", READ, Op::Metrics),
+    r(
+        "GET",
+        "/v1/openapi.yaml",
+        "openapi",
+        Authenticated,
+        Op::OpenApi,
+    ),
+    r(
+        "GET",
+        "/v1/deployments",
+        "deployments.list",
+        READ,
+        Op::DeploymentsList,
+    ),
+    r(
+        "POST",
+        "/v1/deployments",
+        "deployments.create",
+        ADMIN,
+        Op::DeploymentsCreate,
+    ),
+    r(
+        "GET",
+        "/v1/deployments/{d}",
+        "deployments.show",
+        READ,
+        Op::DeploymentsShow,
+    ),
+    r(
+        "PATCH",
+        "/v1/deployments/{d}",
+        "deployments.update",
+        ADMIN,
+        Op::DeploymentsUpdate,
+    ),
+    r(
+        "DELETE",
+        "/v1/deployments/{d}",
+        "deployments.delete",
+        ADMIN,
+        Op::DeploymentsDelete,
+    ),
+    r(
+        "GET",
+        "/v1/deployments/{d}/health",
+        "deployments.health",
+        READ,
+        Op::Unimplemented,
+    ),
+    r(
+        "GET",
+        "/v1/deployments/{d}/backups",
+        "backups.list",
+        READ,
+        Op::BackupsList,
+    ),
+    r(
+        "POST",
+        "/v1/deployments/{d}/backups",
+        "backups.take",
+        CREATE,
+        Op::BackupsTake,
+    ),
+    r(
+        "GET",
+        "/v1/deployments/{d}/backups/{id}",
+        "backups.show",
+        READ,
+        Op::BackupsShow,
+    ),
+    r(
+        "DELETE",
+        "/v1/deployments/{d}/backups/{id}",
+        "backups.delete",
+        ADMIN,
+        Op::Unimplemented,
+    ),
+    r(
+        "POST",
+        "/v1/deployments/{d}/backups/{id}/verify",
+        "backups.verify",
+        READ,
+        Op::BackupsVerify,
+    ),
+    r(
+        "POST",
+        "/v1/deployments/{d}/backups/{id}/hold",
+        "backups.hold",
+        ADMIN,
+        Op::Unimplemented,
+    ),
+    r(
+        "DELETE",
+        "/v1/deployments/{d}/backups/{id}/hold",
+        "backups.release",
+        ADMIN,
+        Op::Unimplemented,
+    ),
+    r(
+        "POST",
+        "/v1/deployments/{d}/restores",
+        "restores.initiate",
+        RESTORE,
+        Op::RestoresInitiate,
+    ),
+    r(
+        "GET",
+        "/v1/deployments/{d}/restores/{id}",
+        "restores.status",
+        READ,
+        Op::RestoresStatus,
+    ),
+    r(
+        "GET",
+        "/v1/deployments/{d}/wal",
+        "wal.list",
+        READ,
+        Op::WalList,
+    ),
+    r(
+        "POST",
+        "/v1/deployments/{d}/wal/{seg}/fetch",
+        "wal.fetch",
+        RESTORE,
+        Op::WalFetch,
+    ),
+    r(
+        "POST",
+        "/v1/deployments/{d}/wal/repair",
+        "wal.repair",
+        ADMIN,
+        Op::WalRepair,
+    ),
+    r(
+        "GET",
+        "/v1/repos/{r}",
+        "repos.show",
+        ADMIN,
+        Op::Unimplemented,
+    ),
+    r(
+        "POST",
+        "/v1/repos/{r}/check",
+        "repos.check",
+        ADMIN,
+        Op::Unimplemented,
+    ),
+    r(
+        "POST",
+        "/v1/repos/{r}/gc",
+        "repos.gc",
+        ADMIN,
+        Op::Unimplemented,
+    ),
+    r(
+        "GET",
+        "/v1/repos/{r}/usage",
+        "repos.usage",
+        ADMIN,
+        Op::Unimplemented,
+    ),
+    r(
+        "POST",
+        "/v1/repos/{r}/scrub",
+        "repos.scrub",
+        ADMIN,
+        Op::Unimplemented,
+    ),
+    r(
+        "POST",
+        "/v1/kms/rotate",
+        "kms.rotate",
+        Verb("kms:rotate"),
+        Op::Unimplemented,
+    ),
+    r(
+        "POST",
+        "/v1/kms/shred",
+        "kms.shred",
+        Verb("kms:shred"),
+        Op::Unimplemented,
+    ),
+    r(
+        "GET",
+        "/v1/kms/inspect",
+        "kms.inspect",
+        ADMIN,
+        Op::Unimplemented,
+    ),
+    r(
+        "GET",
+        "/v1/audit",
+        "audit.search",
+        Verb("audit:read"),
+        Op::Unimplemented,
+    ),
+    r(
+        "POST",
+        "/v1/audit/verify-chain",
+        "audit.verify_chain",
+        Verb("audit:read"),
+        Op::Unimplemented,
+    ),
+    r(
+        "GET",
+        "/v1/doctor",
+        "doctor.report",
+        READ,
+        Op::Unimplemented,
+    ),
+    r(
+        "GET",
+        "/v1/doctor/{deployment}",
+        "doctor.deployment",
+        READ,
+        Op::Unimplemented,
+    ),
+    r("GET", "/v1/agents", "agents.list", ADMIN, Op::Unimplemented),
+    r("GET", "/v1/search", "search", READ, Op::Unimplemented),
+];
+
+pub type Params = Vec<(&'static str, String)>;
+
+pub enum Found {
+    Route(&'static Route, Params),
+    /// The path exists with other methods.
+    WrongMethod(Vec<&'static str>),
+    None,
+}
+
+fn matches(pattern: &'static str, path: &str) -> Option<Params> {
+    let (mut p, mut s) = (pattern.split('/'), path.split('/'));
+    let mut out = Vec::new();
+    loop {
+        match (p.next(), s.next()) {
+            (None, None) => return Some(out),
+            (Some(pp), Some(ss)) => {
+                if let Some(name) = pp.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
+                    if ss.is_empty() {
+                        return None;
+                    }
+                    out.push((name, ss.to_string()));
+                } else if pp != ss {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+}
+
+pub fn find(method: &str, path: &str) -> Found {
+    let mut methods = Vec::new();
+    for r in ROUTES {
+        if let Some(params) = matches(r.path, path) {
+            if r.method == method {
+                return Found::Route(r, params);
+            }
+            methods.push(r.method);
+        }
+    }
+    if methods.is_empty() {
+        Found::None
+    } else {
+        Found::WrongMethod(methods)
+    }
+}
+
+fn param(params: &Params, name: &str) -> String {
+    params
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+// ------------------------------------------------------------ responses
+
+pub fn json_response(status: u16, v: &Value) -> Response<Body> {
+    let mut body = serde_json::to_vec(v).unwrap_or_default();
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::full(body))
+        .unwrap_or_else(|_| Response::new(Body::full("")))
+}
+
+pub fn ok(command: &str, body: Value) -> Response<Body> {
+    json_response(200, &envelope(command, body))
+}
+
+pub fn error(p: &Problem) -> Response<Body> {
+    json_response(p.http_status(), &error_envelope(p))
+}
+
+/// Runs blocking library work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Problem> + Send + 'static,
+) -> Result<T, Problem> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Problem::internal(format!("task failed: {e}"))))
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Problem> {
+    let raw: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(raw).map_err(|e| {
+        Problem::new("api.bad_request", format!("request body: {e}")).suggest(
+            "Send a JSON object with the fields this route documents (see /v1/openapi.yaml)",
+            None,
+        )
+    })
+}
+
+/// How a streaming route answers: NDJSON as work proceeds (the default,
+/// as the contract says), or, when the client sends `Accept:
+/// application/json`, one envelope at the end with the status code of the
+/// outcome (so a verify failure is a 422 rather than a 200 stream ending
+/// in an error frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Ndjson,
+    Json,
+}
+
+/// A sink that had to drop events (a slow webhook) says so in the
+/// operation's own stream, after the work and before the stream ends.
+fn report_drops(bus: &EventBus, drops: &[(String, Arc<std::sync::atomic::AtomicU64>)]) {
+    for (sink, n) in drops {
+        let n = n.load(std::sync::atomic::Ordering::Relaxed);
+        if n > 0 {
+            bus.publish(
+                Event::new(pg_hardstorage_engine::Severity::Warning, "sink_dropped")
+                    .body(json!({"sink": sink, "dropped": n, "reason": "queue full: the receiver is slow or down"})),
+            );
+        }
+    }
+}
+
+/// Runs `work` with a bus whose events stream to the client as NDJSON.
+fn stream(
+    st: &Arc<State>,
+    command: &'static str,
+    mode: Mode,
+    work: impl FnOnce(&EventBus) -> Result<Value, Problem> + Send + 'static,
+) -> impl std::future::Future<Output = Response<Body>> {
+    let st = st.clone();
+    async move {
+        let bus = EventBus::new();
+        let drops = st.attach_sinks(&bus);
+        if mode == Mode::Json {
+            let r = blocking(move || {
+                let r = work(&bus);
+                report_drops(&bus, &drops);
+                bus.close();
+                r
+            })
+            .await;
+            return match r {
+                Ok(body) => ok(command, body),
+                Err(p) => error(&p),
+            };
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+        let writer = ChannelWriter::new(tx.clone());
+        let state = writer.state.clone();
+        bus.add_sink(NdjsonSink::new(writer));
+        tokio::task::spawn_blocking(move || {
+            let r = work(&bus);
+            report_drops(&bus, &drops);
+            bus.close();
+            if let Err(p) = r {
+                let s = *state.lock().unwrap_or_else(|e| e.into_inner());
+                // Ended without its error frame: add one (no trailing newline).
+                if !s.wrote || s.ended_with_newline {
+                    let line = Event::failure(format!("{}_failed", command.replace('.', "_")), &p)
+                        .to_line();
+                    let _ = tx.blocking_send(Bytes::from(line));
+                }
+            }
+        });
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/x-ndjson")
+            .body(Body::Stream(rx))
+            .unwrap_or_else(|_| Response::new(Body::full("")))
+    }
+}
+
+// ------------------------------------------------------------ bodies
+
+/// `POST /v1/deployments`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeployment {
+    pub name: String,
+    /// `postgres` (needs `pg`) or `path` (needs `path`); inferred when absent.
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub pg: Option<String>,
+    #[serde(default)]
+    pub pgdata: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Defaults to the caller's tenant, else `default`.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+/// `PATCH /v1/deployments/{d}`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateDeployment {
+    #[serde(default)]
+    pub pg: Option<String>,
+    #[serde(default)]
+    pub pgdata: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// `POST /v1/deployments/{d}/backups` (an empty body is fine).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TakeBackup {
+    /// Worker threads (default: one per core).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Byte budget of each pipeline edge.
+    #[serde(default)]
+    pub queue_bytes: Option<u64>,
+}
+
+/// `POST /v1/deployments/{d}/restores`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRestore {
+    /// A backup id or `latest` (the default).
+    #[serde(default)]
+    pub backup_id: Option<String>,
+    /// Directory on the server's host.
+    pub target: String,
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
+    pub to_lsn: Option<String>,
+    #[serde(default)]
+    pub to_name: Option<String>,
+    /// `auto` (default), `skip` or `require`.
+    #[serde(default)]
+    pub verify: Option<String>,
+    #[serde(default)]
+    pub force: Option<bool>,
+    /// `OLD=NEW` directory mappings for tablespaces.
+    #[serde(default)]
+    pub tablespace_mapping: Option<Vec<String>>,
+}
+
+// ------------------------------------------------------------ handlers
+
+/// The deployment, if the caller's tenant may see it; otherwise the same
+/// not-found a missing one gives (existence is not leaked across tenants).
+fn visible(st: &State, who: &Option<Identity>, name: &str) -> Result<Deployment, Problem> {
+    let d = deployment::get(&st.repo, name)?;
+    match who {
+        Some(w) if !w.sees_tenant(d.tenant()) => Err(Problem::new(
+            "deployment.not_found",
+            format!("no deployment named {name:?}"),
+        )
+        .with("deployment", name)),
+        _ => Ok(d),
+    }
+}
+
+fn backup_of(d: &str, id: &str) -> Result<(), Problem> {
+    match catalog::deployment_of(id) {
+        Ok(x) if x == d => Ok(()),
+        _ => Err(Problem::new(
+            "backup.not_found",
+            format!("deployment {d:?} has no backup {id:?}"),
+        )
+        .with("deployment", d)
+        .with("backup_id", id)),
+    }
+}
+
+pub async fn dispatch(
+    st: Arc<State>,
+    route: &'static Route,
+    params: Params,
+    who: Option<Identity>,
+    body: Bytes,
+    mode: Mode,
+) -> Response<Body> {
+    let c = route.command;
+    let d = param(&params, "d");
+    let id = param(&params, "id");
+    let st2 = st.clone();
+    let who2 = who.clone();
+    // Route-scoped checks that need the repository run off the async threads.
+    let check = move || -> Result<(), Problem> {
+        if !d.is_empty() {
+            visible(&st2, &who2, &d)?;
+        }
+        Ok(())
+    };
+    let d = param(&params, "d");
+    let r: Result<Response<Body>, Problem> = async {
+        match route.op {
+            Op::Healthz => Ok(ok(c, json!({"status": "ok"}))),
+            Op::Readyz => {
+                let st = st.clone();
+                let body = blocking(move || st.ready()).await?;
+                Ok(ok(c, body))
+            }
+            Op::Metrics => {
+                let text = st.metrics.render();
+                Ok(Response::builder()
+                    .status(200)
+                    .header("content-type", "text/plain; version=0.0.4")
+                    .body(Body::full(text))
+                    .unwrap_or_else(|_| Response::new(Body::full(""))))
+            }
+            Op::OpenApi => Ok(Response::builder()
+                .status(200)
+                .header("content-type", "application/yaml")
+                .body(Body::full(crate::openapi::yaml()))
+                .unwrap_or_else(|_| Response::new(Body::full("")))),
+            Op::DeploymentsList => {
+                let tenant = who.as_ref().and_then(|w| w.token.tenant.clone());
+                let st = st.clone();
+                let body =
+                    blocking(move || ops::deployments_list(&st.repo, tenant.as_deref())).await?;
+                Ok(ok(c, body))
+            }
+            Op::DeploymentsCreate => {
+                let b: CreateDeployment = parse(&body)?;
+                let caller_tenant = who.as_ref().and_then(|w| w.token.tenant.clone());
+                let tenant = match (caller_tenant, b.tenant) {
+                    (Some(t), Some(want)) if t != want => {
+                        return Err(Problem::new(
+                            "authz.denied",
+                            format!("a token of tenant {t:?} cannot create deployments of {want:?}"),
+                        ))
+                    }
+                    (Some(t), _) => Some(t),
+                    (None, want) => want,
+                };
+                let kind = match b.kind.as_deref() {
+                    Some("postgres") => Kind::Postgres,
+                    Some("path") => Kind::Path,
+                    None if b.path.is_some() => Kind::Path,
+                    None => Kind::Postgres,
+                    Some(k) => {
+                        return Err(Problem::new(
+                            "api.bad_request",
+                            format!("kind {k:?}: want postgres or path"),
+                        ))
+                    }
+                };
+                let dep = Deployment {
+                    name: b.name,
+                    kind,
+                    path: b.path,
+                    pg: b.pg,
+                    pgdata: b.pgdata,
+                    created_at: pg_hardstorage_engine::event::now_rfc3339(),
+                    system_identifier: None,
+                    tenant,
+                };
+                let st = st.clone();
+                let body = blocking(move || ops::deployments_create(&st.repo, dep)).await?;
+                Ok(ok(c, body))
+            }
+            Op::DeploymentsShow => {
+                let st = st.clone();
+                let body = blocking(move || {
+                    check()?;
+                    ops::deployments_show(&st.repo, &d)
+                })
+                .await?;
+                Ok(ok(c, body))
+            }
+            Op::DeploymentsUpdate => {
+                let b: UpdateDeployment = parse(&body)?;
+                let st = st.clone();
+                let body = blocking(move || {
+                    check()?;
+                    ops::deployments_update(&st.repo, &d, b.pg, b.pgdata, b.path)
+                })
+                .await?;
+                Ok(ok(c, body))
+            }
+            Op::DeploymentsDelete => {
+                let st = st.clone();
+                let body = blocking(move || {
+                    check()?;
+                    ops::deployments_delete(&st.repo, &d)
+                })
+                .await?;
+                Ok(ok(c, body))
+            }
+            Op::BackupsList => {
+                let st = st.clone();
+                let body = blocking(move || {
+                    check()?;
+                    st.backups_list(&d)
+                })
+                .await?;
+                Ok(ok(c, body))
+            }
+            Op::BackupsShow => {
+                let st = st.clone();
+                let body = blocking(move || {
+                    check()?;
+                    backup_of(&d, &id)?;
+                    ops::backups_show(&st.repo, &id)
+                })
+                .await?;
+                Ok(ok(c, body))
+            }
+            Op::BackupsTake => {
+                let b: TakeBackup = parse(&body)?;
+                blocking(check).await?;
+                let mut pipeline = pg_hardstorage_engine::pipeline::PipelineConfig::default();
+                if let Some(w) = b.workers {
+                    pipeline.workers = w.clamp(1, 1024);
+                }
+                if let Some(q) = b.queue_bytes {
+                    pipeline.queue_bytes = q.max(1 << 20);
+                }
+                let opts = BackupOptions {
+                    pipeline,
+                    read_backend: None,
+                };
+                let repo = st.repo.clone();
+                Ok(stream(&st, c, mode, move |bus| ops::backups_take(&repo, &d, bus, &opts)).await)
+            }
+            Op::BackupsVerify => {
+                blocking(check).await?;
+                backup_of(&d, &id)?;
+                let repo = st.repo.clone();
+                let threads = pg_hardstorage_engine::pipeline::default_workers();
+                Ok(stream(&st, c, mode, move |bus| ops::backups_verify(&repo, &id, bus, threads)).await)
+            }
+            Op::RestoresInitiate => {
+                let b: StartRestore = parse(&body)?;
+                let req = ops::RestoreRequest {
+                    deployment: d.clone(),
+                    backup: b.backup_id.unwrap_or_else(|| "latest".into()),
+                    target: b.target.into(),
+                    to: b.to,
+                    to_lsn: b.to_lsn,
+                    to_name: b.to_name,
+                    verify: b.verify.unwrap_or_default(),
+                    force: b.force.unwrap_or(false),
+                    threads: pg_hardstorage_engine::pipeline::default_workers(),
+                    tablespace_mapping: b.tablespace_mapping.unwrap_or_default(),
+                };
+                // Pre-flight before the stream starts: a refusal is a 412.
+                let st2 = st.clone();
+                let (m, opts) = blocking(move || {
+                    check()?;
+                    let rc = st2.restore_command.clone();
+                    let dep = req.deployment.clone();
+                    ops::restore_plan(&st2.repo, &req, &|| rc(&dep), &EventBus::new())
+                })
+                .await?;
+                let repo = st.repo.clone();
+                Ok(stream(&st, c, mode, move |bus| ops::restores_run(&repo, &m, &opts, bus)).await)
+            }
+            Op::RestoresStatus => {
+                let st = st.clone();
+                let body = blocking(move || {
+                    check()?;
+                    ops::restores_status(&st.repo, &d, &id)
+                })
+                .await?;
+                Ok(ok(c, body))
+            }
+            Op::WalList => {
+                let st = st.clone();
+                let body = blocking(move || {
+                    check()?;
+                    ops::wal_list(&st.repo, &d)
+                })
+                .await?;
+                Ok(ok(c, body))
+            }
+            Op::WalFetch => {
+                let seg = param(&params, "seg");
+                let st = st.clone();
+                let data = blocking(move || {
+                    check()?;
+                    pg_hardstorage_repo::wal::read(&st.repo, &d, &seg)
+                })
+                .await?;
+                Ok(Response::builder()
+                    .status(200)
+                    .header("content-type", "application/octet-stream")
+                    .body(Body::full(data))
+                    .unwrap_or_else(|_| Response::new(Body::full(""))))
+            }
+            Op::WalRepair => {
+                let st = st.clone();
+                let body = blocking(move || {
+                    check()?;
+                    let bus = EventBus::new();
+                    let drops = st.attach_sinks(&bus);
+                    let r = ops::wal_repair(&st.repo, &d, &bus);
+                    report_drops(&bus, &drops);
+                    bus.close();
+                    r
+                })
+                .await?;
+                Ok(ok(c, body))
+            }
+            Op::Unimplemented => {
+                blocking(check).await?;
+                Err(Problem::new(
+                    "unimplemented",
+                    format!("{} {} is not implemented yet", route.method, route.path),
+                )
+                .suggest(
+                    "This capability comes with the repository lifecycle, KMS, audit, doctor and fleet work",
+                    None,
+                ))
+            }
+        }
+    }
+    .await;
+    r.unwrap_or_else(|p| error(&p))
+}

@@ -1,0 +1,237 @@
+//! Every implemented route over real HTTP: envelope, status, error codes.
+
+use crate::{body_of, dirs_equal, error_of, ndjson, TestServer};
+use bytes::Bytes;
+use serde_json::json;
+
+#[test]
+fn deployments_routes_and_request_errors() {
+    let s = TestServer::start();
+    let c = s.admin();
+    // Open routes.
+    assert_eq!(
+        body_of(&s.client().get("/v1/healthz"), "health.live")["status"],
+        "ok"
+    );
+    assert_eq!(
+        body_of(&s.client().get("/v1/readyz"), "health.ready")["ready"],
+        true
+    );
+
+    let src = s.tmp.path().join("web-src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let create = json!({"name": "web", "path": src}).to_string();
+    let b = body_of(&c.post("/v1/deployments", &create), "deployments.create");
+    assert_eq!(
+        (b["created"].clone(), b["kind"].clone()),
+        (json!(true), json!("path"))
+    );
+    // Idempotent on name; conflicting settings are a 409.
+    let b = body_of(&c.post("/v1/deployments", &create), "deployments.create");
+    assert_eq!(b["created"], false);
+    let other = json!({"name": "web", "path": s.tmp.path()}).to_string();
+    error_of(
+        &c.post("/v1/deployments", &other),
+        409,
+        "deployment.conflict",
+    );
+
+    let list = body_of(&c.get("/v1/deployments"), "deployments.list");
+    assert_eq!(list.as_array().map(|a| a.len()), Some(1));
+    let show = body_of(&c.get("/v1/deployments/web"), "deployments.show");
+    assert_eq!(show["name"], "web");
+    error_of(&c.get("/v1/deployments/nope"), 404, "deployment.not_found");
+    error_of(
+        &c.get("/v1/deployments/bad%20name"),
+        400,
+        "usage.invalid_argument",
+    );
+
+    let patch = json!({"path": s.tmp.path()}).to_string();
+    let r = c
+        .request("PATCH", "/v1/deployments/web", &[], Some(patch.as_bytes()))
+        .expect("patch");
+    let b = body_of(&r, "deployments.update");
+    assert_eq!(b["path"], s.tmp.path().display().to_string());
+
+    // Bodies: unknown fields, not JSON, too large.
+    error_of(
+        &c.post(
+            "/v1/deployments",
+            r#"{"name":"x","path":"/tmp","colour":"red"}"#,
+        ),
+        400,
+        "api.bad_request",
+    );
+    error_of(
+        &c.post("/v1/deployments", "not json"),
+        400,
+        "api.bad_request",
+    );
+    let huge = format!(r#"{{"name":"x","path":"{}"}}"#, "a".repeat(100 << 10));
+    error_of(&c.post("/v1/deployments", &huge), 400, "api.body_too_large");
+    // Routes and methods.
+    error_of(&c.get("/v1/nope"), 404, "api.route_not_found");
+    let r = c.request("PUT", "/v1/healthz", &[], None).expect("put");
+    error_of(&r, 405, "api.method_not_allowed");
+    assert_eq!(r.header("allow"), Some("GET"));
+    // Capabilities of a later issue answer 501, never a fake success.
+    for (m, p) in [
+        ("GET", "/v1/kms/inspect"),
+        ("POST", "/v1/repos/main/gc"),
+        ("GET", "/v1/audit"),
+        ("GET", "/v1/doctor"),
+        ("GET", "/v1/agents"),
+        ("GET", "/v1/deployments/web/health"),
+    ] {
+        let r = c.request(m, p, &[], None).expect("req");
+        error_of(&r, 501, "unimplemented");
+    }
+
+    let r = c
+        .request("DELETE", "/v1/deployments/web", &[], None)
+        .expect("delete");
+    let b = body_of(&r, "deployments.delete");
+    assert_eq!(
+        (b["deleted"].clone(), b["backups_kept"].clone()),
+        (json!(true), json!(true))
+    );
+    error_of(&c.get("/v1/deployments/web"), 404, "deployment.not_found");
+}
+
+#[test]
+fn backups_verify_restore_and_wal_routes() {
+    let s = TestServer::start();
+    let c = s.admin();
+    let src = s.path_deployment("p", None);
+    s.path_deployment("q", None);
+    let json_accept = [("Accept", "application/json")];
+
+    // A backup answered as one envelope (Accept: application/json).
+    let r = c
+        .request("POST", "/v1/deployments/p/backups", &json_accept, None)
+        .expect("backup");
+    let b = body_of(&r, "backups.take");
+    let id = b["backup_id"].as_str().expect("id").to_string();
+    assert!(id.starts_with("p.full."), "{b}");
+    assert_eq!(b["files"], 21);
+
+    let list = body_of(&c.get("/v1/deployments/p/backups"), "backups.list");
+    assert_eq!(list[0]["backup_id"], id.as_str());
+    let m = body_of(
+        &c.get(&format!("/v1/deployments/p/backups/{id}")),
+        "backups.show",
+    );
+    assert_eq!(m["backup_id"], id.as_str());
+    assert!(
+        m["entries"].as_array().is_some_and(|e| e.len() > 20),
+        "full manifest"
+    );
+    error_of(
+        &c.get(&format!("/v1/deployments/q/backups/{id}")),
+        404,
+        "backup.not_found",
+    );
+    error_of(
+        &c.get("/v1/deployments/p/backups/p.full.20200101T000000Z"),
+        404,
+        "backup.not_found",
+    );
+
+    // Verify, streamed.
+    let r = c.post(&format!("/v1/deployments/p/backups/{id}/verify"), "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+    let ev = ndjson(&r.body);
+    assert_eq!(
+        ev.first().map(|e| e["op"].clone()),
+        Some(json!("verify_started"))
+    );
+    assert_eq!(
+        ev.last().map(|e| e["op"].clone()),
+        Some(json!("verify_completed"))
+    );
+    assert!(r.body.ends_with(b"\n"));
+
+    // Restore, streamed; then its status.
+    let target = s.tmp.path().join("restored");
+    let req = json!({"backup_id": id, "target": target}).to_string();
+    let r = c.post("/v1/deployments/p/restores", &req);
+    let ev = ndjson(&r.body);
+    let last = ev.last().expect("events");
+    assert_eq!(last["op"], "restore_completed", "{}", r.text());
+    dirs_equal(&src, &target);
+    let status_list = s.repo.store.list("restores/p/").expect("list");
+    assert_eq!(status_list.len(), 1);
+    let rid = status_list[0]
+        .key
+        .trim_start_matches("restores/p/")
+        .to_string();
+    let st = body_of(
+        &c.get(&format!("/v1/deployments/p/restores/{rid}")),
+        "restores.status",
+    );
+    assert_eq!(st["status"], "succeeded", "{st}");
+    assert_eq!(st["result"]["restore_id"], rid.as_str());
+    error_of(
+        &c.get("/v1/deployments/p/restores/p.restore.nope"),
+        404,
+        "restore.not_found",
+    );
+    // A non-empty target is a pre-flight refusal: 412 before any stream.
+    let r = c.post("/v1/deployments/p/restores", &req);
+    let e = error_of(&r, 412, "restore.target_not_empty");
+    assert!(e["suggestion"]["human"].as_str().is_some());
+    error_of(
+        &c.post(
+            "/v1/deployments/p/restores",
+            r#"{"target":"/tmp/x","speed":"max"}"#,
+        ),
+        400,
+        "api.bad_request",
+    );
+
+    // WAL routes on a deployment with no archive.
+    let w = body_of(&c.get("/v1/deployments/p/wal"), "wal.list");
+    assert_eq!(w["segments"], json!([]));
+    error_of(
+        &c.post("/v1/deployments/p/wal/000000010000000000000001/fetch", ""),
+        404,
+        "wal.segment_not_found",
+    );
+
+    // A corrupted backup: 422 as an envelope, an error frame as a stream.
+    let pack = s.repo.store.list("packs/").expect("list")[0].key.clone();
+    let mut bytes = s
+        .repo
+        .store
+        .get(&pack)
+        .expect("get")
+        .expect("pack")
+        .to_vec();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    s.repo.store.put(&pack, Bytes::from(bytes)).expect("put");
+    let verify = format!("/v1/deployments/p/backups/{id}/verify");
+    let r = c
+        .request("POST", &verify, &json_accept, None)
+        .expect("verify");
+    let e = error_of(&r, 422, "verify.checksum_mismatch");
+    assert!(e["message"].as_str().is_some());
+    let r = c.post(&verify, "");
+    assert_eq!(r.status, 200);
+    assert!(
+        !r.body.ends_with(b"\n"),
+        "a final error frame has no trailing newline"
+    );
+    let last = ndjson(&r.body).pop().expect("frame");
+    assert_eq!(last["error"]["code"], "verify.checksum_mismatch", "{last}");
+
+    // The repository unreachable: 503 (tokens are cached briefly, so the
+    // request is authenticated and fails on the repository itself).
+    std::fs::write(&s.outage_flag, b"").expect("flag");
+    error_of(&c.get("/v1/deployments"), 503, "storage.unreachable");
+    error_of(&s.client().get("/v1/readyz"), 503, "storage.unreachable");
+    std::fs::remove_file(&s.outage_flag).expect("unflag");
+    body_of(&c.get("/v1/deployments"), "deployments.list");
+}

@@ -1,0 +1,151 @@
+//! Streaming backups over the API, and webhook sinks that see the same
+//! events without ever slowing a backup.
+
+use crate::{dirs_equal, ndjson, Options, TestServer};
+use pg_hardstorage_apiserver::webhook;
+use pg_hardstorage_testkit::http::Receiver;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[test]
+fn a_backup_over_the_api_streams_ndjson_and_restores() {
+    let hook = Receiver::start();
+    let wh = webhook::Webhook::start(webhook::parse(&hook.url).expect("url"), 1024);
+    let s = TestServer::start_with(Options {
+        webhooks: vec![wh.clone()],
+        ..Default::default()
+    });
+    let src = s.path_deployment("p", None);
+    let r = s
+        .client()
+        .with_token(&s.token("ci", &["backup:create"], None))
+        .post("/v1/deployments/p/backups", r#"{"workers": 2}"#);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert!(r.body.ends_with(b"\n"));
+    let events = ndjson(&r.body);
+    let ops: Vec<_> = events
+        .iter()
+        .map(|e| e["op"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        ops.first().map(String::as_str),
+        Some("backup_started"),
+        "{ops:?}"
+    );
+    assert_eq!(
+        ops.last().map(String::as_str),
+        Some("backup_completed"),
+        "{ops:?}"
+    );
+    assert!(ops.iter().any(|o| o == "progress"), "{ops:?}");
+    for e in &events {
+        assert_eq!(e["schema"], "pg_hardstorage.v1");
+        assert!(e["severity_name"].as_str().is_some());
+    }
+    let done = events.last().expect("last");
+    assert_eq!(done["body"]["verified"], true);
+    assert!(done["body"]["duration_seconds"].as_f64().is_some());
+    let p = &events
+        .iter()
+        .find(|e| e["op"] == "progress")
+        .expect("progress")["body"];
+    for k in [
+        "bytes_logical",
+        "bytes_physical",
+        "dedup_ratio",
+        "throughput_mb_s",
+    ] {
+        assert!(p.get(k).is_some(), "progress lacks {k}: {p}");
+    }
+    let id = done["body"]["backup_id"].as_str().expect("id").to_string();
+
+    // It restores.
+    let target = s.tmp.path().join("back");
+    let req = json!({"backup_id": id, "target": target}).to_string();
+    let r = s.admin().post("/v1/deployments/p/restores", &req);
+    assert_eq!(
+        ndjson(&r.body).last().expect("ev")["op"],
+        "restore_completed"
+    );
+    dirs_equal(&src, &target);
+
+    // The webhook saw the same events, byte for byte, in the same order:
+    // the backup's, then the restore's.
+    let want: Vec<String> = String::from_utf8_lossy(&r.body)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let t0 = Instant::now();
+    while wh.delivered.load(Ordering::SeqCst) < (events.len() + want.len()) as u64
+        && t0.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let got = hook.lines();
+    let streamed: Vec<String> = events
+        .iter()
+        .chain(ndjson(&r.body).iter())
+        .map(|e| e.to_string())
+        .collect();
+    let got_json: Vec<String> = got
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .expect("json")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        got_json, streamed,
+        "the webhook's events differ from the streams'"
+    );
+    assert_eq!(wh.dropped.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_stalled_webhook_drops_and_counts_but_never_holds_a_backup() {
+    let hook = Receiver::start();
+    hook.stalled.store(true, Ordering::SeqCst);
+    // One queued event at most: the stalled receiver holds the delivery
+    // thread on its first POST, so later events overflow.
+    let wh = webhook::Webhook::start(webhook::parse(&hook.url).expect("url"), 1);
+    let s = TestServer::start_with(Options {
+        webhooks: vec![wh.clone()],
+        ..Default::default()
+    });
+    s.path_deployment("p", None);
+    let r = s.admin().post("/v1/deployments/p/backups", "");
+    let events = ndjson(&r.body);
+    // The backup finished while the receiver had not answered anything.
+    assert!(hook.bodies.lock().expect("lock").is_empty());
+    let ops: Vec<_> = events
+        .iter()
+        .map(|e| e["op"].as_str().unwrap_or("").to_string())
+        .collect();
+    let completed = ops
+        .iter()
+        .position(|o| o == "backup_completed")
+        .expect("completed");
+    let drop = events.last().expect("last");
+    assert_eq!(drop["op"], "sink_dropped", "{ops:?}");
+    assert_eq!(drop["severity_name"], "warning");
+    assert_eq!(drop["body"]["sink"], hook.url.as_str());
+    let n = drop["body"]["dropped"].as_u64().expect("count");
+    assert!(n >= 1 && completed + 1 == ops.len() - 1, "{ops:?}");
+    // The counter is exported.
+    let m = s.admin().get("/metrics").text();
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("pg_hardstorage_sink_dropped_total{"))
+        .expect("sink_dropped metric");
+    let exported: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("value");
+    assert!(exported >= n, "{line}");
+    hook.stalled.store(false, Ordering::SeqCst);
+}
