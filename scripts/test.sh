@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs the S3 test server (moto) when missing, then
+# The test command: installs the S3 test server (moto) and the API fuzzer
+# (schemathesis) when missing, then
 # runs every test of the workspace. Tests that need a service start it
 # themselves and fail, naming what is missing, if they cannot.
 set -euo pipefail
@@ -19,6 +20,16 @@ if ! command -v moto_server >/dev/null 2>&1; then
 fi
 command -v moto_server >/dev/null 2>&1 || {
     echo "moto_server is still not on PATH after pip install" >&2
+    exit 1
+}
+
+if ! command -v schemathesis >/dev/null 2>&1; then
+    echo "installing schemathesis for the API contract test"
+    python3 -m pip install --quiet schemathesis
+    hash -r
+fi
+command -v schemathesis >/dev/null 2>&1 || {
+    echo "schemathesis is still not on PATH after pip install" >&2
     exit 1
 }
 

@@ -443,13 +443,15 @@ fn stream(
         let bus = EventBus::new();
         let drops = st.attach_sinks(&bus);
         if mode == Mode::Json {
-            let r = blocking(move || {
-                let r = work(&bus);
-                report_drops(&bus, &drops);
-                bus.close();
-                r
-            })
-            .await;
+            let r = st
+                .launch(move || {
+                    let r = work(&bus);
+                    report_drops(&bus, &drops);
+                    bus.close();
+                    r
+                })
+                .await
+                .unwrap_or_else(|_| Err(Problem::internal("operation thread ended")));
             return match r {
                 Ok(body) => ok(command, body),
                 Err(p) => error(&p),
@@ -459,7 +461,7 @@ fn stream(
         let writer = ChannelWriter::new(tx.clone());
         let state = writer.state.clone();
         bus.add_sink(NdjsonSink::new(writer));
-        tokio::task::spawn_blocking(move || {
+        drop(st.launch(move || {
             let r = work(&bus);
             report_drops(&bus, &drops);
             bus.close();
@@ -472,7 +474,7 @@ fn stream(
                     let _ = tx.blocking_send(Bytes::from(line));
                 }
             }
-        });
+        }));
         Response::builder()
             .status(200)
             .header("content-type", "application/x-ndjson")
@@ -696,10 +698,17 @@ pub async fn dispatch(
                 Ok(ok(c, body))
             }
             Op::BackupsList => {
+                // Dashboards poll this: served from memory when fresh.
+                if let Some(body) = st.cached_listing(&d, &who) {
+                    return Ok(ok(c, body));
+                }
                 let st = st.clone();
+                let who = who.clone();
                 let body = blocking(move || {
-                    check()?;
-                    st.backups_list(&d)
+                    let dep = visible(&st, &who, &d)?;
+                    let body = st.backups_list(&d)?;
+                    st.remember_listing(&d, dep.tenant(), &body);
+                    Ok(body)
                 })
                 .await?;
                 Ok(ok(c, body))
@@ -728,8 +737,13 @@ pub async fn dispatch(
                     pipeline,
                     read_backend: None,
                 };
-                let repo = st.repo.clone();
-                Ok(stream(&st, c, mode, move |bus| ops::backups_take(&repo, &d, bus, &opts)).await)
+                let st2 = st.clone();
+                Ok(stream(&st, c, mode, move |bus| {
+                    let r = ops::backups_take(&st2.repo, &d, bus, &opts);
+                    st2.forget_listing(&d);
+                    r
+                })
+                .await)
             }
             Op::BackupsVerify => {
                 blocking(check).await?;

@@ -34,11 +34,7 @@ pub fn serve(cli: &Cli, out: &mut Out, a: &ServeArgs) -> Result<(), Problem> {
         body_limit: a.body_limit,
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("api")
-        .build()
-        .map_err(|e| Problem::internal(format!("tokio runtime: {e}")))?;
+    let rt = pg_hardstorage_apiserver::runtime()?;
     let server = Server::bind(&rt, cfg)?;
     let addr = server.local_addr()?;
     let state = server.state();

@@ -29,6 +29,7 @@ pub struct BackupOptions {
 }
 
 /// What `backup list` shows of each backup.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct BackupSummary {
     pub backup_id: String,

@@ -228,6 +228,7 @@ pub fn restore_plan(
 
 /// A restore's record (`restores/<deployment>/<restore_id>`): written when
 /// it starts and again when it ends, so `GET …/restores/{id}` can answer.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRecord {

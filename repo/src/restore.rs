@@ -159,6 +159,7 @@ fn write_recovery(
     Ok(())
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct RestoreSummary {
     pub backup_id: String,

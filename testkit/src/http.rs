@@ -267,3 +267,79 @@ impl Receiver {
             .collect()
     }
 }
+
+/// One kept-alive plain-HTTP connection issuing requests in turn (what a
+/// polling dashboard does).
+pub struct KeepAlive {
+    addr: SocketAddr,
+    token: Option<String>,
+    conn: Option<(TcpStream, BufReader<TcpStream>)>,
+}
+
+impl KeepAlive {
+    pub fn new(c: &Client) -> Self {
+        KeepAlive {
+            addr: c.addr,
+            token: c.token.clone(),
+            conn: None,
+        }
+    }
+
+    pub fn get(&mut self, path: &str) -> std::io::Result<Response> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(10))?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            s.set_nodelay(true)?;
+            let r = BufReader::new(s.try_clone()?);
+            self.conn = Some((s, r));
+        }
+        let r = self.exchange(path);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    fn exchange(&mut self, path: &str) -> std::io::Result<Response> {
+        let (w, r) = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("closed"))?;
+        let mut head = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
+        if let Some(t) = &self.token {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        head.push_str("\r\n");
+        w.write_all(head.as_bytes())?;
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut headers = Vec::new();
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                headers.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}

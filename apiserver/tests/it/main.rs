@@ -50,11 +50,7 @@ impl TestServer {
         });
         let repo = pg_hardstorage_testkit::init(store, pg_hardstorage_testkit::small_opts());
         let (_, admin) = tokens::create(&repo, "admin", &["admin:*".into()], None).expect("token");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = pg_hardstorage_apiserver::runtime().expect("runtime");
         let server = Server::bind(
             &rt,
             ServerConfig {

@@ -235,3 +235,38 @@ fn backups_verify_restore_and_wal_routes() {
     std::fs::remove_file(&s.outage_flag).expect("unflag");
     body_of(&c.get("/v1/deployments"), "deployments.list");
 }
+
+/// `api/openapi.yaml` is generated; CI fails when the committed file is
+/// stale. `UPDATE_OPENAPI=1 cargo test -p pg_hardstorage_apiserver openapi`
+/// rewrites it.
+#[test]
+fn committed_openapi_document_is_current_and_served() {
+    let generated = pg_hardstorage_apiserver::openapi::yaml();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/openapi.yaml");
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&path, &generated).expect("write");
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "api/openapi.yaml is stale: run UPDATE_OPENAPI=1 cargo test -p pg_hardstorage_apiserver openapi"
+    );
+    let doc = pg_hardstorage_apiserver::openapi::document();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for route in pg_hardstorage_apiserver::routes::ROUTES {
+        let op = &doc["paths"][route.path][route.method.to_ascii_lowercase()];
+        assert!(op.is_object(), "{} {} missing", route.method, route.path);
+        assert!(op["responses"]["200"].is_object());
+    }
+    assert!(doc["components"]["schemas"]["StartRestore"]["properties"]["target"].is_object());
+    let s = TestServer::start();
+    let r = s.admin().get("/v1/openapi.yaml");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), generated);
+    error_of(
+        &s.client().get("/v1/openapi.yaml"),
+        401,
+        "auth.token_required",
+    );
+}

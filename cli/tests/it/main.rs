@@ -1,5 +1,6 @@
 //! The CLI as a user scripts it: envelopes, NDJSON, exit codes, crashes.
 
+mod api;
 mod crash;
 mod envelopes;
 mod pitr;
