@@ -246,6 +246,11 @@ impl State {
             };
             out.push(s);
         }
+        let lc = pg_hardstorage_repo::catalog::Lifecycle::of(&self.repo, deployment)?;
+        out.retain(|s| !lc.tombstoned.contains(&s.backup_id));
+        for s in &mut out {
+            s.held = lc.held(&s.backup_id);
+        }
         out.sort_by(|a, b| (&a.finished_at, &a.backup_id).cmp(&(&b.finished_at, &b.backup_id)));
         serde_json::to_value(out).map_err(|e| Problem::internal(e.to_string()))
     }

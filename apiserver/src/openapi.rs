@@ -74,6 +74,8 @@ fn body_schema(op: Op) -> Value {
         Op::BackupsVerify => r("VerifySummary"),
         Op::RestoresInitiate => r("RestoreSummary"),
         Op::RestoresStatus => r("RestoreRecord"),
+        Op::BackupsDelete => r("Tombstone"),
+        Op::BackupsHold | Op::BackupsRelease => r("Hold"),
         Op::WalList | Op::WalRepair => r("WalReport"),
         _ => json!({}),
     }
@@ -85,6 +87,8 @@ fn request_schema(op: Op) -> Option<(Value, bool)> {
         Op::DeploymentsUpdate => Some((r("UpdateDeployment"), true)),
         Op::BackupsTake => Some((r("TakeBackup"), false)),
         Op::RestoresInitiate => Some((r("StartRestore"), true)),
+        Op::BackupsDelete => Some((r("DeleteBackup"), false)),
+        Op::BackupsHold => Some((r("PlaceHold"), false)),
         _ => None,
     }
 }
@@ -213,7 +217,9 @@ fn response(mut schema: Value, extra: Value) -> Value {
 }
 
 fn components() -> Value {
-    use crate::routes::{CreateDeployment, StartRestore, TakeBackup, UpdateDeployment};
+    use crate::routes::{
+        CreateDeployment, DeleteBackup, PlaceHold, StartRestore, TakeBackup, UpdateDeployment,
+    };
     use pg_hardstorage_repo as repo;
     json!({
         "securitySchemes": {
@@ -225,6 +231,10 @@ fn components() -> Value {
             "UpdateDeployment": schema::<UpdateDeployment>(),
             "TakeBackup": schema::<TakeBackup>(),
             "StartRestore": schema::<StartRestore>(),
+            "DeleteBackup": schema::<DeleteBackup>(),
+            "PlaceHold": schema::<PlaceHold>(),
+            "Hold": response(schema::<repo::lifecycle::Hold>(), json!({"released": {"type": "boolean"}})),
+            "Tombstone": response(schema::<repo::lifecycle::Tombstone>(), json!({})),
             "Deployment": response(schema::<repo::deployment::Deployment>(), json!({
                 "created": {"type": "boolean", "description": "create: whether this call created it"},
                 "deleted": {"type": "boolean"},

@@ -43,6 +43,9 @@ pub enum Op {
     BackupsTake,
     BackupsShow,
     BackupsVerify,
+    BackupsDelete,
+    BackupsHold,
+    BackupsRelease,
     RestoresInitiate,
     RestoresStatus,
     WalList,
@@ -162,7 +165,7 @@ pub const ROUTES: &[Route] = &[
         "/v1/deployments/{d}/backups/{id}",
         "backups.delete",
         ADMIN,
-        Op::Unimplemented,
+        Op::BackupsDelete,
     ),
     r(
         "POST",
@@ -176,14 +179,14 @@ pub const ROUTES: &[Route] = &[
         "/v1/deployments/{d}/backups/{id}/hold",
         "backups.hold",
         ADMIN,
-        Op::Unimplemented,
+        Op::BackupsHold,
     ),
     r(
         "DELETE",
         "/v1/deployments/{d}/backups/{id}/hold",
         "backups.release",
         ADMIN,
-        Op::Unimplemented,
+        Op::BackupsRelease,
     ),
     r(
         "POST",
@@ -528,6 +531,25 @@ pub struct TakeBackup {
     pub queue_bytes: Option<u64>,
 }
 
+/// `DELETE /v1/deployments/{d}/backups/{id}` (the body is optional).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteBackup {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/deployments/{d}/backups/{id}/hold` (the body is optional).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceHold {
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// RFC 3339: after it the hold no longer blocks deletion.
+    #[serde(default)]
+    pub until: Option<String>,
+}
+
 /// `POST /v1/deployments/{d}/restores`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -751,6 +773,37 @@ pub async fn dispatch(
                 let repo = st.repo.clone();
                 let threads = pg_hardstorage_engine::pipeline::default_workers();
                 Ok(stream(&st, c, mode, move |bus| ops::backups_verify(&repo, &id, bus, threads)).await)
+            }
+            Op::BackupsDelete | Op::BackupsHold | Op::BackupsRelease => {
+                let by = who
+                    .as_ref()
+                    .map(|w| format!("{}:{}", w.via, w.name))
+                    .unwrap_or_default();
+                let op = route.op;
+                let (reason, until) = match op {
+                    Op::BackupsDelete => (parse::<DeleteBackup>(&body)?.reason, None),
+                    Op::BackupsHold => {
+                        let b: PlaceHold = parse(&body)?;
+                        (b.reason, b.until)
+                    }
+                    _ => (None, None),
+                };
+                let st = st.clone();
+                let body = blocking(move || {
+                    check()?;
+                    backup_of(&d, &id)?;
+                    let r = match op {
+                        Op::BackupsDelete => ops::backups_delete(&st.repo, &id, &by, reason),
+                        Op::BackupsHold => {
+                            ops::backups_hold(&st.repo, &id, &by, reason, until.as_deref())
+                        }
+                        _ => ops::backups_release(&st.repo, &id),
+                    };
+                    st.forget_listing(&d);
+                    r
+                })
+                .await?;
+                Ok(ok(c, body))
             }
             Op::RestoresInitiate => {
                 let b: StartRestore = parse(&body)?;

@@ -417,19 +417,55 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
                 )
             });
         }
-        BackupCmd::Delete { .. } => return Err(unimplemented("backup delete")),
-        BackupCmd::Hold { .. } => return Err(unimplemented("backup hold")),
-        BackupCmd::Release { .. } => return Err(unimplemented("backup release")),
+        BackupCmd::Delete { id, reason } => {
+            let r = open(cli)?;
+            let body = ops::backups_delete(&r, id, &cli_actor(), reason.clone())?;
+            out.success("backups.delete", body, |b| {
+                format!(
+                    "backup {} deleted (kept until garbage collection)\n",
+                    b["backup_id"].as_str().unwrap_or("")
+                )
+            });
+        }
+        BackupCmd::Hold { id, reason, until } => {
+            let r = open(cli)?;
+            let body = ops::backups_hold(&r, id, &cli_actor(), reason.clone(), until.as_deref())?;
+            out.success("backups.hold", body, |b| {
+                format!("backup {} held\n", b["backup_id"].as_str().unwrap_or(""))
+            });
+        }
+        BackupCmd::Release { id } => {
+            let r = open(cli)?;
+            let body = ops::backups_release(&r, id)?;
+            out.success("backups.release", body, |b| {
+                format!(
+                    "backup {} released\n",
+                    b["backup_id"].as_str().unwrap_or("")
+                )
+            });
+        }
     }
     Ok(())
 }
 
 fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
     let r = open(cli)?;
+    if let Some(id) = &a.status {
+        let body = ops::restores_status(&r, &a.deployment, id)?;
+        out.success("restores.status", body, |b| {
+            format!(
+                "restore {} of {}: {}\n",
+                b["restore_id"].as_str().unwrap_or(""),
+                b["backup_id"].as_str().unwrap_or(""),
+                b["status"].as_str().unwrap_or("")
+            )
+        });
+        return Ok(());
+    }
     let req = ops::RestoreRequest {
         deployment: a.deployment.clone(),
-        backup: a.backup.clone(),
-        target: a.target.clone(),
+        backup: a.backup.clone().unwrap_or_else(|| "latest".into()),
+        target: a.target.clone().unwrap_or_default(),
         to: a.to.clone(),
         to_lsn: a.to_lsn.clone(),
         to_name: a.to_name.clone(),
@@ -511,6 +547,14 @@ pub fn restore_command_base(cli: &Cli) -> Result<String, Problem> {
         exe.display(),
         repo
     ))
+}
+
+/// Who a CLI change is recorded as: `cli:<user>`.
+fn cli_actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| format!("uid{}", unsafe { libc::geteuid() }));
+    format!("cli:{user}")
 }
 
 fn token_cmd(cli: &Cli, out: &mut Out, c: &TokenCmd) -> R {

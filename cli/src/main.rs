@@ -238,12 +238,24 @@ pub enum BackupCmd {
     Verify {
         id: String,
     },
+    /// Soft-delete: hidden from lists and restores, data kept until GC;
+    /// refused while a legal hold is active
     Delete {
         id: String,
+        #[arg(long)]
+        reason: Option<String>,
     },
+    /// Place a legal hold: deletion is refused until it is released (or,
+    /// with --until, until then); never removed automatically
     Hold {
         id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// RFC 3339 expiry of the hold's protection
+        #[arg(long)]
+        until: Option<String>,
     },
+    /// Release a legal hold
     Release {
         id: String,
     },
@@ -253,10 +265,13 @@ pub enum BackupCmd {
 pub struct RestoreArgs {
     pub deployment: String,
     /// Backup id or `latest`
-    #[arg(long)]
-    pub backup: String,
-    #[arg(long)]
-    pub target: PathBuf,
+    #[arg(long, required_unless_present = "status")]
+    pub backup: Option<String>,
+    #[arg(long, required_unless_present = "status")]
+    pub target: Option<PathBuf>,
+    /// Show the record of an earlier restore instead (its restore_id)
+    #[arg(long, conflicts_with_all = ["backup", "target"])]
+    pub status: Option<String>,
     #[arg(long)]
     pub to: Option<String>,
     #[arg(long)]

@@ -41,6 +41,8 @@ pub struct BackupSummary {
     pub bytes_logical: u64,
     pub bytes_added: u64,
     pub chunks: u64,
+    /// Under an active legal hold.
+    pub held: bool,
 }
 
 impl BackupSummary {
@@ -55,6 +57,7 @@ impl BackupSummary {
             bytes_logical: m.stats.bytes_logical,
             bytes_added: m.stats.bytes_added,
             chunks: m.stats.chunks,
+            held: false,
         }
     }
 }

@@ -51,7 +51,8 @@ pub fn load(repo: &Repository, backup_id: &str) -> Result<Manifest, Problem> {
     load_manifest(repo, d, backup_id)
 }
 
-/// Committed backups, oldest first; only complete manifests exist at all.
+/// Committed, not deleted backups, oldest first (only complete manifests
+/// exist at all).
 pub fn list(repo: &Repository, deployment: Option<&str>) -> Result<Vec<BackupSummary>, Problem> {
     let prefix = match deployment {
         Some(d) => {
@@ -61,15 +62,44 @@ pub fn list(repo: &Repository, deployment: Option<&str>) -> Result<Vec<BackupSum
         None => "snapshots/".into(),
     };
     let mut out = Vec::new();
+    let mut lifecycle: std::collections::HashMap<String, Lifecycle> = Default::default();
     for o in repo.store.list(&prefix)? {
         let mut parts = o.key.splitn(3, '/').skip(1);
         let (Some(d), Some(id)) = (parts.next(), parts.next()) else {
             continue;
         };
-        out.push(BackupSummary::of(&load_manifest(repo, d, id)?));
+        if !lifecycle.contains_key(d) {
+            lifecycle.insert(d.to_string(), Lifecycle::of(repo, d)?);
+        }
+        let Some(l) = lifecycle.get(d) else { continue };
+        if l.tombstoned.contains(id) {
+            continue;
+        }
+        let mut s = BackupSummary::of(&load_manifest(repo, d, id)?);
+        s.held = l.held(id);
+        out.push(s);
     }
     out.sort_by(|a, b| (&a.finished_at, &a.backup_id).cmp(&(&b.finished_at, &b.backup_id)));
     Ok(out)
+}
+
+/// A deployment's tombstones and holds, read once per listing.
+pub struct Lifecycle {
+    pub tombstoned: std::collections::HashSet<String>,
+    pub holds: std::collections::HashMap<String, crate::lifecycle::Hold>,
+}
+
+impl Lifecycle {
+    pub fn of(repo: &Repository, deployment: &str) -> Result<Self, Problem> {
+        Ok(Lifecycle {
+            tombstoned: crate::lifecycle::tombstoned(repo, deployment)?,
+            holds: crate::lifecycle::holds(repo, deployment)?,
+        })
+    }
+
+    pub fn held(&self, id: &str) -> bool {
+        self.holds.get(id).is_some_and(|h| h.active())
+    }
 }
 
 /// Resolves `ID` or `latest` for a deployment.
@@ -95,6 +125,9 @@ pub fn resolve(repo: &Repository, deployment: &str, which: &str) -> Result<Manif
             "usage.invalid_argument",
             format!("backup {which} belongs to deployment {d:?}, not {deployment:?}"),
         ));
+    }
+    if let Some(t) = crate::lifecycle::tombstone(repo, which)? {
+        return Err(crate::lifecycle::deleted(which, &t));
     }
     load_manifest(repo, deployment, which)
 }

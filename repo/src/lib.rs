@@ -11,6 +11,7 @@ pub mod chunks;
 pub mod deployment;
 pub mod index;
 pub mod keys;
+pub mod lifecycle;
 pub mod lock;
 pub mod ops;
 pub mod pages;

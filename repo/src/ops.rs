@@ -62,9 +62,45 @@ pub fn backups_list(repo: &Repository, deployment: Option<&str>) -> Result<Value
     to_value(catalog::list(repo, deployment)?)
 }
 
-/// One backup's full manifest.
+/// One backup's full manifest, with its hold and deletion if any.
 pub fn backups_show(repo: &Repository, id: &str) -> Result<Value, Problem> {
-    to_value(catalog::load(repo, id)?)
+    let mut v = to_value(catalog::load(repo, id)?)?;
+    if let Some(h) = crate::lifecycle::hold_of(repo, id)? {
+        v["hold"] = to_value(h)?;
+    }
+    if let Some(t) = crate::lifecycle::tombstone(repo, id)? {
+        v["deleted"] = to_value(t)?;
+    }
+    Ok(v)
+}
+
+/// Soft-deletes a backup (refused while held).
+pub fn backups_delete(
+    repo: &Repository,
+    id: &str,
+    by: &str,
+    reason: Option<String>,
+) -> Result<Value, Problem> {
+    to_value(crate::lifecycle::delete(repo, id, by, reason)?)
+}
+
+/// Places a legal hold.
+pub fn backups_hold(
+    repo: &Repository,
+    id: &str,
+    by: &str,
+    reason: Option<String>,
+    until: Option<&str>,
+) -> Result<Value, Problem> {
+    to_value(crate::lifecycle::hold(repo, id, by, reason, until)?)
+}
+
+/// Releases a legal hold.
+pub fn backups_release(repo: &Repository, id: &str) -> Result<Value, Problem> {
+    let h = crate::lifecycle::release(repo, id)?;
+    let mut v = to_value(h)?;
+    v["released"] = json!(true);
+    Ok(v)
 }
 
 /// Takes a backup; its events go to `bus`.

@@ -270,3 +270,101 @@ fn committed_openapi_document_is_current_and_served() {
         "auth.token_required",
     );
 }
+
+#[test]
+fn holds_block_deletes_and_deleted_backups_leave_lists_and_restores() {
+    let s = TestServer::start();
+    let c = s.admin();
+    s.path_deployment("p", None);
+    let json_accept = [("Accept", "application/json")];
+    let take = || {
+        let r = c
+            .request("POST", "/v1/deployments/p/backups", &json_accept, None)
+            .expect("backup");
+        body_of(&r, "backups.take")["backup_id"]
+            .as_str()
+            .expect("id")
+            .to_string()
+    };
+    let (old, new) = (take(), take());
+    let base = format!("/v1/deployments/p/backups/{old}");
+    let h = body_of(
+        &c.post(&format!("{base}/hold"), r#"{"reason":"litigation 42"}"#),
+        "backups.hold",
+    );
+    assert_eq!(h["by"], "token:admin");
+    assert_eq!(h["reason"], "litigation 42");
+    let list = body_of(&c.get("/v1/deployments/p/backups"), "backups.list");
+    assert_eq!(list[0]["held"], true);
+    assert_eq!(list[1]["held"], false);
+    let del = |b: &str| {
+        c.request("DELETE", &base, &[], Some(b.as_bytes()))
+            .expect("delete")
+    };
+    let e = error_of(&del(""), 409, "backup.held");
+    assert!(e["suggestion"]["command"]
+        .as_str()
+        .is_some_and(|x| x.contains("release")));
+    error_of(
+        &c.post(&format!("{base}/hold"), r#"{"until":"next tuesday"}"#),
+        400,
+        "usage.invalid_time",
+    );
+    let r = c
+        .request("DELETE", &format!("{base}/hold"), &[], None)
+        .expect("release");
+    assert_eq!(body_of(&r, "backups.release")["released"], true);
+    let r = c
+        .request("DELETE", &format!("{base}/hold"), &[], None)
+        .expect("release");
+    error_of(&r, 404, "hold.not_found");
+    // An expired hold no longer protects.
+    body_of(
+        &c.post(
+            &format!("/v1/deployments/p/backups/{new}/hold"),
+            r#"{"until":"2020-01-01T00:00:00Z"}"#,
+        ),
+        "backups.hold",
+    );
+
+    let t = body_of(&del(r#"{"reason":"superseded"}"#), "backups.delete");
+    assert_eq!(
+        (t["backup_id"].as_str(), t["reason"].as_str()),
+        (Some(old.as_str()), Some("superseded"))
+    );
+    // Idempotent: deleting again returns the same tombstone.
+    assert_eq!(
+        body_of(&del(""), "backups.delete")["deleted_at"],
+        t["deleted_at"]
+    );
+    let list = body_of(&c.get("/v1/deployments/p/backups"), "backups.list");
+    let ids: Vec<_> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|b| b["backup_id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(new)]);
+    let shown = body_of(&c.get(&base), "backups.show");
+    assert_eq!(shown["deleted"]["reason"], "superseded");
+    let req = json!({"backup_id": old, "target": s.tmp.path().join("r")}).to_string();
+    error_of(
+        &c.post("/v1/deployments/p/restores", &req),
+        404,
+        "backup.deleted",
+    );
+    // The newer backup is deletable: its hold expired.
+    let r = c
+        .request(
+            "DELETE",
+            &format!("/v1/deployments/p/backups/{new}"),
+            &[],
+            None,
+        )
+        .expect("delete");
+    body_of(&r, "backups.delete");
+    assert_eq!(
+        body_of(&c.get("/v1/deployments/p/backups"), "backups.list"),
+        json!([])
+    );
+}

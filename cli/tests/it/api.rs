@@ -116,6 +116,31 @@ fn api_bodies_equal_the_cli_bodies_and_sigterm_lets_a_stream_finish() {
         )
     );
 
+    let target = env.path("restored");
+    let restored = env.ok(&[
+        "restore",
+        "web",
+        "--backup",
+        &id,
+        "--target",
+        target.to_str().expect("utf8"),
+    ]);
+    let rid = restored["restore_id"]
+        .as_str()
+        .expect("restore id")
+        .to_string();
+    assert_eq!(
+        env.ok(&["restore", "web", "--status", &rid]),
+        api_body(
+            &c.get(&format!("/v1/deployments/web/restores/{rid}")),
+            "restores.status"
+        )
+    );
+    assert_eq!(
+        env.ok(&["wal", "list", "web"]),
+        api_body(&c.get("/v1/deployments/web/wal"), "wal.list")
+    );
+
     // A backup stream in flight when SIGTERM arrives still completes.
     std::fs::write(src.join("new"), vec![9u8; 3 << 20]).expect("write");
     let c2 = c.clone();
@@ -199,6 +224,7 @@ fn schemathesis_finds_no_contract_violation() {
         .args(["-H", &format!("Authorization: Bearer {secret}")])
         .args(["--exclude-tag", "not-yet-implemented"])
         .args(["--max-examples", "30"])
+        .current_dir(env.tmp.path())
         .env("SCHEMATHESIS_TELEMETRY", "false")
         .env("NO_COLOR", "1")
         .output()
@@ -210,4 +236,68 @@ fn schemathesis_finds_no_contract_violation() {
     );
     assert!(out.status.success(), "schemathesis failed:\n{text}");
     assert!(text.contains("passed"), "{text}");
+}
+
+#[test]
+fn cli_holds_and_deletes_with_the_contract_exit_codes() {
+    let env = Env::new();
+    env.ok(&["repo", "init"]);
+    let src = env.path("src");
+    write_tree(&src, 3, 1000);
+    env.ok(&[
+        "deployment",
+        "create",
+        "w",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
+    let id = env.ok(&["backup", "run", "w"])["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let h = env.ok(&["backup", "hold", &id, "--reason", "audit"]);
+    assert!(
+        h["by"].as_str().is_some_and(|b| b.starts_with("cli:")),
+        "{h}"
+    );
+    assert_eq!(env.ok(&["backup", "list", "w"])[0]["held"], true);
+    let (code, v) = env.json(&["backup", "delete", &id]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (7, Some("backup.held")),
+        "{v}"
+    );
+    let (code, v) = env.json(&["backup", "hold", &id, "--until", "soon"]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (2, Some("usage.invalid_time")),
+        "{v}"
+    );
+    assert_eq!(env.ok(&["backup", "release", &id])["released"], true);
+    let (code, v) = env.json(&["backup", "release", &id]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (6, Some("hold.not_found")),
+        "{v}"
+    );
+    env.ok(&["backup", "delete", &id, "--reason", "test"]);
+    assert_eq!(env.ok(&["backup", "list", "w"]), serde_json::json!([]));
+    assert_eq!(
+        env.ok(&["backup", "show", &id])["deleted"]["reason"],
+        "test"
+    );
+    let target = env.path("r");
+    let (code, v) = env.json(&[
+        "restore",
+        "w",
+        "--backup",
+        &id,
+        "--target",
+        target.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (6, Some("backup.deleted")),
+        "{v}"
+    );
 }
