@@ -58,6 +58,9 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long running streams get to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Deployments whose WAL the server streams for as long as it runs
+    /// (their lag shows in `/metrics`).
+    pub wal_streams: Vec<String>,
 }
 
 /// Builds the runtime the server runs on. Its threads (request handling,
@@ -378,6 +381,7 @@ pub struct Server {
     tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<State>,
     grace: Duration,
+    wal_streams: Vec<String>,
 }
 
 impl Server {
@@ -411,6 +415,7 @@ impl Server {
                 listings: Mutex::new(HashMap::new()),
             }),
             grace: cfg.shutdown_grace,
+            wal_streams: cfg.wal_streams,
         })
     }
 
@@ -430,6 +435,30 @@ impl Server {
     /// Serves until `shutdown` resolves, then lets running requests and
     /// streams finish for up to the grace period.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        // WAL streamers: operations like any other, stopped at shutdown.
+        let stop_wal = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let streamers: Vec<_> = self
+            .wal_streams
+            .iter()
+            .map(|d| {
+                let (st, d, stop) = (self.state.clone(), d.clone(), stop_wal.clone());
+                self.state.launch(move || {
+                    let bus = EventBus::new();
+                    st.attach_sinks(&bus);
+                    let r = pg_hardstorage_repo::wal::stream(&st.repo, &d, &bus, &|| {
+                        stop.load(std::sync::atomic::Ordering::Relaxed)
+                    });
+                    if let Err(p) = &r {
+                        bus.publish(pg_hardstorage_engine::event::Event::failure(
+                            "wal_stream_failed",
+                            p,
+                        ));
+                    }
+                    bus.close();
+                    r
+                })
+            })
+            .collect();
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -479,6 +508,13 @@ impl Server {
                 }
             }
         }
-        let _ = tokio::time::timeout(self.grace, graceful.shutdown()).await;
+        stop_wal.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = tokio::time::timeout(self.grace, async {
+            graceful.shutdown().await;
+            for s in streamers {
+                let _ = s.await;
+            }
+        })
+        .await;
     }
 }

@@ -121,6 +121,10 @@ pub struct ServeArgs {
     /// POST every operation's events to this URL (repeatable)
     #[arg(long)]
     pub webhook: Vec<String>,
+    /// Stream this deployment's WAL while serving (repeatable); its lag
+    /// shows in /metrics
+    #[arg(long, value_name = "DEPLOYMENT")]
+    pub wal_stream: Vec<String>,
     /// Events each webhook may have queued before it drops (and counts) more
     #[arg(long, default_value_t = 1024)]
     pub webhook_queue: usize,

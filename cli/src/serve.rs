@@ -33,6 +33,7 @@ pub fn serve(cli: &Cli, out: &mut Out, a: &ServeArgs) -> Result<(), Problem> {
         webhooks,
         body_limit: a.body_limit,
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
+        wal_streams: a.wal_stream.clone(),
     };
     let rt = pg_hardstorage_apiserver::runtime()?;
     let server = Server::bind(&rt, cfg)?;

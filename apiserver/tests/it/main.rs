@@ -33,6 +33,8 @@ pub struct TestServer {
 pub struct Options {
     pub tls: Option<TlsFiles>,
     pub webhooks: Vec<Webhook>,
+    /// Slows every put (a slow store keeps a backup running).
+    pub put_delay: Option<Duration>,
 }
 
 impl TestServer {
@@ -43,7 +45,13 @@ impl TestServer {
     pub fn start_with(o: Options) -> Self {
         let tmp = tempfile::tempdir().expect("tmp");
         let outage_flag = tmp.path().join("outage");
-        let inner = phs_store_open(tmp.path().join("repo"));
+        let mut inner = phs_store_open(tmp.path().join("repo"));
+        if let Some(d) = o.put_delay {
+            inner = Arc::new(pg_hardstorage_engine::store::Throttled {
+                inner,
+                put_delay: d,
+            });
+        }
         let store: DynStore = Arc::new(OutageWhile {
             inner,
             flag: outage_flag.clone(),
@@ -66,6 +74,7 @@ impl TestServer {
                 webhooks: o.webhooks,
                 body_limit: 64 << 10,
                 shutdown_grace: Duration::from_secs(10),
+                wal_streams: Vec::new(),
             },
         )
         .expect("bind");

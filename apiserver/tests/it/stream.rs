@@ -149,3 +149,55 @@ fn a_stalled_webhook_drops_and_counts_but_never_holds_a_backup() {
     assert!(exported >= n, "{line}");
     hook.stalled.store(false, Ordering::SeqCst);
 }
+
+/// A client that goes away mid-stream does not leave half a backup: the
+/// backup runs to its commit, and what is committed verifies.
+#[test]
+fn a_client_that_disconnects_mid_stream_leaves_a_whole_backup() {
+    use std::io::{BufRead, BufReader, Write};
+    let s = TestServer::start_with(Options {
+        put_delay: Some(Duration::from_millis(100)),
+        ..Default::default()
+    });
+    s.path_deployment("p", None);
+    let mut tcp = std::net::TcpStream::connect(s.addr).expect("connect");
+    write!(
+        tcp,
+        "POST /v1/deployments/p/backups HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 0\r\n\r\n",
+        s.admin
+    )
+    .expect("send");
+    let mut r = BufReader::new(tcp.try_clone().expect("clone"));
+    let mut line = String::new();
+    while !line.contains("backup_started") {
+        line.clear();
+        assert!(
+            r.read_line(&mut line).expect("read") > 0,
+            "stream ended early"
+        );
+    }
+    drop(r);
+    tcp.shutdown(std::net::Shutdown::Both).expect("shutdown");
+    drop(tcp);
+    // The backup still commits; the listing shows it once it has.
+    let t0 = Instant::now();
+    let id = loop {
+        let list = crate::body_of(&s.admin().get("/v1/deployments/p/backups"), "backups.list");
+        if let Some(id) = list[0]["backup_id"].as_str() {
+            break id.to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the backup never committed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let r = s.admin().request(
+        "POST",
+        &format!("/v1/deployments/p/backups/{id}/verify"),
+        &[("Accept", "application/json")],
+        None,
+    );
+    crate::body_of(&r.expect("verify"), "backups.verify");
+}

@@ -677,3 +677,67 @@ fn missing_replication_privilege_is_refused_clearly() {
         "{v}"
     );
 }
+
+/// `serve --wal-stream`: the server archives WAL while it runs, exports
+/// the streamer's lag, and stops the streamer cleanly on SIGTERM.
+#[test]
+fn the_server_streams_wal_and_exports_its_lag() {
+    use std::io::BufRead;
+    let s = Setup::new();
+    let mut child = s
+        .env
+        .cmd(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--wal-stream",
+            "pg",
+            "--key-file",
+            &s.key,
+            "-o",
+            "ndjson",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first: serde_json::Value =
+        serde_json::from_str(&lines.next().expect("line").expect("read")).expect("json");
+    let addr = first["body"]["address"]
+        .as_str()
+        .expect("addr")
+        .parse()
+        .expect("addr");
+    let tok = s.env.ok(&[
+        "token",
+        "create",
+        "--name",
+        "prom",
+        "--verbs",
+        "backup:read",
+        "--key-file",
+        &s.key,
+    ]);
+    let c = pg_hardstorage_testkit::http::Client::new(addr)
+        .with_token(tok["token"].as_str().expect("token"));
+    s.archive_now();
+    let start = Instant::now();
+    loop {
+        let m = c.get("/metrics").text();
+        if m.contains("pg_hardstorage_wal_lag_bytes{deployment=\"pg\"}") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no WAL lag exported:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("exit");
+    assert!(status.success(), "{status:?}");
+    assert!(lines
+        .map_while(Result::ok)
+        .any(|l| l.contains("server_stopped")));
+}
