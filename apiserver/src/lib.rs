@@ -348,6 +348,7 @@ async fn serve_route(
             return error(&auth::denied(w, v));
         }
     }
+    let query = req.uri().query().unwrap_or("").to_string();
     let accept = header(&req, "accept").unwrap_or("").to_ascii_lowercase();
     let mode = if accept.contains("application/json") && !accept.contains("ndjson") {
         Mode::Json
@@ -372,7 +373,7 @@ async fn serve_route(
             return error(&p);
         }
     };
-    routes::dispatch(st.clone(), route, params, who, body, mode).await
+    routes::dispatch(st.clone(), route, params, query, who, body, mode).await
 }
 
 /// A bound server, ready to run.

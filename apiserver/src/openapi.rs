@@ -77,6 +77,9 @@ fn body_schema(op: Op) -> Value {
         Op::BackupsDelete => r("Tombstone"),
         Op::BackupsHold | Op::BackupsRelease => r("Hold"),
         Op::WalList | Op::WalRepair => r("WalReport"),
+        Op::AuditSearch => json!({"type": "array", "items": r("AuditEvent")}),
+        Op::AuditVerifyChain => json!({"type": "object", "required": ["records", "intact"],
+            "properties": {"records": {"type": "integer"}, "intact": {"const": true}, "head": {"type": "string"}}}),
         _ => json!({}),
     }
 }
@@ -177,6 +180,17 @@ fn operation(route: &Route) -> Value {
         "tags": [if route.op == Op::Unimplemented { "not-yet-implemented".to_string() } else { tag }],
         "responses": responses,
     });
+    let mut params = params;
+    if route.op == Op::AuditSearch {
+        for (name, what) in [
+            ("since", "RFC 3339 time or a relative one (\"2 hours ago\")"),
+            ("action", "e.g. backup.take, backup.delete, token.create"),
+            ("deployment", "deployment name"),
+        ] {
+            params.push(json!({"name": name, "in": "query", "required": false,
+                "description": what, "schema": {"type": "string"}}));
+        }
+    }
     if !params.is_empty() {
         op["parameters"] = Value::Array(params);
     }
@@ -235,6 +249,7 @@ fn components() -> Value {
             "PlaceHold": schema::<PlaceHold>(),
             "Hold": response(schema::<repo::lifecycle::Hold>(), json!({"released": {"type": "boolean"}})),
             "Tombstone": response(schema::<repo::lifecycle::Tombstone>(), json!({})),
+            "AuditEvent": response(schema::<repo::audit::AuditEvent>(), json!({})),
             "Deployment": response(schema::<repo::deployment::Deployment>(), json!({
                 "created": {"type": "boolean", "description": "create: whether this call created it"},
                 "deleted": {"type": "boolean"},

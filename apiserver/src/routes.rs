@@ -51,6 +51,8 @@ pub enum Op {
     WalList,
     WalFetch,
     WalRepair,
+    AuditSearch,
+    AuditVerifyChain,
     /// Comes with the lifecycle/KMS/audit/doctor/fleet issue: 501.
     Unimplemented,
 }
@@ -284,14 +286,14 @@ pub const ROUTES: &[Route] = &[
         "/v1/audit",
         "audit.search",
         Verb("audit:read"),
-        Op::Unimplemented,
+        Op::AuditSearch,
     ),
     r(
         "POST",
         "/v1/audit/verify-chain",
         "audit.verify_chain",
         Verb("audit:read"),
-        Op::Unimplemented,
+        Op::AuditVerifyChain,
     ),
     r(
         "GET",
@@ -591,6 +593,13 @@ fn visible(st: &State, who: &Option<Identity>, name: &str) -> Result<Deployment,
     }
 }
 
+/// How the audit log and lifecycle records name the caller.
+fn actor_of(who: &Option<Identity>) -> String {
+    who.as_ref()
+        .map(|w| format!("{}:{}", w.via, w.name))
+        .unwrap_or_else(|| "anonymous".into())
+}
+
 fn backup_of(d: &str, id: &str) -> Result<(), Problem> {
     match catalog::deployment_of(id) {
         Ok(x) if x == d => Ok(()),
@@ -603,10 +612,48 @@ fn backup_of(d: &str, id: &str) -> Result<(), Problem> {
     }
 }
 
+/// Decodes `%XX` escapes and `+` of a query component.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `a=1&b=2` → pairs, decoded.
+pub fn query_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn dispatch(
     st: Arc<State>,
     route: &'static Route,
     params: Params,
+    query: String,
     who: Option<Identity>,
     body: Bytes,
     mode: Mode,
@@ -688,7 +735,8 @@ pub async fn dispatch(
                     tenant,
                 };
                 let st = st.clone();
-                let body = blocking(move || ops::deployments_create(&st.repo, dep)).await?;
+                let actor = actor_of(&who);
+                let body = blocking(move || ops::deployments_create(&st.repo, &actor, dep)).await?;
                 Ok(ok(c, body))
             }
             Op::DeploymentsShow => {
@@ -705,7 +753,7 @@ pub async fn dispatch(
                 let st = st.clone();
                 let body = blocking(move || {
                     check()?;
-                    ops::deployments_update(&st.repo, &d, b.pg, b.pgdata, b.path)
+                    ops::deployments_update(&st.repo, &actor_of(&who), &d, b.pg, b.pgdata, b.path)
                 })
                 .await?;
                 Ok(ok(c, body))
@@ -714,7 +762,7 @@ pub async fn dispatch(
                 let st = st.clone();
                 let body = blocking(move || {
                     check()?;
-                    ops::deployments_delete(&st.repo, &d)
+                    ops::deployments_delete(&st.repo, &actor_of(&who), &d)
                 })
                 .await?;
                 Ok(ok(c, body))
@@ -760,8 +808,9 @@ pub async fn dispatch(
                     read_backend: None,
                 };
                 let st2 = st.clone();
+                let actor = actor_of(&who);
                 Ok(stream(&st, c, mode, move |bus| {
-                    let r = ops::backups_take(&st2.repo, &d, bus, &opts);
+                    let r = ops::backups_take(&st2.repo, &actor, &d, bus, &opts);
                     st2.forget_listing(&d);
                     r
                 })
@@ -775,10 +824,7 @@ pub async fn dispatch(
                 Ok(stream(&st, c, mode, move |bus| ops::backups_verify(&repo, &id, bus, threads)).await)
             }
             Op::BackupsDelete | Op::BackupsHold | Op::BackupsRelease => {
-                let by = who
-                    .as_ref()
-                    .map(|w| format!("{}:{}", w.via, w.name))
-                    .unwrap_or_default();
+                let by = actor_of(&who);
                 let op = route.op;
                 let (reason, until) = match op {
                     Op::BackupsDelete => (parse::<DeleteBackup>(&body)?.reason, None),
@@ -797,7 +843,7 @@ pub async fn dispatch(
                         Op::BackupsHold => {
                             ops::backups_hold(&st.repo, &id, &by, reason, until.as_deref())
                         }
-                        _ => ops::backups_release(&st.repo, &id),
+                        _ => ops::backups_release(&st.repo, &by, &id),
                     };
                     st.forget_listing(&d);
                     r
@@ -829,7 +875,11 @@ pub async fn dispatch(
                 })
                 .await?;
                 let repo = st.repo.clone();
-                Ok(stream(&st, c, mode, move |bus| ops::restores_run(&repo, &m, &opts, bus)).await)
+                let actor = actor_of(&who);
+                Ok(stream(&st, c, mode, move |bus| {
+                    ops::restores_run(&repo, &actor, &m, &opts, bus)
+                })
+                .await)
             }
             Op::RestoresStatus => {
                 let st = st.clone();
@@ -869,12 +919,37 @@ pub async fn dispatch(
                     check()?;
                     let bus = EventBus::new();
                     let drops = st.attach_sinks(&bus);
-                    let r = ops::wal_repair(&st.repo, &d, &bus);
+                    let r = ops::wal_repair(&st.repo, &actor_of(&who), &d, &bus);
                     report_drops(&bus, &drops);
                     bus.close();
                     r
                 })
                 .await?;
+                Ok(ok(c, body))
+            }
+            Op::AuditSearch => {
+                let mut f = pg_hardstorage_repo::audit::Filter::default();
+                for (k, v) in query_pairs(&query) {
+                    match k.as_str() {
+                        "since" => f.since = Some(v),
+                        "action" => f.action = Some(v),
+                        "deployment" => f.deployment = Some(v),
+                        other => {
+                            return Err(Problem::new(
+                                "api.bad_request",
+                                format!("unknown query parameter {other:?}"),
+                            )
+                            .suggest("Filter with since, action and deployment", None))
+                        }
+                    }
+                }
+                let st = st.clone();
+                let body = blocking(move || ops::audit_search(&st.repo, &f)).await?;
+                Ok(ok(c, body))
+            }
+            Op::AuditVerifyChain => {
+                let st = st.clone();
+                let body = blocking(move || ops::audit_verify_chain(&st.repo)).await?;
                 Ok(ok(c, body))
             }
             Op::Unimplemented => {

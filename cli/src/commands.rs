@@ -2,8 +2,8 @@
 
 use crate::output::{bytes, Out};
 use crate::{
-    BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, PipelineArgs, RepoCmd, RestoreArgs,
-    TokenCmd, WalCmd,
+    AuditCmd, BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, PipelineArgs, RepoCmd,
+    RestoreArgs, TokenCmd, WalCmd,
 };
 use clap::CommandFactory;
 use pg_hardstorage_engine::format::ChunkerParams;
@@ -12,7 +12,7 @@ use pg_hardstorage_engine::store::{DynStore, OutageWhile, Throttled};
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::backup::BackupOptions;
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
-use pg_hardstorage_repo::{bench, catalog, ops, tokens, InitOptions, KeySource, Repository};
+use pg_hardstorage_repo::{bench, catalog, ops, InitOptions, KeySource, Repository};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -129,7 +129,7 @@ pub fn run(cli: &Cli, out: &mut Out) -> R {
         }
         Command::Wal(c) => wal_cmd(cli, out, c),
         Command::Kms { .. } => Err(unimplemented("kms")),
-        Command::Audit { .. } => Err(unimplemented("audit")),
+        Command::Audit(c) => audit_cmd(cli, out, c),
         Command::Doctor { .. } => Err(unimplemented("doctor")),
         Command::Token(c) => token_cmd(cli, out, c),
         Command::Serve(a) => crate::serve::serve(cli, out, a),
@@ -299,7 +299,7 @@ fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
                 system_identifier: None,
                 tenant: None,
             };
-            let body = ops::deployments_create(&r, d)?;
+            let body = ops::deployments_create(&r, &cli_actor(), d)?;
             out.success("deployments.create", body, deployment_table);
         }
         DeploymentCmd::List => {
@@ -318,6 +318,7 @@ fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
         } => {
             let body = ops::deployments_update(
                 &r,
+                &cli_actor(),
                 name,
                 pg.clone(),
                 pgdata.as_ref().map(|p| p.display().to_string()),
@@ -326,7 +327,7 @@ fn deployment_cmd(cli: &Cli, out: &mut Out, c: &DeploymentCmd) -> R {
             out.success("deployments.update", body, deployment_table);
         }
         DeploymentCmd::Delete { name } => {
-            let body = ops::deployments_delete(&r, name)?;
+            let body = ops::deployments_delete(&r, &cli_actor(), name)?;
             out.success("deployments.delete", body, |_| {
                 format!("deleted deployment {name} (backups kept)\n")
             });
@@ -369,7 +370,7 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
                 pipeline: pipeline_cfg(pipeline),
                 read_backend: None,
             };
-            let body = ops::backups_take(&r, deployment, &out.bus, &opts)?;
+            let body = ops::backups_take(&r, &cli_actor(), deployment, &out.bus, &opts)?;
             out.success("backups.take", body, |b| {
                 format!(
                     "backup {} done: {} files, {} read, {} added\n",
@@ -436,7 +437,7 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
         }
         BackupCmd::Release { id } => {
             let r = open(cli)?;
-            let body = ops::backups_release(&r, id)?;
+            let body = ops::backups_release(&r, &cli_actor(), id)?;
             out.success("backups.release", body, |b| {
                 format!(
                     "backup {} released\n",
@@ -478,7 +479,7 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
     };
     let (m, opts) = ops::restore_plan(&r, &req, &|| restore_command(cli, &a.deployment), &out.bus)?;
     out.stream_events();
-    let body = ops::restores_run(&r, &m, &opts, &out.bus)?;
+    let body = ops::restores_run(&r, &cli_actor(), &m, &opts, &out.bus)?;
     out.success("restores.initiate", body, |b| {
         format!(
             "restored {} into {}: {} files, {}\n",
@@ -549,6 +550,47 @@ pub fn restore_command_base(cli: &Cli) -> Result<String, Problem> {
     ))
 }
 
+fn audit_cmd(cli: &Cli, out: &mut Out, c: &AuditCmd) -> R {
+    let r = open(cli)?;
+    match c {
+        AuditCmd::Search {
+            since,
+            action,
+            deployment,
+        } => {
+            let f = pg_hardstorage_repo::audit::Filter {
+                since: since.clone(),
+                action: action.clone(),
+                deployment: deployment.clone(),
+            };
+            let body = ops::audit_search(&r, &f)?;
+            out.success("audit.search", body, |b| {
+                let mut s = String::new();
+                for e in b.as_array().cloned().unwrap_or_default() {
+                    let _ = writeln!(
+                        s,
+                        "{:>6} {} {:<20} {:<18} {:<6} {}",
+                        e["seq"],
+                        e["time"].as_str().unwrap_or(""),
+                        e["actor"].as_str().unwrap_or(""),
+                        e["action"].as_str().unwrap_or(""),
+                        e["result"].as_str().unwrap_or(""),
+                        e["subject"]
+                    );
+                }
+                s
+            });
+        }
+        AuditCmd::VerifyChain => {
+            let body = ops::audit_verify_chain(&r)?;
+            out.success("audit.verify_chain", body, |b| {
+                format!("audit chain intact: {} records\n", b["records"])
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Who a CLI change is recorded as: `cli:<user>`.
 fn cli_actor() -> String {
     let user = std::env::var("USER")
@@ -574,9 +616,7 @@ fn token_cmd(cli: &Cli, out: &mut Out, c: &TokenCmd) -> R {
                     format!("token-{}", hex::encode(b))
                 }
             };
-            let (t, secret) = tokens::create(&r, &name, verbs, tenant.clone())?;
-            let mut body = t.public();
-            body["token"] = json!(secret);
+            let body = ops::tokens_create(&r, &cli_actor(), &name, verbs, tenant.clone())?;
             out.success("tokens.create", body, |b| {
                 format!(
                     "token {} created; it is shown only now:\n{}\n",
@@ -586,7 +626,7 @@ fn token_cmd(cli: &Cli, out: &mut Out, c: &TokenCmd) -> R {
             });
         }
         TokenCmd::List => {
-            let body = Value::Array(tokens::list(&r)?.iter().map(|t| t.public()).collect());
+            let body = ops::tokens_list(&r)?;
             out.success("tokens.list", body, |b| {
                 let mut s = String::new();
                 for t in b.as_array().cloned().unwrap_or_default() {
@@ -609,9 +649,7 @@ fn token_cmd(cli: &Cli, out: &mut Out, c: &TokenCmd) -> R {
             });
         }
         TokenCmd::Revoke { name } => {
-            let t = tokens::revoke(&r, name)?;
-            let mut body = t.public();
-            body["revoked"] = json!(true);
+            let body = ops::tokens_revoke(&r, &cli_actor(), name)?;
             out.success("tokens.revoke", body, |b| {
                 format!("token {} revoked\n", b["name"].as_str().unwrap_or(""))
             });
@@ -657,7 +695,7 @@ fn wal_cmd(cli: &Cli, out: &mut Out, c: &WalCmd) -> R {
         }
         WalCmd::Repair { deployment } => {
             out.stream_events();
-            let body = ops::wal_repair(&r, deployment, &out.bus)?;
+            let body = ops::wal_repair(&r, &cli_actor(), deployment, &out.bus)?;
             out.success("wal.repair", body, |b| {
                 format!(
                     "slot {} recreated at {}; archive ends at {}{}\n",

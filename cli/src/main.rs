@@ -62,11 +62,9 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Audit log
-    Audit {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// The audit log: an append-only hash chain of every mutating operation
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Health report
     Doctor {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -81,6 +79,23 @@ pub enum Command {
     Bench(BenchArgs),
     /// Print shell completions
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Events, oldest first, filtered
+    Search {
+        /// RFC 3339 or relative ("2 hours ago")
+        #[arg(long)]
+        since: Option<String>,
+        /// e.g. backup.take, backup.delete, token.create
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        deployment: Option<String>,
+    },
+    /// Walk the chain; names the first record that was edited, removed or reordered
+    VerifyChain,
 }
 
 #[derive(Subcommand, Debug)]

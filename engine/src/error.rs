@@ -102,6 +102,7 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("verify.missing_object", Class::Verify, false),
     ("verify.signature_invalid", Class::Verify, false),
     ("verify.pg_verifybackup_failed", Class::Verify, false),
+    ("verify.audit_chain_broken", Class::Verify, false),
     ("restore.verify_unavailable", Class::Internal, false),
     ("pg.unreachable", Class::Unavailable, true),
     ("pg.auth_failed", Class::AuthDenied, false),

@@ -4,6 +4,7 @@
 //! that names concrete stages.
 #![deny(clippy::unwrap_used)]
 
+pub mod audit;
 pub mod backup;
 pub mod bench;
 pub mod catalog;

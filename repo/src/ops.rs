@@ -8,18 +8,28 @@ use crate::restore::{restore, Recovery, RecoveryTarget, RestoreOptions, VerifyMo
 use crate::{catalog, pitr, verify, Repository};
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
 use pg_hardstorage_engine::Problem;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 
 fn to_value<T: serde::Serialize>(v: T) -> Result<Value, Problem> {
     serde_json::to_value(v).map_err(|e| Problem::internal(e.to_string()))
 }
 
-pub fn deployments_create(repo: &Repository, d: Deployment) -> Result<Value, Problem> {
-    let (d, created) = deployment::create(repo, d)?;
-    let mut body = d.public();
-    body["created"] = json!(created);
-    Ok(body)
+pub fn deployments_create(repo: &Repository, actor: &str, d: Deployment) -> Result<Value, Problem> {
+    let name = d.name.clone();
+    let r = deployment::create(repo, d).map(|(d, created)| {
+        let mut body = d.public();
+        body["created"] = json!(created);
+        body
+    });
+    audited(
+        repo,
+        actor,
+        "deployment.create",
+        subject(&name, None),
+        r,
+        None,
+    )
 }
 
 /// Every deployment, or those of one tenant.
@@ -39,20 +49,38 @@ pub fn deployments_show(repo: &Repository, name: &str) -> Result<Value, Problem>
 
 pub fn deployments_update(
     repo: &Repository,
+    actor: &str,
     name: &str,
     pg: Option<String>,
     pgdata: Option<String>,
     path: Option<String>,
 ) -> Result<Value, Problem> {
-    Ok(deployment::update(repo, name, pg, pgdata, path)?.public())
+    let r = deployment::update(repo, name, pg, pgdata, path).map(|d| d.public());
+    audited(
+        repo,
+        actor,
+        "deployment.update",
+        subject(name, None),
+        r,
+        None,
+    )
 }
 
-pub fn deployments_delete(repo: &Repository, name: &str) -> Result<Value, Problem> {
-    let d = deployment::delete(repo, name)?;
-    let mut body = d.public();
-    body["deleted"] = json!(true);
-    body["backups_kept"] = json!(true);
-    Ok(body)
+pub fn deployments_delete(repo: &Repository, actor: &str, name: &str) -> Result<Value, Problem> {
+    let r = deployment::delete(repo, name).map(|d| {
+        let mut body = d.public();
+        body["deleted"] = json!(true);
+        body["backups_kept"] = json!(true);
+        body
+    });
+    audited(
+        repo,
+        actor,
+        "deployment.delete",
+        subject(name, None),
+        r,
+        None,
+    )
 }
 
 pub fn backups_list(repo: &Repository, deployment: Option<&str>) -> Result<Value, Problem> {
@@ -81,7 +109,8 @@ pub fn backups_delete(
     by: &str,
     reason: Option<String>,
 ) -> Result<Value, Problem> {
-    to_value(crate::lifecycle::delete(repo, id, by, reason)?)
+    let r = crate::lifecycle::delete(repo, id, by, reason).and_then(to_value);
+    audited(repo, by, "backup.delete", backup_subject(id), r, None)
 }
 
 /// Places a legal hold.
@@ -92,27 +121,43 @@ pub fn backups_hold(
     reason: Option<String>,
     until: Option<&str>,
 ) -> Result<Value, Problem> {
-    to_value(crate::lifecycle::hold(repo, id, by, reason, until)?)
+    let r = crate::lifecycle::hold(repo, id, by, reason, until).and_then(to_value);
+    audited(repo, by, "backup.hold", backup_subject(id), r, None)
 }
 
 /// Releases a legal hold.
-pub fn backups_release(repo: &Repository, id: &str) -> Result<Value, Problem> {
-    let h = crate::lifecycle::release(repo, id)?;
-    let mut v = to_value(h)?;
-    v["released"] = json!(true);
-    Ok(v)
+pub fn backups_release(repo: &Repository, actor: &str, id: &str) -> Result<Value, Problem> {
+    let r = crate::lifecycle::release(repo, id).and_then(|h| {
+        let mut v = to_value(h)?;
+        v["released"] = json!(true);
+        Ok(v)
+    });
+    audited(repo, actor, "backup.release", backup_subject(id), r, None)
 }
 
 /// Takes a backup; its events go to `bus`.
 pub fn backups_take(
     repo: &Repository,
+    actor: &str,
     deployment: &str,
     bus: &EventBus,
     opts: &BackupOptions,
 ) -> Result<Value, Problem> {
     deployment::get(repo, deployment)?;
-    let m = take_backup(repo, deployment, bus, opts)?;
-    to_value(BackupSummary::of(&m))
+    let r = take_backup(repo, deployment, bus, opts).and_then(|m| to_value(BackupSummary::of(&m)));
+    let id = r
+        .as_ref()
+        .ok()
+        .and_then(|v| v["backup_id"].as_str())
+        .map(str::to_string);
+    audited(
+        repo,
+        actor,
+        "backup.take",
+        subject(deployment, id.as_deref()),
+        r,
+        Some(bus),
+    )
 }
 
 pub fn backups_verify(
@@ -299,6 +344,7 @@ fn put_restore(repo: &Repository, r: &RestoreRecord) -> Result<(), Problem> {
 /// Runs a planned restore, recording it; its events go to `bus`.
 pub fn restores_run(
     repo: &Repository,
+    actor: &str,
     m: &pg_hardstorage_engine::format::Manifest,
     opts: &RestoreOptions,
     bus: &EventBus,
@@ -335,21 +381,26 @@ pub fn restores_run(
     }
     // The restore's own outcome matters more than its record's.
     let _ = put_restore(repo, &rec);
-    r.map(|mut v| {
+    let r = r.map(|mut v| {
         v["restore_id"] = json!(rec.restore_id);
         v
-    })
+    });
+    let mut subj = subject(&m.deployment, Some(&m.backup_id));
+    subj.insert("restore_id".into(), json!(rec.restore_id));
+    subj.insert("target".into(), json!(rec.target));
+    audited(repo, actor, "restore.run", subj, r, Some(bus))
 }
 
 /// Plans and runs a restore; its events go to `bus`.
 pub fn restores_initiate(
     repo: &Repository,
+    actor: &str,
     req: &RestoreRequest,
     restore_command: &dyn Fn() -> Result<String, Problem>,
     bus: &EventBus,
 ) -> Result<Value, Problem> {
     let (m, opts) = restore_plan(repo, req, restore_command, bus)?;
-    restores_run(repo, &m, &opts, bus)
+    restores_run(repo, actor, &m, &opts, bus)
 }
 
 /// A restore's record.
@@ -386,6 +437,104 @@ pub fn wal_list(repo: &Repository, deployment: &str) -> Result<Value, Problem> {
     crate::wal::list(repo, deployment)
 }
 
-pub fn wal_repair(repo: &Repository, deployment: &str, bus: &EventBus) -> Result<Value, Problem> {
-    crate::wal::repair(repo, deployment, bus)
+pub fn wal_repair(
+    repo: &Repository,
+    actor: &str,
+    deployment: &str,
+    bus: &EventBus,
+) -> Result<Value, Problem> {
+    let r = crate::wal::repair(repo, deployment, bus);
+    audited(
+        repo,
+        actor,
+        "wal.repair",
+        subject(deployment, None),
+        r,
+        Some(bus),
+    )
+}
+
+/// Creates an API token; the body carries the secret, shown once.
+pub fn tokens_create(
+    repo: &Repository,
+    actor: &str,
+    name: &str,
+    verbs: &[String],
+    tenant: Option<String>,
+) -> Result<Value, Problem> {
+    let r = crate::tokens::create(repo, name, verbs, tenant).map(|(t, secret)| {
+        let mut body = t.public();
+        body["token"] = json!(secret);
+        body
+    });
+    let mut subj = Map::new();
+    subj.insert("token".into(), json!(name));
+    subj.insert("verbs".into(), json!(verbs));
+    audited(repo, actor, "token.create", subj, r, None)
+}
+
+/// Token records without their hashes.
+pub fn tokens_list(repo: &Repository) -> Result<Value, Problem> {
+    Ok(Value::Array(
+        crate::tokens::list(repo)?
+            .iter()
+            .map(|t| t.public())
+            .collect(),
+    ))
+}
+
+pub fn tokens_revoke(repo: &Repository, actor: &str, name: &str) -> Result<Value, Problem> {
+    let r = crate::tokens::revoke(repo, name).map(|t| {
+        let mut body = t.public();
+        body["revoked"] = json!(true);
+        body
+    });
+    let mut subj = Map::new();
+    subj.insert("token".into(), json!(name));
+    audited(repo, actor, "token.revoke", subj, r, None)
+}
+
+pub fn audit_search(repo: &Repository, f: &crate::audit::Filter) -> Result<Value, Problem> {
+    to_value(crate::audit::search(repo, f)?)
+}
+
+pub fn audit_verify_chain(repo: &Repository) -> Result<Value, Problem> {
+    crate::audit::verify_chain(repo)
+}
+
+fn subject(deployment: &str, backup_id: Option<&str>) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("deployment".into(), json!(deployment));
+    if let Some(id) = backup_id {
+        m.insert("backup_id".into(), json!(id));
+    }
+    m
+}
+
+fn backup_subject(id: &str) -> Map<String, Value> {
+    subject(catalog::deployment_of(id).unwrap_or(""), Some(id))
+}
+
+/// Appends the operation to the audit chain and returns its result. An
+/// operation that happened stays reported as it happened even when the
+/// record cannot be written (the storage just failed); that failure is an
+/// `audit_failed` warning on the operation's bus, when it has one.
+fn audited<T>(
+    repo: &Repository,
+    actor: &str,
+    action: &str,
+    subject: Map<String, Value>,
+    r: Result<T, Problem>,
+    bus: Option<&EventBus>,
+) -> Result<T, Problem> {
+    let outcome = r.as_ref().map(|_| ());
+    if let Err(p) = crate::audit::append(repo, actor, action, subject, outcome) {
+        if let Some(bus) = bus {
+            bus.publish(
+                Event::new(Severity::Warning, "audit_failed")
+                    .body(json!({"action": action, "error": p.to_json()})),
+            );
+        }
+    }
+    r
 }

@@ -395,24 +395,23 @@ pub fn restore(
 /// The pre-flight checks alone, before anything is written: a caller that
 /// must answer a refusal with a status code (the API) runs them first.
 pub fn check(m: &Manifest, opts: &RestoreOptions) -> Result<(), Problem> {
+    checked_places(m, opts).map(|_| ())
+}
+
+/// Pre-flight, manifest structure, and where every entry goes.
+fn checked_places(m: &Manifest, opts: &RestoreOptions) -> Result<Places, Problem> {
     preflight(
         &opts.target,
         opts.force,
         m.source["system_identifier"].as_str(),
     )?;
     m.validate()?;
-    Places::new(m, opts).map(|_| ())
+    Places::new(m, opts)
 }
 
 fn run(repo: &Repository, m: &Manifest, opts: &RestoreOptions) -> Result<RestoreSummary, Problem> {
     let t0 = Instant::now();
-    preflight(
-        &opts.target,
-        opts.force,
-        m.source["system_identifier"].as_str(),
-    )?;
-    m.validate()?;
-    let places = Places::new(m, opts)?;
+    let places = checked_places(m, opts)?;
     let index = RepoIndex::load(repo)?;
     // Every chunk must be locatable before a byte is written.
     for e in &m.entries {

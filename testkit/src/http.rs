@@ -109,25 +109,8 @@ fn exchange<S: Read + Write>(mut s: S, head: &[u8], body: &[u8]) -> std::io::Res
     s.write_all(body)?;
     s.flush()?;
     let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r)?;
     let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
     let get = |n: &str| {
         headers
             .iter()
@@ -159,6 +142,30 @@ fn exchange<S: Read + Write>(mut s: S, head: &[u8], body: &[u8]) -> std::io::Res
         headers,
         body,
     })
+}
+
+/// Reads a status line and headers.
+fn read_head<R: BufRead>(r: &mut R) -> std::io::Result<(u16, Vec<(String, String)>)> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    Ok((status, headers))
 }
 
 /// A rustls client trusting `ca_pem`, optionally presenting a client
@@ -311,29 +318,12 @@ impl KeepAlive {
         }
         head.push_str("\r\n");
         w.write_all(head.as_bytes())?;
-        let mut line = String::new();
-        r.read_line(&mut line)?;
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-        let mut headers = Vec::new();
-        let mut len = 0usize;
-        loop {
-            line.clear();
-            r.read_line(&mut line)?;
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                if k.trim().eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                headers.push((k.trim().to_string(), v.trim().to_string()));
-            }
-        }
+        let (status, headers) = read_head(r)?;
+        let len = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0usize);
         let mut body = vec![0u8; len];
         r.read_exact(&mut body)?;
         Ok(Response {

@@ -79,7 +79,7 @@ fn deployments_routes_and_request_errors() {
     for (m, p) in [
         ("GET", "/v1/kms/inspect"),
         ("POST", "/v1/repos/main/gc"),
-        ("GET", "/v1/audit"),
+        ("GET", "/v1/repos/main/usage"),
         ("GET", "/v1/doctor"),
         ("GET", "/v1/agents"),
         ("GET", "/v1/deployments/web/health"),
@@ -367,4 +367,123 @@ fn holds_block_deletes_and_deleted_backups_leave_lists_and_restores() {
         body_of(&c.get("/v1/deployments/p/backups"), "backups.list"),
         json!([])
     );
+}
+
+#[test]
+fn mutating_operations_are_audited_in_a_chain_that_detects_tampering() {
+    let s = TestServer::start();
+    let c = s.admin();
+    let src = s.tmp.path().join("a-src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("f"), b"x").expect("write");
+    body_of(
+        &c.post(
+            "/v1/deployments",
+            &json!({"name": "a", "path": src}).to_string(),
+        ),
+        "deployments.create",
+    );
+    let r = c
+        .request(
+            "POST",
+            "/v1/deployments/a/backups",
+            &[("Accept", "application/json")],
+            None,
+        )
+        .expect("backup");
+    let id = body_of(&r, "backups.take")["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    body_of(
+        &c.post(&format!("/v1/deployments/a/backups/{id}/hold"), ""),
+        "backups.hold",
+    );
+    // A refused delete is audited too, with its error code.
+    let r = c
+        .request(
+            "DELETE",
+            &format!("/v1/deployments/a/backups/{id}"),
+            &[],
+            None,
+        )
+        .expect("delete");
+    error_of(&r, 409, "backup.held");
+
+    let auditor = s
+        .client()
+        .with_token(&s.token("auditor", &["audit:read"], None));
+    let all = body_of(&auditor.get("/v1/audit"), "audit.search");
+    let actions: Vec<_> = all
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["action"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "deployment.create",
+            "backup.take",
+            "backup.hold",
+            "backup.delete"
+        ],
+        "{all}"
+    );
+    let del = &all[3];
+    assert_eq!(
+        (
+            del["actor"].as_str(),
+            del["result"].as_str(),
+            del["error_code"].as_str()
+        ),
+        (Some("token:admin"), Some("error"), Some("backup.held"))
+    );
+    assert_eq!(all[1]["subject"]["backup_id"], id.as_str());
+    let only = body_of(
+        &auditor.get("/v1/audit?action=backup.hold&deployment=a&since=1%20hour%20ago"),
+        "audit.search",
+    );
+    assert_eq!(only.as_array().map(|a| a.len()), Some(1));
+    error_of(&auditor.get("/v1/audit?colour=red"), 400, "api.bad_request");
+    error_of(
+        &s.client()
+            .with_token(&s.token("ro", &["backup:read"], None))
+            .get("/v1/audit"),
+        403,
+        "authz.denied",
+    );
+
+    let v = body_of(
+        &auditor.post("/v1/audit/verify-chain", ""),
+        "audit.verify_chain",
+    );
+    assert_eq!(
+        (v["records"].clone(), v["intact"].clone()),
+        (json!(4), json!(true))
+    );
+    // One byte of record 1 edited: the chain breaks there.
+    let key = "audit/00000000000000000001";
+    let orig = s.repo.store.get(key).expect("get").expect("record");
+    let mut b = orig.to_vec();
+    b[20] ^= 0x40;
+    s.repo.store.put(key, Bytes::from(b)).expect("put");
+    let e = error_of(
+        &auditor.post("/v1/audit/verify-chain", ""),
+        422,
+        "verify.audit_chain_broken",
+    );
+    assert_eq!(e["subject"]["position"], 1, "{e}");
+    // Restored, then record 2 removed: the chain breaks at 2.
+    s.repo.store.put(key, orig).expect("put");
+    s.repo
+        .store
+        .delete("audit/00000000000000000002")
+        .expect("delete");
+    let e = error_of(
+        &auditor.post("/v1/audit/verify-chain", ""),
+        422,
+        "verify.audit_chain_broken",
+    );
+    assert_eq!(e["subject"]["position"], 2, "{e}");
 }

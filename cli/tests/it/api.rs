@@ -301,3 +301,57 @@ fn cli_holds_and_deletes_with_the_contract_exit_codes() {
         "{v}"
     );
 }
+
+#[test]
+fn cli_operations_are_audited_and_verify_chain_exits_9_on_tampering() {
+    let env = Env::new();
+    env.ok(&["repo", "init"]);
+    let src = env.path("src");
+    write_tree(&src, 2, 100);
+    env.ok(&[
+        "deployment",
+        "create",
+        "w",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
+    env.ok(&["backup", "run", "w"]);
+    env.ok(&["token", "create", "--name", "t", "--verbs", "backup:read"]);
+    let ev = env.ok(&["audit", "search"]);
+    let actions: Vec<_> = ev
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["action"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        actions,
+        ["deployment.create", "backup.take", "token.create"]
+    );
+    assert!(ev[0]["actor"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("cli:")));
+    assert_eq!(
+        env.ok(&[
+            "audit",
+            "search",
+            "--action",
+            "backup.take",
+            "--deployment",
+            "w"
+        ])
+        .as_array()
+        .map(|a| a.len()),
+        Some(1)
+    );
+    assert_eq!(env.ok(&["audit", "verify-chain"])["records"], 3);
+    let rec = env.repo().join("audit/00000000000000000001");
+    let mut b = std::fs::read(&rec).expect("record");
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    std::fs::write(&rec, b).expect("write");
+    let (code, v) = env.json(&["audit", "verify-chain"]);
+    assert_eq!(code, 9, "{v}");
+    assert_eq!(v["error"]["code"], "verify.audit_chain_broken");
+    assert_eq!(v["error"]["subject"]["position"], 1);
+}

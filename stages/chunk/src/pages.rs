@@ -299,6 +299,18 @@ mod tests {
         }
     }
 
+    /// A splitter with runs of 4 pages.
+    fn splitter(planner: Arc<Planner>) -> Box<dyn Splitter> {
+        PageAwareFactory {
+            cdc: crate::Params::new(&ChunkerParams::default()).expect("params"),
+            key: KEY,
+            planner,
+            run_pages: 4,
+        }
+        .build(0)
+        .expect("build")
+    }
+
     fn pages(n: usize, seed: u8) -> Vec<u8> {
         (0..n * PS)
             .map(|i| ((i / PS) as u8).wrapping_mul(31) ^ seed ^ (i as u8))
@@ -316,13 +328,7 @@ mod tests {
             baseline,
             ..Default::default()
         });
-        let f = PageAwareFactory {
-            cdc: crate::Params::new(&ChunkerParams::default()).expect("params"),
-            key: KEY,
-            planner: planner.clone(),
-            run_pages: 4,
-        };
-        let mut s = f.build(0).expect("build");
+        let mut s = splitter(planner.clone());
         let mut out = Vec::new();
         let blocks: Vec<_> = data.chunks(block).collect();
         let mut off = 0;
@@ -398,13 +404,7 @@ mod tests {
     #[test]
     fn a_torn_size_is_an_error_not_a_short_page() {
         let planner = Arc::new(Planner::default());
-        let f = PageAwareFactory {
-            cdc: crate::Params::new(&ChunkerParams::default()).expect("params"),
-            key: KEY,
-            planner,
-            run_pages: 4,
-        };
-        let mut s = f.build(0).expect("build");
+        let mut s = splitter(planner);
         let r = s.push(
             Block {
                 file: 0,
@@ -420,13 +420,7 @@ mod tests {
     #[test]
     fn unplanned_files_are_content_defined() {
         let planner = Arc::new(Planner::default());
-        let f = PageAwareFactory {
-            cdc: crate::Params::new(&ChunkerParams::default()).expect("params"),
-            key: KEY,
-            planner: planner.clone(),
-            run_pages: 4,
-        };
-        let mut s = f.build(0).expect("build");
+        let mut s = splitter(planner.clone());
         let mut out = Vec::new();
         s.push(
             Block {
