@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! The REST control plane: `pg_hardstorage serve`.
 //!
 //! A thin hyper 1.x server over the same `pg_hardstorage_repo::ops`

@@ -78,6 +78,13 @@ fn body_schema(op: Op) -> Value {
         Op::BackupsHold | Op::BackupsRelease => r("Hold"),
         Op::WalList | Op::WalRepair => r("WalReport"),
         Op::AuditSearch => json!({"type": "array", "items": r("AuditEvent")}),
+        Op::ReposShow => {
+            json!({"type": "object", "required": ["repo_id", "config", "deployments", "tenants"]})
+        }
+        Op::ReposCheck => r("CheckReport"),
+        Op::ReposUsage => r("Usage"),
+        Op::ReposGc => r("GcReport"),
+        Op::ReposScrub => r("ScrubReport"),
         Op::AuditVerifyChain => json!({"type": "object", "required": ["records", "intact"],
             "properties": {"records": {"type": "integer"}, "intact": {"const": true}, "head": {"type": "string"}}}),
         _ => json!({}),
@@ -99,7 +106,7 @@ fn request_schema(op: Op) -> Option<(Value, bool)> {
 fn streams(op: Op) -> bool {
     matches!(
         op,
-        Op::BackupsTake | Op::BackupsVerify | Op::RestoresInitiate
+        Op::BackupsTake | Op::BackupsVerify | Op::RestoresInitiate | Op::ReposGc | Op::ReposScrub
     )
 }
 
@@ -181,6 +188,14 @@ fn operation(route: &Route) -> Value {
         "responses": responses,
     });
     let mut params = params;
+    if matches!(route.op, Op::ReposGc | Op::ReposScrub) {
+        params.push(json!({"name": "apply", "in": "query", "required": false,
+            "description": "Act (default: dry-run, report only).", "schema": {"type": "boolean"}}));
+    }
+    if route.op == Op::ReposGc {
+        params.push(json!({"name": "grace_seconds", "in": "query", "required": false,
+            "description": "Packs younger than this are kept (default 21600).", "schema": {"type": "integer", "minimum": 0}}));
+    }
     if route.op == Op::AuditSearch {
         for (name, what) in [
             ("since", "RFC 3339 time or a relative one (\"2 hours ago\")"),
@@ -250,6 +265,12 @@ fn components() -> Value {
             "Hold": response(schema::<repo::lifecycle::Hold>(), json!({"released": {"type": "boolean"}})),
             "Tombstone": response(schema::<repo::lifecycle::Tombstone>(), json!({})),
             "AuditEvent": response(schema::<repo::audit::AuditEvent>(), json!({})),
+            "CheckReport": schema::<repo::check::CheckReport>(),
+            "Finding": schema::<repo::check::Finding>(),
+            "ScrubReport": schema::<repo::check::ScrubReport>(),
+            "BadPack": schema::<repo::check::BadPack>(),
+            "Usage": schema::<repo::gc::Usage>(),
+            "GcReport": schema::<repo::gc::GcReport>(),
             "Deployment": response(schema::<repo::deployment::Deployment>(), json!({
                 "created": {"type": "boolean", "description": "create: whether this call created it"},
                 "deleted": {"type": "boolean"},

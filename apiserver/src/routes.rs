@@ -53,6 +53,11 @@ pub enum Op {
     WalRepair,
     AuditSearch,
     AuditVerifyChain,
+    ReposShow,
+    ReposCheck,
+    ReposUsage,
+    ReposGc,
+    ReposScrub,
     /// Comes with the lifecycle/KMS/audit/doctor/fleet issue: 501.
     Unimplemented,
 }
@@ -225,40 +230,28 @@ pub const ROUTES: &[Route] = &[
         ADMIN,
         Op::WalRepair,
     ),
-    r(
-        "GET",
-        "/v1/repos/{r}",
-        "repos.show",
-        ADMIN,
-        Op::Unimplemented,
-    ),
+    r("GET", "/v1/repos/{r}", "repos.show", ADMIN, Op::ReposShow),
     r(
         "POST",
         "/v1/repos/{r}/check",
         "repos.check",
         ADMIN,
-        Op::Unimplemented,
+        Op::ReposCheck,
     ),
-    r(
-        "POST",
-        "/v1/repos/{r}/gc",
-        "repos.gc",
-        ADMIN,
-        Op::Unimplemented,
-    ),
+    r("POST", "/v1/repos/{r}/gc", "repos.gc", ADMIN, Op::ReposGc),
     r(
         "GET",
         "/v1/repos/{r}/usage",
         "repos.usage",
         ADMIN,
-        Op::Unimplemented,
+        Op::ReposUsage,
     ),
     r(
         "POST",
         "/v1/repos/{r}/scrub",
         "repos.scrub",
         ADMIN,
-        Op::Unimplemented,
+        Op::ReposScrub,
     ),
     r(
         "POST",
@@ -926,6 +919,65 @@ pub async fn dispatch(
                 })
                 .await?;
                 Ok(ok(c, body))
+            }
+            Op::ReposShow | Op::ReposCheck | Op::ReposUsage | Op::ReposGc | Op::ReposScrub => {
+                let name = param(&params, "r");
+                if name != "default" && name != st.repo.config.repo_id {
+                    return Err(Problem::new(
+                        "repo.not_found",
+                        format!("this server serves one repository, \"default\" (id {}), not {name:?}", st.repo.config.repo_id),
+                    ));
+                }
+                let (mut apply, mut grace) = (false, std::time::Duration::from_secs(6 * 3600));
+                for (k, v) in query_pairs(&query) {
+                    match (k.as_str(), route.op) {
+                        ("apply", Op::ReposGc | Op::ReposScrub) => {
+                            apply = match v.as_str() {
+                                "true" | "1" => true,
+                                "false" | "0" => false,
+                                _ => return Err(Problem::new("api.bad_request", format!("apply={v:?}: want true or false"))),
+                            }
+                        }
+                        ("grace_seconds", Op::ReposGc) => {
+                            grace = std::time::Duration::from_secs(v.parse().map_err(|_| {
+                                Problem::new("api.bad_request", format!("grace_seconds={v:?}: want an integer"))
+                            })?)
+                        }
+                        (other, _) => {
+                            return Err(Problem::new(
+                                "api.bad_request",
+                                format!("unknown query parameter {other:?}"),
+                            ))
+                        }
+                    }
+                }
+                let actor = actor_of(&who);
+                match route.op {
+                    Op::ReposGc => {
+                        let st2 = st.clone();
+                        let opts = pg_hardstorage_repo::gc::GcOptions {
+                            apply,
+                            grace,
+                            ..Default::default()
+                        };
+                        Ok(stream(&st, c, mode, move |bus| ops::repos_gc(&st2.repo, &actor, &opts, bus)).await)
+                    }
+                    Op::ReposScrub => {
+                        let st2 = st.clone();
+                        let threads = pg_hardstorage_engine::pipeline::default_workers();
+                        Ok(stream(&st, c, mode, move |bus| ops::repos_scrub(&st2.repo, &actor, apply, bus, threads)).await)
+                    }
+                    op => {
+                        let st = st.clone();
+                        let body = blocking(move || match op {
+                            Op::ReposShow => ops::repos_show(&st.repo),
+                            Op::ReposCheck => ops::repos_check(&st.repo),
+                            _ => ops::repos_usage(&st.repo),
+                        })
+                        .await?;
+                        Ok(ok(c, body))
+                    }
+                }
             }
             Op::AuditSearch => {
                 let mut f = pg_hardstorage_repo::audit::Filter::default();

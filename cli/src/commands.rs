@@ -136,6 +136,31 @@ pub fn run(cli: &Cli, out: &mut Out) -> R {
     }
 }
 
+/// `6h`, `30m`, `45s`, `2d` or plain seconds.
+fn parse_duration(s: &str) -> Result<u64, Problem> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num.parse().map_err(|_| {
+        Problem::new(
+            "usage.invalid_argument",
+            format!("duration {s:?}: want e.g. 6h, 30m, 0s"),
+        )
+    })?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => {
+            return Err(Problem::new(
+                "usage.invalid_argument",
+                format!("duration {s:?}: unit must be s, m, h or d"),
+            ))
+        }
+    };
+    Ok(n * mult)
+}
+
 fn parse_size(s: &str) -> Result<u64, Problem> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
@@ -234,29 +259,95 @@ fn repo(cli: &Cli, out: &mut Out, c: &RepoCmd) -> R {
         }
         RepoCmd::Show => {
             let r = open(cli)?;
-            let deps: Vec<Value> = deployment::list(&r)?
-                .iter()
-                .map(Deployment::public)
-                .collect();
-            let body = json!({"repo": r.store.describe(), "config": r.config, "deployments": deps});
+            let body = ops::repos_show(&r)?;
             out.success("repos.show", body, |b| {
                 format!(
-                    "repository {}\nformat v{}  encryption {}  compression {}\ndeployments: {}\n",
+                    "repository {}\nformat v{}  encryption {}  compression {}\ndeployments: {}  tenants: {}\n",
                     b["repo"].as_str().unwrap_or(""),
                     b["config"]["format_version"],
                     b["config"]["encryption"].as_str().unwrap_or(""),
                     b["config"]["compression"]["algorithm"]
                         .as_str()
                         .unwrap_or(""),
-                    b["deployments"].as_array().map_or(0, |a| a.len())
+                    b["deployments"].as_array().map_or(0, |a| a.len()),
+                    b["tenants"].as_array().map_or(0, |a| a.len())
                 )
             });
             Ok(())
         }
-        RepoCmd::Check => Err(unimplemented("repo check")),
-        RepoCmd::Usage => Err(unimplemented("repo usage")),
-        RepoCmd::Gc { .. } => Err(unimplemented("repo gc")),
-        RepoCmd::Scrub { .. } => Err(unimplemented("repo scrub")),
+        RepoCmd::Check => {
+            let r = open(cli)?;
+            let body = ops::repos_check(&r)?;
+            out.success("repos.check", body, |b| {
+                format!(
+                    "repository healthy: {} manifests, {} WAL records, {} packs, {} warning(s)\n",
+                    b["manifests"],
+                    b["wal_records"],
+                    b["packs"],
+                    b["findings"].as_array().map_or(0, |a| a.len())
+                )
+            });
+            Ok(())
+        }
+        RepoCmd::Usage => {
+            let r = open(cli)?;
+            let body = ops::repos_usage(&r)?;
+            out.success("repos.usage", body, |b| {
+                let mut s = String::new();
+                for k in [
+                    "data_packs",
+                    "index",
+                    "manifests",
+                    "wal_records",
+                    "metadata",
+                    "garbage",
+                    "total",
+                ] {
+                    let _ = writeln!(s, "{k:<12} {:>12}", bytes(b[k].as_u64().unwrap_or(0)));
+                }
+                s
+            });
+            Ok(())
+        }
+        RepoCmd::Gc { apply, grace } => {
+            let r = open(cli)?;
+            let opts = pg_hardstorage_repo::gc::GcOptions {
+                apply: *apply,
+                grace: Duration::from_secs(parse_duration(grace)?),
+                ..Default::default()
+            };
+            out.stream_events();
+            let body = ops::repos_gc(&r, &cli_actor(), &opts, &out.bus)?;
+            out.success("repos.gc", body, |b| {
+                format!(
+                    "{} {} unreferenced packs ({}); {} kept inside the grace period\n",
+                    if b["applied"] == true {
+                        "removed"
+                    } else {
+                        "would remove"
+                    },
+                    b["packs_garbage"],
+                    bytes(b["bytes_garbage"].as_u64().unwrap_or(0)),
+                    b["packs_young"]
+                )
+            });
+            Ok(())
+        }
+        RepoCmd::Scrub { apply } => {
+            let r = open(cli)?;
+            out.stream_events();
+            let threads = pg_hardstorage_engine::pipeline::default_workers();
+            let body = ops::repos_scrub(&r, &cli_actor(), *apply, &out.bus, threads)?;
+            out.success("repos.scrub", body, |b| {
+                format!(
+                    "scrubbed {} packs, {} chunks, {}: all good\n",
+                    b["packs"],
+                    b["chunks"],
+                    bytes(b["bytes"].as_u64().unwrap_or(0))
+                )
+            });
+            Ok(())
+        }
     }
 }
 

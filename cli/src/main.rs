@@ -169,12 +169,19 @@ pub enum RepoCmd {
     },
     /// Show the repository configuration and deployments
     Show,
+    /// Config, keys, every signature, every referenced pack, the index
     Check,
+    /// Bytes by category: packs, index, manifests, WAL, metadata, garbage
     Usage,
+    /// Mark and sweep unreferenced packs (dry-run unless --apply)
     Gc {
         #[arg(long)]
         apply: bool,
+        /// Packs younger than this are kept (e.g. 6h, 30m, 0s)
+        #[arg(long, default_value = "6h")]
+        grace: String,
     },
+    /// Read every pack back through the verifying path; --apply quarantines bad ones
     Scrub {
         #[arg(long)]
         apply: bool,

@@ -103,6 +103,8 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("verify.signature_invalid", Class::Verify, false),
     ("verify.pg_verifybackup_failed", Class::Verify, false),
     ("verify.audit_chain_broken", Class::Verify, false),
+    ("verify.repository_damaged", Class::Verify, false),
+    ("verify.scrub_failed", Class::Verify, false),
     ("restore.verify_unavailable", Class::Internal, false),
     ("pg.unreachable", Class::Unavailable, true),
     ("pg.auth_failed", Class::AuthDenied, false),

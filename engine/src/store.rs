@@ -15,6 +15,8 @@ use std::time::Duration;
 pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
+    /// Last modification, seconds since the Unix epoch (0 when unknown).
+    pub modified_unix: u64,
 }
 
 pub trait Store: Send + Sync {

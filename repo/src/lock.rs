@@ -61,8 +61,65 @@ fn stale(r: &LeaseRecord) -> bool {
         && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
+/// The key of garbage collection's repository-wide lease. Deployment names
+/// cannot contain a dot, so it never collides with a writer's.
+const GC: &str = ".gc";
+
+fn live_holder(repo: &Repository, key: &str) -> Result<Option<LeaseRecord>, Problem> {
+    Ok(repo
+        .store
+        .get(key)?
+        .and_then(|b| serde_json::from_slice::<LeaseRecord>(&b).ok())
+        .filter(|h| !stale(h)))
+}
+
 impl Lease {
+    /// A writer's lease (a backup of `deployment`, or a WAL segment being
+    /// archived). Refused while garbage collection runs: taken first and
+    /// checked after, against GC's own take-then-check, so of a writer and
+    /// a collector starting together at least one sees the other.
     pub fn acquire(repo: &Repository, deployment: &str, purpose: &str) -> Result<Lease, Problem> {
+        let lease = Self::take(repo, deployment, purpose)?;
+        if let Some(h) = live_holder(repo, &format!("locks/{GC}"))? {
+            drop(lease);
+            return Err(Problem::new(
+                "repo.locked",
+                format!(
+                    "garbage collection is running ({} pid {}); writers wait for it",
+                    h.host, h.pid
+                ),
+            )
+            .suggest("Retry when `repo gc --apply` has finished", None));
+        }
+        Ok(lease)
+    }
+
+    /// Garbage collection's exclusive lease: refused while any writer holds one.
+    pub fn acquire_gc(repo: &Repository) -> Result<Lease, Problem> {
+        let lease = Self::take(repo, GC, "gc")?;
+        for o in repo.store.list("locks/")? {
+            if o.key == format!("locks/{GC}") {
+                continue;
+            }
+            if let Some(h) = live_holder(repo, &o.key)? {
+                drop(lease);
+                return Err(Problem::new(
+                    "repo.locked",
+                    format!(
+                        "{} is held by {} (pid {}) for {}: gc --apply waits for writers",
+                        o.key, h.host, h.pid, h.purpose
+                    ),
+                )
+                .suggest(
+                    "Retry when the backup or WAL archiving in progress has finished",
+                    None,
+                ));
+            }
+        }
+        Ok(lease)
+    }
+
+    fn take(repo: &Repository, deployment: &str, purpose: &str) -> Result<Lease, Problem> {
         let key = format!("locks/{deployment}");
         for _ in 0..3 {
             let body = serde_json::to_vec(&record(purpose))

@@ -494,6 +494,65 @@ pub fn tokens_revoke(repo: &Repository, actor: &str, name: &str) -> Result<Value
     audited(repo, actor, "token.revoke", subj, r, None)
 }
 
+/// The repository: where it is, its configuration, deployments and tenants.
+pub fn repos_show(repo: &Repository) -> Result<Value, Problem> {
+    let deps: Vec<Value> = deployment::list(repo)?
+        .iter()
+        .map(Deployment::public)
+        .collect();
+    let mut tenants: Vec<String> = deployment::list(repo)?
+        .iter()
+        .map(|d| d.tenant().to_string())
+        .collect();
+    tenants.sort();
+    tenants.dedup();
+    Ok(json!({
+        "repo": repo.store.describe(),
+        "repo_id": repo.config.repo_id,
+        "format_version": repo.config.format_version,
+        "config": repo.config,
+        "deployments": deps,
+        "tenants": tenants,
+    }))
+}
+
+pub fn repos_check(repo: &Repository) -> Result<Value, Problem> {
+    to_value(crate::check::check(repo)?)
+}
+
+pub fn repos_usage(repo: &Repository) -> Result<Value, Problem> {
+    to_value(crate::gc::usage(repo)?)
+}
+
+pub fn repos_gc(
+    repo: &Repository,
+    actor: &str,
+    opts: &crate::gc::GcOptions,
+    bus: &EventBus,
+) -> Result<Value, Problem> {
+    let r = crate::gc::gc(repo, opts, bus).and_then(to_value);
+    if !opts.apply {
+        return r;
+    }
+    let mut subj = Map::new();
+    subj.insert("grace_seconds".into(), json!(opts.grace.as_secs()));
+    audited(repo, actor, "repo.gc", subj, r, Some(bus))
+}
+
+pub fn repos_scrub(
+    repo: &Repository,
+    actor: &str,
+    apply: bool,
+    bus: &EventBus,
+    threads: usize,
+) -> Result<Value, Problem> {
+    let r = crate::check::scrub(repo, apply, bus, threads).and_then(to_value);
+    if !apply {
+        return r;
+    }
+    audited(repo, actor, "repo.scrub", Map::new(), r, Some(bus))
+}
+
 pub fn audit_search(repo: &Repository, f: &crate::audit::Filter) -> Result<Value, Problem> {
     to_value(crate::audit::search(repo, f)?)
 }

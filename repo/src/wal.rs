@@ -102,6 +102,9 @@ pub fn archive(
         return Ok(false);
     }
     let size = data.len() as u64;
+    // A writer like a backup: garbage collection never runs meanwhile, so
+    // no chunk this segment dedups against can vanish before its record.
+    let _lease = crate::lock::Lease::acquire(repo, &format!("{deployment}.wal"), "wal archive")?;
     let dedup = Arc::new(RepoIndex::load(repo)?.dedup());
     let cfg = PipelineConfig {
         workers: 2,

@@ -78,8 +78,7 @@ fn deployments_routes_and_request_errors() {
     // Capabilities of a later issue answer 501, never a fake success.
     for (m, p) in [
         ("GET", "/v1/kms/inspect"),
-        ("POST", "/v1/repos/main/gc"),
-        ("GET", "/v1/repos/main/usage"),
+        ("GET", "/v1/search"),
         ("GET", "/v1/doctor"),
         ("GET", "/v1/agents"),
         ("GET", "/v1/deployments/web/health"),
@@ -486,4 +485,86 @@ fn mutating_operations_are_audited_in_a_chain_that_detects_tampering() {
         "verify.audit_chain_broken",
     );
     assert_eq!(e["subject"]["position"], 2, "{e}");
+}
+
+#[test]
+fn repository_routes_show_check_usage_gc_and_scrub() {
+    let s = TestServer::start();
+    let c = s.admin();
+    s.path_deployment("p", Some("acme"));
+    let r = c
+        .request(
+            "POST",
+            "/v1/deployments/p/backups",
+            &[("Accept", "application/json")],
+            None,
+        )
+        .expect("backup");
+    body_of(&r, "backups.take");
+    let show = body_of(&c.get("/v1/repos/default"), "repos.show");
+    assert_eq!(show["tenants"], json!(["acme"]));
+    let id = show["repo_id"].as_str().expect("id").to_string();
+    body_of(&c.get(&format!("/v1/repos/{id}")), "repos.show");
+    error_of(&c.get("/v1/repos/elsewhere"), 404, "repo.not_found");
+    assert_eq!(
+        body_of(&c.post("/v1/repos/default/check", ""), "repos.check")["ok"],
+        true
+    );
+    let u = body_of(&c.get("/v1/repos/default/usage"), "repos.usage");
+    assert!(u["data_packs"].as_u64().is_some_and(|n| n > 0), "{u}");
+    // GC streams its progress; dry-run unless apply=true.
+    let r = c.post("/v1/repos/default/gc?grace_seconds=0", "");
+    let ev = ndjson(&r.body);
+    assert_eq!(
+        ev.first().map(|e| e["op"].clone()),
+        Some(json!("gc_started"))
+    );
+    let last = ev.last().expect("events");
+    assert_eq!(last["op"], "gc_completed");
+    assert_eq!(last["body"]["applied"], false);
+    error_of(
+        &c.post("/v1/repos/default/gc?apply=maybe", ""),
+        400,
+        "api.bad_request",
+    );
+    let r = c
+        .request(
+            "POST",
+            "/v1/repos/default/gc?apply=true&grace_seconds=0",
+            &[("Accept", "application/json")],
+            None,
+        )
+        .expect("gc");
+    assert_eq!(body_of(&r, "repos.gc")["applied"], true);
+    let r = c
+        .request(
+            "POST",
+            "/v1/repos/default/scrub",
+            &[("Accept", "application/json")],
+            None,
+        )
+        .expect("scrub");
+    assert_eq!(body_of(&r, "repos.scrub")["bad"], json!([]));
+    // A damaged pack: scrub answers 422 naming it.
+    let pack = s.repo.store.list("packs/").expect("list")[0].key.clone();
+    let mut b = s
+        .repo
+        .store
+        .get(&pack)
+        .expect("get")
+        .expect("pack")
+        .to_vec();
+    let mid = b.len() / 2;
+    b[mid] ^= 4;
+    s.repo.store.put(&pack, Bytes::from(b)).expect("put");
+    let r = c
+        .request(
+            "POST",
+            "/v1/repos/default/scrub",
+            &[("Accept", "application/json")],
+            None,
+        )
+        .expect("scrub");
+    let e = error_of(&r, 422, "verify.scrub_failed");
+    assert_eq!(e["subject"]["report"]["bad"][0]["pack"], pack.as_str());
 }

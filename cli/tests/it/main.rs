@@ -3,6 +3,7 @@
 mod api;
 mod crash;
 mod envelopes;
+mod maintenance;
 mod pitr;
 
 use serde_json::Value;

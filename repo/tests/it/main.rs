@@ -3,6 +3,7 @@
 
 mod backpressure;
 mod dedup;
+mod gc;
 mod integrity;
 mod pagededup;
 mod postgres;

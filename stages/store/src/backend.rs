@@ -276,6 +276,7 @@ impl Store for ObjectStoreBackend {
                             .unwrap_or_default()
                             .to_string(),
                         size: m.size,
+                        modified_unix: m.last_modified.timestamp().max(0) as u64,
                     })
                     .collect();
                 out.sort_by(|a, b| a.key.cmp(&b.key));

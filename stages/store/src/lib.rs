@@ -6,4 +6,4 @@ mod backend;
 mod packer;
 
 pub use backend::{open_store, open_store_with, ObjectStoreBackend, StoreOptions};
-pub use packer::{OnPackDurable, PackSink, PackSinkConfig};
+pub use packer::{new_pack_key, OnPackDurable, PackSink, PackSinkConfig};

@@ -1,0 +1,176 @@
+//! `repo check`, `repo scrub`, `repo usage` and `repo gc` as an operator
+//! runs them: exit codes, the bodies, the damaged pack named.
+
+use crate::{write_tree, Env};
+
+fn packs(env: &Env) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for fan in std::fs::read_dir(env.repo().join("packs")).expect("packs") {
+        for p in std::fs::read_dir(fan.expect("dir").path()).expect("fan") {
+            out.push(p.expect("pack").path());
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn scrub_names_the_damaged_pack_and_the_backups_it_breaks() {
+    let env = Env::new();
+    env.ok(&["repo", "init", "--pack-size", "1048576"]);
+    let (a, b) = (env.path("a"), env.path("b"));
+    write_tree(&a, 8, 400_000);
+    write_tree(&b, 3, 300_000);
+    env.ok(&[
+        "deployment",
+        "create",
+        "a",
+        "--path",
+        a.to_str().expect("utf8"),
+    ]);
+    env.ok(&[
+        "deployment",
+        "create",
+        "b",
+        "--path",
+        b.to_str().expect("utf8"),
+    ]);
+    let ida = env.ok(&["backup", "run", "a"])["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let idb = env.ok(&["backup", "run", "b"])["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let healthy = env.ok(&["repo", "check"]);
+    assert_eq!(healthy["ok"], true, "{healthy}");
+    let clean = env.ok(&["repo", "scrub"]);
+    assert_eq!(clean["bad"], serde_json::json!([]));
+    assert!(clean["packs"].as_u64().is_some_and(|n| n >= 3), "{clean}");
+    let usage = env.ok(&["repo", "usage"]);
+    assert!(
+        usage["data_packs"].as_u64().is_some_and(|n| n > 3_000_000),
+        "{usage}"
+    );
+    assert_eq!(usage["garbage"], 0);
+
+    // One byte flipped in the middle of one pack.
+    let b_pack = packs(&env).pop().expect("a pack");
+    let mut bytes = std::fs::read(&b_pack).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&b_pack, bytes).expect("write");
+    let name = format!(
+        "packs/{}/{}",
+        b_pack
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .expect("fan"),
+        b_pack.file_name().and_then(|n| n.to_str()).expect("name")
+    );
+    let (code, v) = env.json(&["repo", "scrub"]);
+    assert_eq!(code, 9, "{v}");
+    assert_eq!(v["error"]["code"], "verify.scrub_failed");
+    let bad = &v["error"]["subject"]["report"]["bad"];
+    assert_eq!(
+        bad.as_array().map(|a| a.len()),
+        Some(1),
+        "exactly one pack: {v}"
+    );
+    assert_eq!(bad[0]["pack"], name.as_str());
+    let breaks: Vec<&str> = bad[0]["breaks"]
+        .as_array()
+        .expect("breaks")
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect();
+    assert!(!breaks.is_empty(), "{v}");
+    for id in &breaks {
+        assert!(*id == ida || *id == idb, "{id}");
+    }
+
+    // --apply quarantines it: out of packs/, kept under quarantine/.
+    let (code, v) = env.json(&["repo", "scrub", "--apply"]);
+    assert_eq!(code, 9, "{v}");
+    assert!(!b_pack.exists());
+    assert!(env.repo().join("quarantine").join(&name).exists());
+    // The broken backups are now what `repo check` reports.
+    let (code, v) = env.json(&["repo", "check"]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (9, Some("verify.repository_damaged")),
+        "{v}"
+    );
+    assert_eq!(
+        env.ok(&["audit", "search", "--action", "repo.scrub"])
+            .as_array()
+            .map(|a| a.len()),
+        Some(1)
+    );
+}
+
+#[test]
+fn gc_dry_run_by_default_then_apply_reclaims_a_deleted_backup() {
+    let env = Env::new();
+    env.ok(&["repo", "init", "--pack-size", "1048576"]);
+    let (a, b) = (env.path("a"), env.path("b"));
+    write_tree(&a, 6, 500_000);
+    write_tree(&b, 2, 100_000);
+    env.ok(&[
+        "deployment",
+        "create",
+        "a",
+        "--path",
+        a.to_str().expect("utf8"),
+    ]);
+    env.ok(&[
+        "deployment",
+        "create",
+        "b",
+        "--path",
+        b.to_str().expect("utf8"),
+    ]);
+    let ida = env.ok(&["backup", "run", "a"])["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    env.ok(&["backup", "run", "b"]);
+    env.ok(&["backup", "delete", &ida]);
+    let before = env.ok(&["repo", "usage"]);
+    let dry = env.ok(&["repo", "gc", "--grace", "0s"]);
+    assert_eq!(
+        (dry["applied"].clone(), dry["packs_removed"].clone()),
+        (serde_json::json!(false), serde_json::json!(0))
+    );
+    assert!(
+        dry["packs_garbage"].as_u64().is_some_and(|n| n > 0),
+        "{dry}"
+    );
+    assert_eq!(
+        env.ok(&["repo", "usage"]),
+        before,
+        "a dry run changes nothing"
+    );
+    let done = env.ok(&["repo", "gc", "--apply", "--grace", "0s"]);
+    assert_eq!(done["applied"], true);
+    let after = env.ok(&["repo", "usage"]);
+    let (b0, b1) = (
+        before["data_packs"].as_u64().expect("n"),
+        after["data_packs"].as_u64().expect("n"),
+    );
+    assert!(b1 + 2_500_000 < b0, "usage must drop: {b0} -> {b1}");
+    env.ok(&["repo", "check"]);
+    let (code, v) = env.json(&["repo", "gc", "--grace", "forever"]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (2, Some("usage.invalid_argument"))
+    );
+    assert_eq!(
+        env.ok(&["audit", "search", "--action", "repo.gc"])
+            .as_array()
+            .map(|a| a.len()),
+        Some(1)
+    );
+}
