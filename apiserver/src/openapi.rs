@@ -85,6 +85,7 @@ fn body_schema(op: Op) -> Value {
         Op::ReposUsage => r("Usage"),
         Op::ReposGc => r("GcReport"),
         Op::ReposScrub => r("ScrubReport"),
+        Op::Doctor => r("DoctorReport"),
         Op::AuditVerifyChain => json!({"type": "object", "required": ["records", "intact"],
             "properties": {"records": {"type": "integer"}, "intact": {"const": true}, "head": {"type": "string"}}}),
         _ => json!({}),
@@ -196,6 +197,10 @@ fn operation(route: &Route) -> Value {
         params.push(json!({"name": "grace_seconds", "in": "query", "required": false,
             "description": "Packs younger than this are kept (default 21600).", "schema": {"type": "integer", "minimum": 0}}));
     }
+    if route.op == Op::Doctor {
+        params.push(json!({"name": "max_age_seconds", "in": "query", "required": false,
+            "description": "The newest backup may be at most this old (default 93600).", "schema": {"type": "integer", "minimum": 0}}));
+    }
     if route.op == Op::AuditSearch {
         for (name, what) in [
             ("since", "RFC 3339 time or a relative one (\"2 hours ago\")"),
@@ -271,6 +276,8 @@ fn components() -> Value {
             "BadPack": schema::<repo::check::BadPack>(),
             "Usage": schema::<repo::gc::Usage>(),
             "GcReport": schema::<repo::gc::GcReport>(),
+            "DoctorReport": schema::<repo::doctor::DoctorReport>(),
+            "DoctorFinding": schema::<repo::doctor::DoctorFinding>(),
             "Deployment": response(schema::<repo::deployment::Deployment>(), json!({
                 "created": {"type": "boolean", "description": "create: whether this call created it"},
                 "deleted": {"type": "boolean"},

@@ -58,6 +58,7 @@ pub enum Op {
     ReposUsage,
     ReposGc,
     ReposScrub,
+    Doctor,
     /// Comes with the lifecycle/KMS/audit/doctor/fleet issue: 501.
     Unimplemented,
 }
@@ -144,7 +145,7 @@ pub const ROUTES: &[Route] = &[
         "/v1/deployments/{d}/health",
         "deployments.health",
         READ,
-        Op::Unimplemented,
+        Op::Doctor,
     ),
     r(
         "GET",
@@ -288,19 +289,13 @@ pub const ROUTES: &[Route] = &[
         Verb("audit:read"),
         Op::AuditVerifyChain,
     ),
-    r(
-        "GET",
-        "/v1/doctor",
-        "doctor.report",
-        READ,
-        Op::Unimplemented,
-    ),
+    r("GET", "/v1/doctor", "doctor.report", READ, Op::Doctor),
     r(
         "GET",
         "/v1/doctor/{deployment}",
         "doctor.deployment",
         READ,
-        Op::Unimplemented,
+        Op::Doctor,
     ),
     r("GET", "/v1/agents", "agents.list", ADMIN, Op::Unimplemented),
     r("GET", "/v1/search", "search", READ, Op::Unimplemented),
@@ -978,6 +973,41 @@ pub async fn dispatch(
                         Ok(ok(c, body))
                     }
                 }
+            }
+            Op::Doctor => {
+                let dep = if route.path.ends_with("{deployment}") {
+                    Some(param(&params, "deployment"))
+                } else if d.is_empty() {
+                    None
+                } else {
+                    Some(d.clone())
+                };
+                let mut opts = pg_hardstorage_repo::doctor::DoctorOptions::default();
+                for (k, v) in query_pairs(&query) {
+                    match k.as_str() {
+                        "max_age_seconds" => {
+                            opts.max_backup_age = std::time::Duration::from_secs(v.parse().map_err(|_| {
+                                Problem::new("api.bad_request", format!("max_age_seconds={v:?}: want an integer"))
+                            })?)
+                        }
+                        other => {
+                            return Err(Problem::new(
+                                "api.bad_request",
+                                format!("unknown query parameter {other:?}"),
+                            ))
+                        }
+                    }
+                }
+                let st = st.clone();
+                let who = who.clone();
+                let body = blocking(move || {
+                    if let Some(dep) = &dep {
+                        visible(&st, &who, dep)?;
+                    }
+                    ops::doctor(&st.repo, dep.as_deref(), &opts)
+                })
+                .await?;
+                Ok(ok(c, body))
             }
             Op::AuditSearch => {
                 let mut f = pg_hardstorage_repo::audit::Filter::default();

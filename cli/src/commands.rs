@@ -130,7 +130,35 @@ pub fn run(cli: &Cli, out: &mut Out) -> R {
         Command::Wal(c) => wal_cmd(cli, out, c),
         Command::Kms { .. } => Err(unimplemented("kms")),
         Command::Audit(c) => audit_cmd(cli, out, c),
-        Command::Doctor { .. } => Err(unimplemented("doctor")),
+        Command::Doctor {
+            deployment,
+            max_age,
+            max_slot_lag,
+        } => {
+            let r = open(cli)?;
+            let opts = pg_hardstorage_repo::doctor::DoctorOptions {
+                max_backup_age: Duration::from_secs(parse_duration(max_age)?),
+                max_slot_lag_bytes: parse_size(max_slot_lag)?,
+                ..Default::default()
+            };
+            let body = ops::doctor(&r, deployment.as_deref(), &opts)?;
+            out.success(
+                if deployment.is_some() {
+                    "doctor.deployment"
+                } else {
+                    "doctor.report"
+                },
+                body,
+                |b| {
+                    format!(
+                        "healthy: {} deployment(s) checked, pg_hardstorage {}\n",
+                        b["deployments"].as_array().map_or(0, |a| a.len()),
+                        b["version"].as_str().unwrap_or("")
+                    )
+                },
+            );
+            Ok(())
+        }
         Command::Token(c) => token_cmd(cli, out, c),
         Command::Serve(a) => crate::serve::serve(cli, out, a),
     }
@@ -524,6 +552,56 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
             let body = ops::backups_hold(&r, id, &cli_actor(), reason.clone(), until.as_deref())?;
             out.success("backups.hold", body, |b| {
                 format!("backup {} held\n", b["backup_id"].as_str().unwrap_or(""))
+            });
+        }
+        BackupCmd::Prune {
+            deployment,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            apply,
+        } => {
+            let r = open(cli)?;
+            let policy = pg_hardstorage_repo::retention::Policy {
+                keep_last: *keep_last,
+                keep_daily: *keep_daily,
+                keep_weekly: *keep_weekly,
+                keep_monthly: *keep_monthly,
+            };
+            let report = pg_hardstorage_repo::retention::prune(
+                &r,
+                deployment,
+                &policy,
+                *apply,
+                &cli_actor(),
+            )?;
+            let body = serde_json::to_value(report).unwrap_or_default();
+            out.success("backups.prune", body, |b| {
+                let mut s = String::new();
+                for d in b["decisions"].as_array().cloned().unwrap_or_default() {
+                    let _ = writeln!(
+                        s,
+                        "{:<6} {:<44} {}",
+                        if d["keep"] == true {
+                            "keep"
+                        } else if b["applied"] == true {
+                            "delete"
+                        } else {
+                            "would delete"
+                        },
+                        d["backup_id"].as_str().unwrap_or(""),
+                        d["reasons"]
+                            .as_array()
+                            .map(|r| r
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default()
+                    );
+                }
+                s
             });
         }
         BackupCmd::Release { id } => {

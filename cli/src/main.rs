@@ -65,10 +65,15 @@ pub enum Command {
     /// The audit log: an append-only hash chain of every mutating operation
     #[command(subcommand)]
     Audit(AuditCmd),
-    /// Health report
+    /// Health report: repository, keys, slots, WAL gaps, backup age, space
     Doctor {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        deployment: Option<String>,
+        /// The newest backup may be at most this old (e.g. 26h, 7d)
+        #[arg(long, default_value = "26h")]
+        max_age: String,
+        /// Largest WAL a slot may hold back, in bytes (e.g. 1G)
+        #[arg(long, default_value = "1G")]
+        max_slot_lag: String,
     },
     /// API bearer tokens (stored hashed; shown once)
     #[command(subcommand)]
@@ -284,6 +289,21 @@ pub enum BackupCmd {
     /// Release a legal hold
     Release {
         id: String,
+    },
+    /// Apply a retention policy: deletes (soft) what it does not keep; the
+    /// newest backup and held ones are always kept (dry-run unless --apply)
+    Prune {
+        deployment: String,
+        #[arg(long, default_value_t = 0)]
+        keep_last: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: usize,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: usize,
+        #[arg(long)]
+        apply: bool,
     },
 }
 

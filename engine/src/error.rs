@@ -75,6 +75,7 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("api.bad_request", Class::Misuse, false),
     ("api.body_too_large", Class::Misuse, false),
     ("restore.not_found", Class::NotFound, false),
+    ("doctor.unhealthy", Class::Preflight, false),
     ("repo.not_found", Class::NotFound, false),
     ("repo.already_exists", Class::Conflict, false),
     ("repo.locked", Class::Conflict, true),

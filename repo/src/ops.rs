@@ -553,6 +553,14 @@ pub fn repos_scrub(
     audited(repo, actor, "repo.scrub", Map::new(), r, Some(bus))
 }
 
+pub fn doctor(
+    repo: &Repository,
+    deployment: Option<&str>,
+    opts: &crate::doctor::DoctorOptions,
+) -> Result<Value, Problem> {
+    to_value(crate::doctor::doctor(repo, deployment, opts)?)
+}
+
 pub fn audit_search(repo: &Repository, f: &crate::audit::Filter) -> Result<Value, Problem> {
     to_value(crate::audit::search(repo, f)?)
 }

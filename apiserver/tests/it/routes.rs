@@ -79,9 +79,8 @@ fn deployments_routes_and_request_errors() {
     for (m, p) in [
         ("GET", "/v1/kms/inspect"),
         ("GET", "/v1/search"),
-        ("GET", "/v1/doctor"),
         ("GET", "/v1/agents"),
-        ("GET", "/v1/deployments/web/health"),
+        ("POST", "/v1/kms/rotate"),
     ] {
         let r = c.request(m, p, &[], None).expect("req");
         error_of(&r, 501, "unimplemented");
@@ -567,4 +566,48 @@ fn repository_routes_show_check_usage_gc_and_scrub() {
         .expect("scrub");
     let e = error_of(&r, 422, "verify.scrub_failed");
     assert_eq!(e["subject"]["report"]["bad"][0]["pack"], pack.as_str());
+}
+
+#[test]
+fn doctor_routes_report_health_and_refuse_when_unhealthy() {
+    let s = TestServer::start();
+    let c = s.admin();
+    s.path_deployment("p", None);
+    // No backup yet: unhealthy, 412 with the report.
+    let e = error_of(&c.get("/v1/doctor"), 412, "doctor.unhealthy");
+    assert_eq!(
+        e["subject"]["report"]["findings"][0]["code"],
+        "doctor.no_backup"
+    );
+    let r = c
+        .request(
+            "POST",
+            "/v1/deployments/p/backups",
+            &[("Accept", "application/json")],
+            None,
+        )
+        .expect("backup");
+    body_of(&r, "backups.take");
+    let rep = body_of(&c.get("/v1/doctor"), "doctor.report");
+    assert_eq!(rep["healthy"], true, "{rep}");
+    assert_eq!(
+        body_of(&c.get("/v1/doctor/p"), "doctor.deployment")["deployments"][0]["name"],
+        "p"
+    );
+    assert_eq!(
+        body_of(&c.get("/v1/deployments/p/health"), "deployments.health")["healthy"],
+        true
+    );
+    // Ages are whole seconds: let the backup be at least one second old.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let e = error_of(
+        &c.get("/v1/doctor/p?max_age_seconds=0"),
+        412,
+        "doctor.unhealthy",
+    );
+    assert_eq!(
+        e["subject"]["report"]["findings"][0]["code"],
+        "doctor.backup_stale"
+    );
+    error_of(&c.get("/v1/doctor/nope"), 404, "deployment.not_found");
 }

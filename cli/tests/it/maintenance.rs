@@ -174,3 +174,60 @@ fn gc_dry_run_by_default_then_apply_reclaims_a_deleted_backup() {
         Some(1)
     );
 }
+
+#[test]
+fn prune_keeps_the_newest_and_held_backups_and_deletes_the_rest_on_apply() {
+    let env = Env::new();
+    env.ok(&["repo", "init"]);
+    let src = env.path("src");
+    write_tree(&src, 2, 1000);
+    env.ok(&[
+        "deployment",
+        "create",
+        "w",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            env.ok(&["backup", "run", "w"])["backup_id"]
+                .as_str()
+                .expect("id")
+                .to_string()
+        })
+        .collect();
+    env.ok(&["backup", "hold", &ids[0]]);
+    let (code, v) = env.json(&["backup", "prune", "w"]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (2, Some("usage.invalid_argument"))
+    );
+    let dry = env.ok(&["backup", "prune", "w", "--keep-last", "1"]);
+    assert_eq!(
+        (dry["kept"].clone(), dry["deleted"].clone()),
+        (serde_json::json!(2), serde_json::json!(1)),
+        "{dry}"
+    );
+    assert_eq!(
+        env.ok(&["backup", "list", "w"]).as_array().map(|a| a.len()),
+        Some(3)
+    );
+    let done = env.ok(&["backup", "prune", "w", "--keep-last", "1", "--apply"]);
+    assert_eq!(done["applied"], true);
+    let left: Vec<String> = env
+        .ok(&["backup", "list", "w"])
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|b| b["backup_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        left,
+        [ids[0].clone(), ids[2].clone()],
+        "held and newest stay"
+    );
+    assert_eq!(
+        env.ok(&["backup", "show", &ids[1]])["deleted"]["reason"],
+        "retention policy"
+    );
+}

@@ -741,3 +741,93 @@ fn the_server_streams_wal_and_exports_its_lag() {
         .map_while(Result::ok)
         .any(|l| l.contains("server_stopped")));
 }
+
+/// `doctor`: a missing slot, a stale backup and a WAL gap are each
+/// reported with their code (exit 4); a healthy deployment exits 0.
+#[test]
+fn doctor_reports_a_missing_slot_a_stale_backup_and_a_wal_gap() {
+    let s = Setup::new();
+    let doctor = |extra: &[&str]| {
+        let mut a = vec!["doctor", "pg", "--key-file", &s.key];
+        a.extend_from_slice(extra);
+        s.env.json(&a)
+    };
+    let codes = |v: &serde_json::Value| -> Vec<String> {
+        v["error"]["subject"]["report"]["findings"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|f| f["code"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // No streamer yet: no slot.
+    let (code, v) = doctor(&[]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (4, Some("doctor.unhealthy")),
+        "{v}"
+    );
+    assert_eq!(codes(&v), ["doctor.slot_missing"], "{v}");
+
+    // Streaming: healthy.
+    let streamer = s.streamer();
+    for _ in 0..3 {
+        s.archive_now();
+    }
+    let (code, v) = doctor(&[]);
+    assert_eq!(code, 0, "{v}");
+    let body = &v["result"]["body"];
+    assert_eq!(body["healthy"], true);
+    assert!(
+        body["deployments"][0]["slot_lag_bytes"].as_u64().is_some(),
+        "{v}"
+    );
+    assert!(
+        body["deployments"][0]["server_version"].as_str().is_some(),
+        "{v}"
+    );
+
+    // A stale backup by policy.
+    let (code, v) = doctor(&["--max-age", "0s"]);
+    assert_eq!(code, 4);
+    assert_eq!(codes(&v), ["doctor.backup_stale"], "{v}");
+
+    // A hole in the archive.
+    drop(streamer);
+    let listed = s.env.ok(&["wal", "list", "pg", "--key-file", &s.key]);
+    let segs: Vec<String> = listed["segments"]
+        .as_array()
+        .expect("segments")
+        .iter()
+        .filter_map(|x| x.as_str().map(str::to_string))
+        .collect();
+    assert!(segs.len() >= 3, "{listed}");
+    std::fs::remove_file(s.env.repo().join("wal/pg").join(&segs[segs.len() / 2])).expect("delete");
+    // And the slot gone.
+    s.src.psql(
+        "postgres",
+        "SELECT pg_drop_replication_slot('pg_hardstorage_pg')",
+    );
+    let (code, v) = doctor(&[]);
+    assert_eq!(code, 4, "{v}");
+    let found = codes(&v);
+    assert!(found.contains(&"doctor.wal_gap".to_string()), "{found:?}");
+    assert!(
+        found.contains(&"doctor.slot_missing".to_string()),
+        "{found:?}"
+    );
+    let slot = v["error"]["subject"]["report"]["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .find(|f| f["code"] == "doctor.slot_missing")
+        .cloned()
+        .expect("slot finding");
+    assert_eq!(
+        slot["severity"], "error",
+        "archived WAL makes a missing slot an error"
+    );
+    assert_eq!(slot["command"], "pg_hardstorage wal repair pg");
+}
