@@ -137,6 +137,9 @@ pub struct State {
     /// Summaries of committed manifests (immutable once written), by key.
     summaries: Mutex<HashMap<String, BackupSummary>>,
     launcher: Launcher,
+    /// Set once `kms shred` ran here: the keys this process still holds in
+    /// memory must not decrypt anything any more.
+    pub shredded: std::sync::atomic::AtomicBool,
     /// Recent backup listings: `deployment → (when, its tenant, body)`.
     listings: Mutex<HashMap<String, (Instant, String, Value)>>,
 }
@@ -309,6 +312,10 @@ async fn serve_route(
     route: &'static routes::Route,
     params: routes::Params,
 ) -> Response<Body> {
+    if route.access != Access::Open && st.shredded.load(std::sync::atomic::Ordering::SeqCst) {
+        // (No store access here: this is an async thread.)
+        return error(&pg_hardstorage_repo::kms::destroyed(b"{}"));
+    }
     let who: Option<Identity> = match route.access {
         Access::Open => None,
         _ => {
@@ -415,6 +422,7 @@ impl Server {
                 summaries: Mutex::new(HashMap::new()),
                 launcher: Launcher::start(),
                 listings: Mutex::new(HashMap::new()),
+                shredded: std::sync::atomic::AtomicBool::new(false),
             }),
             grace: cfg.shutdown_grace,
             wal_streams: cfg.wal_streams,

@@ -86,6 +86,11 @@ fn body_schema(op: Op) -> Value {
         Op::ReposGc => r("GcReport"),
         Op::ReposScrub => r("ScrubReport"),
         Op::Doctor => r("DoctorReport"),
+        Op::KmsInspect => json!({"type": "object", "required": ["master_key_id", "keks"]}),
+        Op::KmsRotate => {
+            json!({"type": "object", "required": ["new_kek", "retired", "data_rewritten"]})
+        }
+        Op::KmsShred => json!({"type": "object", "required": ["envelopes_destroyed"]}),
         Op::AuditVerifyChain => json!({"type": "object", "required": ["records", "intact"],
             "properties": {"records": {"type": "integer"}, "intact": {"const": true}, "head": {"type": "string"}}}),
         _ => json!({}),
@@ -100,6 +105,8 @@ fn request_schema(op: Op) -> Option<(Value, bool)> {
         Op::RestoresInitiate => Some((r("StartRestore"), true)),
         Op::BackupsDelete => Some((r("DeleteBackup"), false)),
         Op::BackupsHold => Some((r("PlaceHold"), false)),
+        Op::KmsRotate => Some((r("RotateKek"), true)),
+        Op::KmsShred => Some((r("ShredKeys"), true)),
         _ => None,
     }
 }
@@ -267,6 +274,8 @@ fn components() -> Value {
             "StartRestore": schema::<StartRestore>(),
             "DeleteBackup": schema::<DeleteBackup>(),
             "PlaceHold": schema::<PlaceHold>(),
+            "RotateKek": schema::<crate::routes::RotateKek>(),
+            "ShredKeys": schema::<crate::routes::ShredKeys>(),
             "Hold": response(schema::<repo::lifecycle::Hold>(), json!({"released": {"type": "boolean"}})),
             "Tombstone": response(schema::<repo::lifecycle::Tombstone>(), json!({})),
             "AuditEvent": response(schema::<repo::audit::AuditEvent>(), json!({})),

@@ -59,6 +59,9 @@ pub enum Op {
     ReposGc,
     ReposScrub,
     Doctor,
+    KmsInspect,
+    KmsRotate,
+    KmsShred,
     /// Comes with the lifecycle/KMS/audit/doctor/fleet issue: 501.
     Unimplemented,
 }
@@ -259,21 +262,21 @@ pub const ROUTES: &[Route] = &[
         "/v1/kms/rotate",
         "kms.rotate",
         Verb("kms:rotate"),
-        Op::Unimplemented,
+        Op::KmsRotate,
     ),
     r(
         "POST",
         "/v1/kms/shred",
         "kms.shred",
         Verb("kms:shred"),
-        Op::Unimplemented,
+        Op::KmsShred,
     ),
     r(
         "GET",
         "/v1/kms/inspect",
         "kms.inspect",
         ADMIN,
-        Op::Unimplemented,
+        Op::KmsInspect,
     ),
     r(
         "GET",
@@ -538,6 +541,27 @@ pub struct PlaceHold {
     /// RFC 3339: after it the hold no longer blocks deletion.
     #[serde(default)]
     pub until: Option<String>,
+}
+
+/// `POST /v1/kms/rotate`: exactly one new KEK (paths on the server's host).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKek {
+    #[serde(default)]
+    pub new_key_file: Option<String>,
+    #[serde(default)]
+    pub new_passphrase_file: Option<String>,
+    /// Called as `CMD wrap` / `CMD unwrap`.
+    #[serde(default)]
+    pub new_kms_command: Option<String>,
+}
+
+/// `POST /v1/kms/shred`.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShredKeys {
+    /// The repository id: every backup becomes unrecoverable.
+    pub confirm: String,
 }
 
 /// `POST /v1/deployments/{d}/restores`.
@@ -1005,6 +1029,40 @@ pub async fn dispatch(
                         visible(&st, &who, dep)?;
                     }
                     ops::doctor(&st.repo, dep.as_deref(), &opts)
+                })
+                .await?;
+                Ok(ok(c, body))
+            }
+            Op::KmsInspect | Op::KmsRotate | Op::KmsShred => {
+                let actor = actor_of(&who);
+                let op = route.op;
+                let rotate: Option<RotateKek> = (op == Op::KmsRotate).then(|| parse(&body)).transpose()?;
+                let shred: Option<ShredKeys> = (op == Op::KmsShred).then(|| parse(&body)).transpose()?;
+                let st2 = st.clone();
+                let body = blocking(move || match op {
+                    Op::KmsInspect => ops::kms_inspect(&st2.repo),
+                    Op::KmsRotate => {
+                        let b = rotate.unwrap_or_default();
+                        let new = match (b.new_key_file, b.new_passphrase_file, b.new_kms_command) {
+                            (Some(k), None, None) => pg_hardstorage_repo::KeySource::KeyFile(k.into()),
+                            (None, Some(p), None) => pg_hardstorage_repo::KeySource::from_env(None, Some(p.into()))?,
+                            (None, None, Some(c)) => pg_hardstorage_repo::KeySource::Command(c),
+                            _ => {
+                                return Err(Problem::new(
+                                    "api.bad_request",
+                                    "give exactly one of new_key_file, new_passphrase_file, new_kms_command",
+                                ))
+                            }
+                        };
+                        ops::kms_rotate(&st2.repo, &actor, &new)
+                    }
+                    _ => {
+                        let r = ops::kms_shred(&st2.repo, &actor, &shred.map(|b| b.confirm).unwrap_or_default());
+                        if r.is_ok() {
+                            st2.shredded.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        r
+                    }
                 })
                 .await?;
                 Ok(ok(c, body))

@@ -2,7 +2,7 @@
 
 use crate::output::{bytes, Out};
 use crate::{
-    AuditCmd, BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, PipelineArgs, RepoCmd,
+    AuditCmd, BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, KmsCmd, PipelineArgs, RepoCmd,
     RestoreArgs, TokenCmd, WalCmd,
 };
 use clap::CommandFactory;
@@ -76,22 +76,15 @@ fn store(cli: &Cli, create: bool) -> Result<DynStore, Problem> {
 
 fn key_source(cli: &Cli) -> Result<KeySource, Problem> {
     let cfg = config(cli)?;
-    KeySource::from_env(
+    KeySource::from_env_or_command(
         cli.key_file.clone().or(cfg.key_file),
         cli.passphrase_file.clone(),
+        cli.kms_command.clone(),
     )
 }
 
 pub fn open(cli: &Cli) -> Result<Repository, Problem> {
     Repository::open(store(cli, false)?, &key_source(cli)?)
-}
-
-fn unimplemented(what: &str) -> Problem {
-    Problem::new(
-        "unimplemented",
-        format!("`{what}` is not implemented in this build yet"),
-    )
-    .suggest("See the project's open issues for when it lands", None)
 }
 
 fn pipeline_cfg(p: &PipelineArgs) -> PipelineConfig {
@@ -128,7 +121,7 @@ pub fn run(cli: &Cli, out: &mut Out) -> R {
             Ok(())
         }
         Command::Wal(c) => wal_cmd(cli, out, c),
-        Command::Kms { .. } => Err(unimplemented("kms")),
+        Command::Kms(c) => kms_cmd(cli, out, c),
         Command::Audit(c) => audit_cmd(cli, out, c),
         Command::Doctor {
             deployment,
@@ -717,6 +710,60 @@ pub fn restore_command_base(cli: &Cli) -> Result<String, Problem> {
         exe.display(),
         repo
     ))
+}
+
+fn kms_cmd(cli: &Cli, out: &mut Out, c: &KmsCmd) -> R {
+    let r = open(cli)?;
+    match c {
+        KmsCmd::Inspect => {
+            let body = ops::kms_inspect(&r)?;
+            out.success("kms.inspect", body, |b| {
+                let mut s = format!("master key {}\n", b["master_key_id"].as_str().unwrap_or(""));
+                for k in b["keks"].as_array().cloned().unwrap_or_default() {
+                    let _ = writeln!(
+                        s,
+                        "  KEK {:<18} {:<11} {}",
+                        k["kek_id"].as_str().unwrap_or("-"),
+                        k["provider"].as_str().unwrap_or(""),
+                        k["created_at"].as_str().unwrap_or("")
+                    );
+                }
+                s
+            });
+        }
+        KmsCmd::Rotate {
+            new_key_file,
+            new_passphrase_file,
+            new_kms_command,
+        } => {
+            let new = match (new_key_file, new_passphrase_file, new_kms_command) {
+                (Some(k), _, _) => KeySource::KeyFile(k.clone()),
+                (_, Some(p), _) => KeySource::from_env(None, Some(p.clone()))?,
+                (_, _, Some(c)) => KeySource::Command(c.clone()),
+                _ => {
+                    return Err(Problem::new(
+                        "usage.invalid_argument",
+                        "kms rotate needs the new KEK: --new-key-file, --new-passphrase-file or --new-kms-command",
+                    ))
+                }
+            };
+            let body = ops::kms_rotate(&r, &cli_actor(), &new)?;
+            out.success("kms.rotate", body, |b| {
+                format!(
+                    "master key re-wrapped under KEK {}; {} old KEK(s) retired; no data rewritten\n",
+                    b["new_kek"]["kek_id"].as_str().unwrap_or(""),
+                    b["retired"].as_array().map_or(0, |a| a.len())
+                )
+            });
+        }
+        KmsCmd::Shred { confirm } => {
+            let body = ops::kms_shred(&r, &cli_actor(), confirm)?;
+            out.success("kms.shred", body, |_| {
+                "every key envelope destroyed: the repository's data is unrecoverable\n".into()
+            });
+        }
+    }
+    Ok(())
 }
 
 fn audit_cmd(cli: &Cli, out: &mut Out, c: &AuditCmd) -> R {

@@ -37,6 +37,10 @@ pub struct Cli {
     /// File holding the repository passphrase (for restore_command, services)
     #[arg(long, global = true, env = "PG_HARDSTORAGE_PASSPHRASE_FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// External KMS program that wraps/unwraps the master key
+    /// (`CMD wrap` / `CMD unwrap`, stdin to stdout)
+    #[arg(long, global = true, env = "PG_HARDSTORAGE_KMS_COMMAND")]
+    pub kms_command: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -58,10 +62,8 @@ pub enum Command {
     #[command(subcommand)]
     Wal(WalCmd),
     /// Key management
-    Kms {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    #[command(subcommand)]
+    Kms(KmsCmd),
     /// The audit log: an append-only hash chain of every mutating operation
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -84,6 +86,30 @@ pub enum Command {
     Bench(BenchArgs),
     /// Print shell completions
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KmsCmd {
+    /// The keyring: which KEKs wrap the master key (never key material)
+    Inspect,
+    /// Wrap the master key under a new KEK and retire the old one (no data
+    /// is rewritten)
+    Rotate {
+        #[arg(long, group = "new")]
+        new_key_file: Option<PathBuf>,
+        #[arg(long, group = "new")]
+        new_passphrase_file: Option<PathBuf>,
+        /// External program called as `CMD wrap` / `CMD unwrap`
+        #[arg(long, group = "new")]
+        new_kms_command: Option<String>,
+    },
+    /// Destroy every key envelope: all data in the repository becomes
+    /// unrecoverable
+    Shred {
+        /// The repository id (`repo show`), to confirm
+        #[arg(long)]
+        confirm: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -114,6 +114,8 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("pg.server_error", Class::Internal, false),
     ("pg.protocol", Class::Internal, false),
     ("storage.unreachable", Class::Unavailable, true),
+    ("kms.unavailable", Class::Unavailable, true),
+    ("kms.key_destroyed", Class::AuthDenied, false),
     ("storage.io", Class::Internal, true),
     ("io.read_failed", Class::Internal, false),
     ("io.write_failed", Class::Internal, false),

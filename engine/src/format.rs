@@ -98,6 +98,9 @@ pub enum Kdf {
     },
     /// The KEK is the 32 bytes of a key file (hex).
     KeyFile,
+    /// An external program wraps and unwraps the master key (a cloud KMS
+    /// CLI, Vault): `wrapped` is whatever it printed.
+    Command,
 }
 
 /// A random master key wrapped (AES-256-GCM) by a key-encryption key.
@@ -108,8 +111,13 @@ pub struct KeyEnvelope {
     pub key_id: String,
     pub created_at: String,
     pub kdf: Kdf,
-    /// hex(nonce[12] | ciphertext | tag[16]) of the 32-byte master key.
+    /// hex(nonce[12] | ciphertext | tag[16]) of the 32-byte master key
+    /// (for `Command`: the program's output).
     pub wrapped: String,
+    /// Names the KEK this envelope is wrapped with (several envelopes may
+    /// wrap the same master key during a rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kek_id: Option<String>,
 }
 
 // ---------------------------------------------------------------- chunk envelope

@@ -14,6 +14,8 @@ use std::path::PathBuf;
 pub enum KeySource {
     Passphrase(String),
     KeyFile(PathBuf),
+    /// A shell command run as `CMD wrap` / `CMD unwrap` (stdin → stdout).
+    Command(String),
 }
 
 impl std::fmt::Debug for KeySource {
@@ -21,6 +23,7 @@ impl std::fmt::Debug for KeySource {
         match self {
             KeySource::Passphrase(_) => f.write_str("Passphrase(<redacted>)"),
             KeySource::KeyFile(p) => write!(f, "KeyFile({})", p.display()),
+            KeySource::Command(c) => write!(f, "Command({c})"),
         }
     }
 }
@@ -32,8 +35,23 @@ impl KeySource {
         key_file: Option<PathBuf>,
         passphrase_file: Option<PathBuf>,
     ) -> Result<Self, Problem> {
+        Self::from_env_or_command(key_file, passphrase_file, None)
+    }
+
+    /// As [`from_env`], with an external KMS command between the
+    /// passphrase file and the passphrase variable.
+    pub fn from_env_or_command(
+        key_file: Option<PathBuf>,
+        passphrase_file: Option<PathBuf>,
+        command: Option<String>,
+    ) -> Result<Self, Problem> {
         if let Some(p) = key_file {
             return Ok(KeySource::KeyFile(p));
+        }
+        if passphrase_file.is_none() {
+            if let Some(c) = command.filter(|c| !c.trim().is_empty()) {
+                return Ok(KeySource::Command(c));
+            }
         }
         if let Some(p) = passphrase_file {
             let text = std::fs::read_to_string(&p).map_err(|e| {
@@ -70,6 +88,8 @@ impl KeySource {
 #[derive(Clone)]
 pub struct Keys {
     pub key_id: String,
+    /// The master key itself: only rotation (re-wrapping) uses it.
+    pub(crate) master: [u8; 32],
     /// Chunk and metadata encryption (AES-256-GCM).
     pub enc: [u8; 32],
     /// Chunk ids (keyed BLAKE3).
@@ -82,6 +102,7 @@ impl Keys {
     pub fn derive(key_id: String, master: &[u8; 32]) -> Self {
         Keys {
             key_id,
+            master: *master,
             enc: blake3::derive_key("pg_hardstorage v1 chunk and metadata encryption", master),
             id: blake3::derive_key("pg_hardstorage v1 chunk id", master),
             mac: blake3::derive_key("pg_hardstorage v1 metadata signature", master),
@@ -121,7 +142,91 @@ fn kek(source: &KeySource, kdf: &Kdf) -> Result<[u8; 32], Problem> {
             "this repository key is protected by a passphrase, not a key file",
         )
         .suggest("Set PG_HARDSTORAGE_PASSPHRASE", None)),
+        (_, Kdf::Command) | (KeySource::Command(_), _) => Err(Problem::new(
+            "auth.bad_key",
+            "this key envelope and the key material given are of different kinds (KMS command vs passphrase or key file)",
+        )
+        .suggest("Pass the --kms-command, --key-file or passphrase the repository was set up with", None)),
     }
+}
+
+/// Runs the external KMS command: `sh -c '<cmd> <verb>'`, `input` on
+/// stdin; returns its trimmed stdout.
+fn run_command(cmd: &str, verb: &str, key_id: &str, input: &str) -> Result<String, Problem> {
+    use std::io::Write;
+    let unavailable = |why: String| {
+        Problem::new(
+            "kms.unavailable",
+            format!("KMS command {verb} failed: {why}"),
+        )
+        .suggest(
+            "Check the --kms-command program and its access to the KMS",
+            None,
+        )
+    };
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{cmd} {verb}"))
+        .env("PG_HARDSTORAGE_KEY_ID", key_id)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| unavailable(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A line, as shell tools expect.
+        stdin
+            .write_all(format!("{input}\n").as_bytes())
+            .map_err(|e| unavailable(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| unavailable(e.to_string()))?;
+    if !out.status.success() {
+        return Err(unavailable(format!(
+            "{} ({})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Wraps `master` for `source`: a new envelope with a fresh KEK id.
+pub fn wrap(source: &KeySource, key_id: &str, master: &[u8; 32]) -> Result<KeyEnvelope, Problem> {
+    let kek_id = hex::encode(&random32()?[..8]);
+    let (kdf, wrapped) = match source {
+        KeySource::Command(cmd) => (
+            Kdf::Command,
+            run_command(cmd, "wrap", key_id, &hex::encode(master))?,
+        ),
+        _ => {
+            let kdf = match source {
+                KeySource::Passphrase(_) => default_kdf()?,
+                _ => Kdf::KeyFile,
+            };
+            let kek = kek(source, &kdf)?;
+            let nonce = random_nonce()?;
+            let mut buf = nonce.to_vec();
+            buf.extend_from_slice(master);
+            Aead::new(&kek).seal_in_place(&nonce, &wrap_aad(key_id), &mut buf, NONCE_LEN)?;
+            (kdf, hex::encode(buf))
+        }
+    };
+    if wrapped.is_empty() {
+        return Err(Problem::new(
+            "kms.unavailable",
+            "the KMS command printed nothing",
+        ));
+    }
+    Ok(KeyEnvelope {
+        version: 1,
+        key_id: key_id.to_string(),
+        created_at: pg_hardstorage_engine::event::now_rfc3339(),
+        kdf,
+        wrapped,
+        kek_id: Some(kek_id),
+    })
 }
 
 /// A key file holds 32 bytes: raw, or 64 hex digits.
@@ -201,27 +306,23 @@ fn default_kdf() -> Result<Kdf, Problem> {
 pub fn new_envelope(source: &KeySource) -> Result<(KeyEnvelope, Keys), Problem> {
     let master = random32()?;
     let key_id = hex::encode(&random32()?[..8]);
-    let kdf = match source {
-        KeySource::Passphrase(_) => default_kdf()?,
-        KeySource::KeyFile(_) => Kdf::KeyFile,
-    };
-    let kek = kek(source, &kdf)?;
-    let nonce = random_nonce()?;
-    let mut buf = nonce.to_vec();
-    buf.extend_from_slice(&master);
-    Aead::new(&kek).seal_in_place(&nonce, &wrap_aad(&key_id), &mut buf, NONCE_LEN)?;
-    let env = KeyEnvelope {
-        version: 1,
-        key_id: key_id.clone(),
-        created_at: pg_hardstorage_engine::event::now_rfc3339(),
-        kdf,
-        wrapped: hex::encode(buf),
-    };
+    let env = wrap(source, &key_id, &master)?;
     Ok((env, Keys::derive(key_id, &master)))
 }
 
 /// Unwraps an envelope; a wrong passphrase or key file is `auth.bad_key`.
 pub fn unwrap(env: &KeyEnvelope, source: &KeySource) -> Result<Keys, Problem> {
+    if let (KeySource::Command(cmd), Kdf::Command) = (source, &env.kdf) {
+        let out = run_command(cmd, "unwrap", &env.key_id, &env.wrapped)?;
+        let mut m = [0u8; 32];
+        hex::decode_to_slice(out.trim(), &mut m).map_err(|_| {
+            Problem::new(
+                "auth.bad_key",
+                "the KMS command did not return this repository's key",
+            )
+        })?;
+        return Ok(Keys::derive(env.key_id.clone(), &m));
+    }
     let kek = kek(source, &env.kdf)?;
     let raw = hex::decode(&env.wrapped)
         .map_err(|_| Problem::new("repo.config_invalid", "key envelope: bad hex"))?;

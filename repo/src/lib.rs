@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod gc;
 pub mod index;
 pub mod keys;
+pub mod kms;
 pub mod lifecycle;
 pub mod lock;
 pub mod ops;

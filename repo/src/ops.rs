@@ -561,6 +561,30 @@ pub fn doctor(
     to_value(crate::doctor::doctor(repo, deployment, opts)?)
 }
 
+pub fn kms_inspect(repo: &Repository) -> Result<Value, Problem> {
+    crate::kms::inspect(repo)
+}
+
+pub fn kms_rotate(
+    repo: &Repository,
+    actor: &str,
+    new: &crate::keys::KeySource,
+) -> Result<Value, Problem> {
+    let r = crate::kms::rotate(repo, new);
+    audited(repo, actor, "kms.rotate", Map::new(), r, None)
+}
+
+/// Destroys the keys. The audit event is written first: afterwards no key
+/// can seal one.
+pub fn kms_shred(repo: &Repository, actor: &str, confirm: &str) -> Result<Value, Problem> {
+    if confirm == repo.config.repo_id {
+        let mut subj = Map::new();
+        subj.insert("repo_id".into(), json!(repo.config.repo_id));
+        crate::audit::append(repo, actor, "kms.shred", subj, Ok(()))?;
+    }
+    crate::kms::shred(repo, confirm, actor)
+}
+
 pub fn audit_search(repo: &Repository, f: &crate::audit::Filter) -> Result<Value, Problem> {
     to_value(crate::audit::search(repo, f)?)
 }

@@ -98,7 +98,7 @@ impl Repository {
         };
         let env_json =
             serde_json::to_vec_pretty(&env).map_err(|e| Problem::internal(e.to_string()))?;
-        store.put(&format!("keys/{}.json", env.key_id), Bytes::from(env_json))?;
+        store.put(&crate::kms::envelope_key(&env), Bytes::from(env_json))?;
         let body = serde_json::to_vec(&config).map_err(|e| Problem::internal(e.to_string()))?;
         let signed = SignedConfig {
             config: config.clone(),
@@ -159,6 +159,9 @@ impl Repository {
     }
 
     fn unlock(store: &DynStore, source: &KeySource) -> Result<Keys, Problem> {
+        if let Some(m) = store.get(crate::kms::SHREDDED)? {
+            return Err(crate::kms::destroyed(&m));
+        }
         let envs = store.list("keys/")?;
         if envs.is_empty() {
             return Err(Problem::new(

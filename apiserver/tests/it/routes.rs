@@ -76,12 +76,7 @@ fn deployments_routes_and_request_errors() {
     error_of(&r, 405, "api.method_not_allowed");
     assert_eq!(r.header("allow"), Some("GET"));
     // Capabilities of a later issue answer 501, never a fake success.
-    for (m, p) in [
-        ("GET", "/v1/kms/inspect"),
-        ("GET", "/v1/search"),
-        ("GET", "/v1/agents"),
-        ("POST", "/v1/kms/rotate"),
-    ] {
+    for (m, p) in [("GET", "/v1/search"), ("GET", "/v1/agents")] {
         let r = c.request(m, p, &[], None).expect("req");
         error_of(&r, 501, "unimplemented");
     }
@@ -610,4 +605,74 @@ fn doctor_routes_report_health_and_refuse_when_unhealthy() {
         "doctor.backup_stale"
     );
     error_of(&c.get("/v1/doctor/nope"), 404, "deployment.not_found");
+}
+
+#[test]
+fn kms_routes_rotate_the_kek_and_shred_stops_the_server_decrypting() {
+    let s = TestServer::start();
+    let c = s.admin();
+    s.path_deployment("p", None);
+    let r = c
+        .request(
+            "POST",
+            "/v1/deployments/p/backups",
+            &[("Accept", "application/json")],
+            None,
+        )
+        .expect("backup");
+    body_of(&r, "backups.take");
+    let ring = body_of(&c.get("/v1/kms/inspect"), "kms.inspect");
+    assert_eq!(ring["keks"].as_array().map(|a| a.len()), Some(1));
+    let kf = s.tmp.path().join("rotated.key");
+    std::fs::write(&kf, "7e".repeat(32)).expect("key");
+    error_of(&c.post("/v1/kms/rotate", r#"{}"#), 400, "api.bad_request");
+    let rotator = s
+        .client()
+        .with_token(&s.token("rot", &["kms:rotate"], None));
+    let body = json!({"new_key_file": kf}).to_string();
+    let rot = body_of(&rotator.post("/v1/kms/rotate", &body), "kms.rotate");
+    assert_eq!(rot["data_rewritten"], false);
+    // The old passphrase no longer opens the repository; the new key does.
+    let store = s.repo.store.clone();
+    let old = pg_hardstorage_repo::Repository::open(store.clone(), &pg_hardstorage_testkit::key());
+    assert_eq!(
+        old.err().map(|p| p.code.to_string()),
+        Some("auth.bad_key".into())
+    );
+    pg_hardstorage_repo::Repository::open(
+        store.clone(),
+        &pg_hardstorage_repo::KeySource::KeyFile(kf.clone()),
+    )
+    .expect("the new KEK opens it");
+    // The server keeps working (the master key did not change).
+    body_of(&c.get("/v1/deployments/p/backups"), "backups.list");
+    // Shred: confirmation, then every route that touches data refuses.
+    let shredder = s
+        .client()
+        .with_token(&s.token("shred", &["kms:shred"], None));
+    error_of(
+        &shredder.post("/v1/kms/shred", r#"{"confirm":"no"}"#),
+        400,
+        "usage.invalid_argument",
+    );
+    let id = body_of(&c.get("/v1/repos/default"), "repos.show")["repo_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let done = body_of(
+        &shredder.post("/v1/kms/shred", &json!({"confirm": id}).to_string()),
+        "kms.shred",
+    );
+    assert_eq!(done["envelopes_destroyed"], 1);
+    error_of(
+        &c.get("/v1/deployments/p/backups"),
+        403,
+        "kms.key_destroyed",
+    );
+    let e =
+        pg_hardstorage_repo::Repository::open(store, &pg_hardstorage_repo::KeySource::KeyFile(kf))
+            .err()
+            .expect("gone");
+    assert_eq!(e.code.as_ref(), "kms.key_destroyed");
+    body_of(&s.client().get("/v1/healthz"), "health.live");
 }

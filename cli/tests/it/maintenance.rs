@@ -231,3 +231,158 @@ fn prune_keeps_the_newest_and_held_backups_and_deletes_the_rest_on_apply() {
         "retention policy"
     );
 }
+
+/// A toy external KMS: `wrap` stores the key under a random handle in a
+/// vault directory and prints the handle; `unwrap` prints the key back.
+fn toy_kms(env: &Env) -> String {
+    let vault = env.path("vault");
+    std::fs::create_dir_all(&vault).expect("vault");
+    let script = env.path("kms.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\nV='{}'\ncase \"$1\" in\n  wrap) h=$(od -An -tx1 -N8 /dev/urandom | tr -d ' \\n'); cat > \"$V/$h\"; echo \"$h\";;\n  unwrap) read h; cat \"$V/$h\";;\n  *) exit 2;;\nesac\n",
+            vault.display()
+        ),
+    )
+    .expect("script");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    script.display().to_string()
+}
+
+#[test]
+fn kms_rotate_retires_the_old_kek_and_shred_destroys_the_repository() {
+    let env = Env::new();
+    env.ok(&["repo", "init"]);
+    let src = env.path("src");
+    write_tree(&src, 3, 20_000);
+    env.ok(&[
+        "deployment",
+        "create",
+        "w",
+        "--path",
+        src.to_str().expect("utf8"),
+    ]);
+    let id = env.ok(&["backup", "run", "w"])["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let ring = env.ok(&["kms", "inspect"]);
+    assert_eq!(ring["keks"].as_array().map(|a| a.len()), Some(1));
+    assert_eq!(ring["keks"][0]["provider"], "passphrase");
+    assert!(
+        !ring.to_string().contains("wrapped"),
+        "no key material: {ring}"
+    );
+
+    // Rotate to a key file: the passphrase no longer opens anything.
+    let kf = env.path("new.key");
+    std::fs::write(&kf, "5a".repeat(32)).expect("key");
+    let kfs = kf.to_str().expect("utf8");
+    let rot = env.ok(&["kms", "rotate", "--new-key-file", kfs]);
+    assert_eq!(
+        (
+            rot["data_rewritten"].clone(),
+            rot["retired"].as_array().map(|a| a.len())
+        ),
+        (serde_json::json!(false), Some(1))
+    );
+    let (code, v) = env.json(&["backup", "list", "w"]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (3, Some("auth.bad_key")),
+        "old KEK retired: {v}"
+    );
+    let target = env.path("r1");
+    env.ok(&[
+        "restore",
+        "w",
+        "--backup",
+        &id,
+        "--target",
+        target.to_str().expect("utf8"),
+        "--key-file",
+        kfs,
+    ]);
+    let (ok, _) = (
+        std::process::Command::new("diff")
+            .arg("-r")
+            .arg(&src)
+            .arg(&target)
+            .status()
+            .expect("diff"),
+        (),
+    );
+    assert!(ok.success());
+
+    // Rotate again, to the external KMS command.
+    let kms = toy_kms(&env);
+    env.ok(&[
+        "kms",
+        "rotate",
+        "--new-kms-command",
+        &kms,
+        "--key-file",
+        kfs,
+    ]);
+    let (code, _) = env.json(&["backup", "list", "w", "--key-file", kfs]);
+    assert_eq!(code, 3, "the key file is retired too");
+    let target = env.path("r2");
+    env.ok(&[
+        "restore",
+        "w",
+        "--backup",
+        &id,
+        "--target",
+        target.to_str().expect("utf8"),
+        "--kms-command",
+        &kms,
+    ]);
+    assert_eq!(
+        env.ok(&["kms", "inspect", "--kms-command", &kms])["keks"][0]["provider"],
+        "command"
+    );
+    // The KMS unreachable: kms.unavailable, exit 8.
+    let (code, v) = env.json(&["backup", "list", "w", "--kms-command", "false"]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (8, Some("kms.unavailable")),
+        "{v}"
+    );
+
+    // Shred: needs the repository id, then nothing opens it.
+    let (code, v) = env.json(&["kms", "shred", "--confirm", "yes", "--kms-command", &kms]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (2, Some("usage.invalid_argument"))
+    );
+    let repo_id = env.ok(&["repo", "show", "--kms-command", &kms])["repo_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    env.ok(&["kms", "shred", "--confirm", &repo_id, "--kms-command", &kms]);
+    let target = env.path("r3");
+    let (code, v) = env.json(&[
+        "restore",
+        "w",
+        "--backup",
+        &id,
+        "--target",
+        target.to_str().expect("utf8"),
+        "--kms-command",
+        &kms,
+    ]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (3, Some("kms.key_destroyed")),
+        "{v}"
+    );
+    let (code, v) = env.json(&["backup", "list"]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (3, Some("kms.key_destroyed")),
+        "{v}"
+    );
+    assert!(!target.exists());
+}
