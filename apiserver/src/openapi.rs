@@ -86,6 +86,8 @@ fn body_schema(op: Op) -> Value {
         Op::ReposGc => r("GcReport"),
         Op::ReposScrub => r("ScrubReport"),
         Op::Doctor => r("DoctorReport"),
+        Op::AgentsList => json!({"type": "array", "items": r("Agent")}),
+        Op::Search => json!({"type": "array", "items": r("BackupSummary")}),
         Op::KmsInspect => json!({"type": "object", "required": ["master_key_id", "keks"]}),
         Op::KmsRotate => {
             json!({"type": "object", "required": ["new_kek", "retired", "data_rewritten"]})
@@ -192,7 +194,7 @@ fn operation(route: &Route) -> Value {
     let mut op = json!({
         "operationId": route.command.replace('.', "_"),
         "summary": route.command,
-        "tags": [if route.op == Op::Unimplemented { "not-yet-implemented".to_string() } else { tag }],
+        "tags": [tag],
         "responses": responses,
     });
     let mut params = params;
@@ -202,11 +204,16 @@ fn operation(route: &Route) -> Value {
     }
     if route.op == Op::ReposGc {
         params.push(json!({"name": "grace_seconds", "in": "query", "required": false,
-            "description": "Packs younger than this are kept (default 21600).", "schema": {"type": "integer", "minimum": 0}}));
+            "description": "Packs younger than this are kept (default 21600).", "schema": {"type": "integer", "minimum": 0, "maximum": 3_153_600_000u64}}));
+    }
+    if route.op == Op::Search {
+        params.push(json!({"name": "q", "in": "query", "required": false,
+            "description": "deployment:D status:live|deleted|any held:true|false since:WHEN until:WHEN kind:K, and words of the backup id",
+            "schema": {"type": "string"}}));
     }
     if route.op == Op::Doctor {
         params.push(json!({"name": "max_age_seconds", "in": "query", "required": false,
-            "description": "The newest backup may be at most this old (default 93600).", "schema": {"type": "integer", "minimum": 0}}));
+            "description": "The newest backup may be at most this old (default 93600).", "schema": {"type": "integer", "minimum": 0, "maximum": 3_153_600_000u64}}));
     }
     if route.op == Op::AuditSearch {
         for (name, what) in [
@@ -286,6 +293,7 @@ fn components() -> Value {
             "Usage": schema::<repo::gc::Usage>(),
             "GcReport": schema::<repo::gc::GcReport>(),
             "DoctorReport": schema::<repo::doctor::DoctorReport>(),
+            "Agent": response(schema::<repo::fleet::Agent>(), json!({})),
             "DoctorFinding": schema::<repo::doctor::DoctorFinding>(),
             "Deployment": response(schema::<repo::deployment::Deployment>(), json!({
                 "created": {"type": "boolean", "description": "create: whether this call created it"},

@@ -62,8 +62,8 @@ pub enum Op {
     KmsInspect,
     KmsRotate,
     KmsShred,
-    /// Comes with the lifecycle/KMS/audit/doctor/fleet issue: 501.
-    Unimplemented,
+    AgentsList,
+    Search,
 }
 
 pub struct Route {
@@ -300,8 +300,8 @@ pub const ROUTES: &[Route] = &[
         READ,
         Op::Doctor,
     ),
-    r("GET", "/v1/agents", "agents.list", ADMIN, Op::Unimplemented),
-    r("GET", "/v1/search", "search", READ, Op::Unimplemented),
+    r("GET", "/v1/agents", "agents.list", ADMIN, Op::AgentsList),
+    r("GET", "/v1/search", "search", READ, Op::Search),
 ];
 
 pub type Params = Vec<(&'static str, String)>;
@@ -649,6 +649,23 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The largest duration a query parameter may give (100 years), as the
+/// OpenAPI document says.
+const MAX_SECONDS: u64 = 3_153_600_000;
+
+fn seconds(name: &str, v: &str) -> Result<std::time::Duration, Problem> {
+    v.parse::<u64>()
+        .ok()
+        .filter(|n| *n <= MAX_SECONDS)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| {
+            Problem::new(
+                "api.bad_request",
+                format!("{name}={v:?}: want an integer from 0 to {MAX_SECONDS}"),
+            )
+        })
+}
+
 /// `a=1&b=2` → pairs, decoded.
 pub fn query_pairs(q: &str) -> Vec<(String, String)> {
     q.split('&')
@@ -958,9 +975,7 @@ pub async fn dispatch(
                             }
                         }
                         ("grace_seconds", Op::ReposGc) => {
-                            grace = std::time::Duration::from_secs(v.parse().map_err(|_| {
-                                Problem::new("api.bad_request", format!("grace_seconds={v:?}: want an integer"))
-                            })?)
+                            grace = seconds("grace_seconds", &v)?
                         }
                         (other, _) => {
                             return Err(Problem::new(
@@ -1010,9 +1025,7 @@ pub async fn dispatch(
                 for (k, v) in query_pairs(&query) {
                     match k.as_str() {
                         "max_age_seconds" => {
-                            opts.max_backup_age = std::time::Duration::from_secs(v.parse().map_err(|_| {
-                                Problem::new("api.bad_request", format!("max_age_seconds={v:?}: want an integer"))
-                            })?)
+                            opts.max_backup_age = seconds("max_age_seconds", &v)?
                         }
                         other => {
                             return Err(Problem::new(
@@ -1067,6 +1080,29 @@ pub async fn dispatch(
                 .await?;
                 Ok(ok(c, body))
             }
+            Op::AgentsList => {
+                let st = st.clone();
+                let body = blocking(move || ops::agents_list(&st.repo)).await?;
+                Ok(ok(c, body))
+            }
+            Op::Search => {
+                let mut q = String::new();
+                for (k, v) in query_pairs(&query) {
+                    match k.as_str() {
+                        "q" => q = v,
+                        other => {
+                            return Err(Problem::new(
+                                "api.bad_request",
+                                format!("unknown query parameter {other:?}"),
+                            ))
+                        }
+                    }
+                }
+                let tenant = who.as_ref().and_then(|w| w.token.tenant.clone());
+                let st = st.clone();
+                let body = blocking(move || ops::search(&st.repo, &q, tenant.as_deref())).await?;
+                Ok(ok(c, body))
+            }
             Op::AuditSearch => {
                 let mut f = pg_hardstorage_repo::audit::Filter::default();
                 for (k, v) in query_pairs(&query) {
@@ -1091,17 +1127,6 @@ pub async fn dispatch(
                 let st = st.clone();
                 let body = blocking(move || ops::audit_verify_chain(&st.repo)).await?;
                 Ok(ok(c, body))
-            }
-            Op::Unimplemented => {
-                blocking(check).await?;
-                Err(Problem::new(
-                    "unimplemented",
-                    format!("{} {} is not implemented yet", route.method, route.path),
-                )
-                .suggest(
-                    "This capability comes with the repository lifecycle, KMS, audit, doctor and fleet work",
-                    None,
-                ))
             }
         }
     }

@@ -2,8 +2,8 @@
 
 use crate::output::{bytes, Out};
 use crate::{
-    AuditCmd, BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, KmsCmd, PipelineArgs, RepoCmd,
-    RestoreArgs, TokenCmd, WalCmd,
+    AgentCmd, AuditCmd, BackupCmd, BenchArgs, Cli, Command, DeploymentCmd, KmsCmd, PipelineArgs,
+    RepoCmd, RestoreArgs, TokenCmd, WalCmd,
 };
 use clap::CommandFactory;
 use pg_hardstorage_engine::format::ChunkerParams;
@@ -122,6 +122,32 @@ pub fn run(cli: &Cli, out: &mut Out) -> R {
         }
         Command::Wal(c) => wal_cmd(cli, out, c),
         Command::Kms(c) => kms_cmd(cli, out, c),
+        Command::Agent(AgentCmd::List) => {
+            let r = open(cli)?;
+            let body = ops::agents_list(&r)?;
+            out.success("agents.list", body, |b| {
+                let mut s = String::new();
+                for a in b.as_array().cloned().unwrap_or_default() {
+                    let _ = writeln!(
+                        s,
+                        "{:<18} {:<8} {:<11} {:<20} {}",
+                        a["agent_id"].as_str().unwrap_or(""),
+                        a["state"].as_str().unwrap_or(""),
+                        a["role"].as_str().unwrap_or(""),
+                        a["host"].as_str().unwrap_or(""),
+                        a["last_seen"].as_str().unwrap_or("")
+                    );
+                }
+                s
+            });
+            Ok(())
+        }
+        Command::Search { query } => {
+            let r = open(cli)?;
+            let body = ops::search(&r, &query.join(" "), None)?;
+            out.success("search", body, backups_table);
+            Ok(())
+        }
         Command::Audit(c) => audit_cmd(cli, out, c),
         Command::Doctor {
             deployment,
@@ -878,6 +904,8 @@ fn wal_cmd(cli: &Cli, out: &mut Out, c: &WalCmd) -> R {
     let r = open(cli)?;
     match c {
         WalCmd::Stream { deployment } => {
+            let _agent =
+                pg_hardstorage_repo::fleet::register(&r, "wal-stream", vec![deployment.clone()])?;
             out.stream_events();
             crate::signals::install();
             pg_hardstorage_repo::wal::stream(&r, deployment, &out.bus, &crate::signals::stopping)?;

@@ -77,6 +77,12 @@ pub enum Command {
         #[arg(long, default_value = "1G")]
         max_slot_lag: String,
     },
+    /// Agents registered in this repository (servers, WAL streamers)
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Search backups across deployments: deployment:D status:live|deleted|any
+    /// held:true|false since:WHEN until:WHEN kind:K, and words of the id
+    Search { query: Vec<String> },
     /// API bearer tokens (stored hashed; shown once)
     #[command(subcommand)]
     Token(TokenCmd),
@@ -86,6 +92,12 @@ pub enum Command {
     Bench(BenchArgs),
     /// Print shell completions
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentCmd {
+    /// Every agent with its state (online, offline, stopped)
+    List,
 }
 
 #[derive(Subcommand, Debug)]

@@ -35,6 +35,7 @@ pub fn serve(cli: &Cli, out: &mut Out, a: &ServeArgs) -> Result<(), Problem> {
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
         wal_streams: a.wal_stream.clone(),
     };
+    let _agent = pg_hardstorage_repo::fleet::register(&cfg.repo, "server", a.wal_stream.clone())?;
     let rt = pg_hardstorage_apiserver::runtime()?;
     let server = Server::bind(&rt, cfg)?;
     let addr = server.local_addr()?;

@@ -371,6 +371,7 @@ pub const RESTORE_MAGIC: &[u8; 8] = b"PHSREST\x01";
 pub const HOLD_MAGIC: &[u8; 8] = b"PHSHOLD\x01";
 pub const TOMBSTONE_MAGIC: &[u8; 8] = b"PHSTOMB\x01";
 pub const AUDIT_MAGIC: &[u8; 8] = b"PHSAUDT\x01";
+pub const AGENT_MAGIC: &[u8; 8] = b"PHSAGNT\x01";
 pub const MAC_LEN: usize = 32;
 
 #[derive(Debug, PartialEq, Eq)]

@@ -12,6 +12,7 @@ pub mod check;
 pub mod chunks;
 pub mod deployment;
 pub mod doctor;
+pub mod fleet;
 pub mod gc;
 pub mod index;
 pub mod keys;

@@ -585,6 +585,15 @@ pub fn kms_shred(repo: &Repository, actor: &str, confirm: &str) -> Result<Value,
     crate::kms::shred(repo, confirm, actor)
 }
 
+pub fn agents_list(repo: &Repository) -> Result<Value, Problem> {
+    to_value(crate::fleet::agents(repo)?)
+}
+
+pub fn search(repo: &Repository, q: &str, tenant: Option<&str>) -> Result<Value, Problem> {
+    let q = crate::fleet::parse_query(q)?;
+    to_value(crate::fleet::search(repo, &q, tenant)?)
+}
+
 pub fn audit_search(repo: &Repository, f: &crate::audit::Filter) -> Result<Value, Problem> {
     to_value(crate::audit::search(repo, f)?)
 }

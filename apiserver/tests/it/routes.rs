@@ -75,11 +75,6 @@ fn deployments_routes_and_request_errors() {
     let r = c.request("PUT", "/v1/healthz", &[], None).expect("put");
     error_of(&r, 405, "api.method_not_allowed");
     assert_eq!(r.header("allow"), Some("GET"));
-    // Capabilities of a later issue answer 501, never a fake success.
-    for (m, p) in [("GET", "/v1/search"), ("GET", "/v1/agents")] {
-        let r = c.request(m, p, &[], None).expect("req");
-        error_of(&r, 501, "unimplemented");
-    }
 
     let r = c
         .request("DELETE", "/v1/deployments/web", &[], None)
@@ -675,4 +670,51 @@ fn kms_routes_rotate_the_kek_and_shred_stops_the_server_decrypting() {
             .expect("gone");
     assert_eq!(e.code.as_ref(), "kms.key_destroyed");
     body_of(&s.client().get("/v1/healthz"), "health.live");
+}
+
+#[test]
+fn fleet_routes_list_agents_and_search_within_the_callers_tenant() {
+    let s = TestServer::start();
+    let c = s.admin();
+    s.path_deployment("a1", Some("acme"));
+    s.path_deployment("b1", Some("globex"));
+    for d in ["a1", "b1"] {
+        let r = c
+            .request(
+                "POST",
+                &format!("/v1/deployments/{d}/backups"),
+                &[("Accept", "application/json")],
+                None,
+            )
+            .expect("backup");
+        body_of(&r, "backups.take");
+    }
+    let reg = pg_hardstorage_repo::fleet::register(&s.repo, "wal-stream", vec!["a1".into()])
+        .expect("register");
+    let agents = body_of(&c.get("/v1/agents"), "agents.list");
+    assert_eq!(
+        (agents[0]["role"].as_str(), agents[0]["state"].as_str()),
+        (Some("wal-stream"), Some("online"))
+    );
+    drop(reg);
+    assert_eq!(
+        body_of(&c.get("/v1/agents"), "agents.list")[0]["state"],
+        "stopped"
+    );
+    let all = body_of(&c.get("/v1/search"), "search");
+    assert_eq!(all.as_array().map(|a| a.len()), Some(2));
+    let acme = s
+        .client()
+        .with_token(&s.token("acme", &["backup:read"], Some("acme")));
+    let mine = body_of(&acme.get("/v1/search?q=kind%3Afull"), "search");
+    assert_eq!(mine.as_array().map(|a| a.len()), Some(1));
+    assert_eq!(mine[0]["deployment"], "a1");
+    assert!(body_of(&acme.get("/v1/search?q=deployment%3Ab1"), "search")
+        .as_array()
+        .is_some_and(|a| a.is_empty()));
+    error_of(
+        &acme.get("/v1/search?q=colour%3Ared"),
+        400,
+        "usage.invalid_argument",
+    );
 }

@@ -141,6 +141,14 @@ fn api_bodies_equal_the_cli_bodies_and_sigterm_lets_a_stream_finish() {
         api_body(&c.get("/v1/deployments/web/wal"), "wal.list")
     );
 
+    // The server registered itself as an agent of this repository.
+    let agents = env.ok(&["agent", "list"]);
+    assert_eq!(
+        (agents[0]["role"].as_str(), agents[0]["state"].as_str()),
+        (Some("server"), Some("online")),
+        "{agents}"
+    );
+
     // A backup stream in flight when SIGTERM arrives still completes.
     std::fs::write(src.join("new"), vec![9u8; 3 << 20]).expect("write");
     let c2 = c.clone();
@@ -176,6 +184,63 @@ fn api_bodies_equal_the_cli_bodies_and_sigterm_lets_a_stream_finish() {
             .as_array()
             .map(|a| a.len()),
         Some(2)
+    );
+    assert_eq!(env.ok(&["agent", "list"])[0]["state"], "stopped");
+}
+
+#[test]
+fn search_finds_backups_across_deployments_by_field() {
+    let env = Env::new();
+    env.ok(&["repo", "init"]);
+    for d in ["a", "b"] {
+        let src = env.path(d);
+        write_tree(&src, 2, 1000);
+        env.ok(&[
+            "deployment",
+            "create",
+            d,
+            "--path",
+            src.to_str().expect("utf8"),
+        ]);
+    }
+    let a1 = env.ok(&["backup", "run", "a"])["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let a2 = env.ok(&["backup", "run", "a"])["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let b1 = env.ok(&["backup", "run", "b"])["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    env.ok(&["backup", "hold", &a2]);
+    env.ok(&["backup", "delete", &a1]);
+    let ids = |q: &[&str]| -> Vec<String> {
+        let mut a = vec!["search"];
+        a.extend_from_slice(q);
+        env.ok(&a)
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|b| b["backup_id"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(ids(&[]), [b1.as_str(), a2.as_str()], "live, newest first");
+    assert_eq!(ids(&["deployment:a"]), [a2.as_str()]);
+    assert_eq!(ids(&["status:deleted"]), [a1.as_str()]);
+    assert_eq!(ids(&["status:any", "deployment:a"]).len(), 2);
+    assert_eq!(ids(&["held:true"]), [a2.as_str()]);
+    assert_eq!(ids(&["held:false"]), [b1.as_str()]);
+    assert_eq!(ids(&["since:1h", "kind:full"]).len(), 2);
+    assert!(ids(&["until:2000-01-01T00:00:00Z"]).is_empty());
+    assert_eq!(ids(&["b.full"]), [b1.as_str()]);
+    let (code, v) = env.json(&["search", "colour:red"]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (2, Some("usage.invalid_argument")),
+        "{v}"
     );
 }
 
@@ -217,12 +282,14 @@ fn schemathesis_finds_no_contract_violation() {
     let secret = tok["token"].as_str().expect("token").to_string();
     let s = serve(&env, None);
     let schema = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/openapi.yaml");
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/schemathesis.toml");
     let out = std::process::Command::new("schemathesis")
+        .arg("--config-file")
+        .arg(&config)
         .arg("run")
         .arg(&schema)
         .args(["--url", &format!("http://{}", s.client.addr)])
         .args(["-H", &format!("Authorization: Bearer {secret}")])
-        .args(["--exclude-tag", "not-yet-implemented"])
         .args(["--max-examples", "30"])
         .current_dir(env.tmp.path())
         .env("SCHEMATHESIS_TELEMETRY", "false")
