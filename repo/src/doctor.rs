@@ -170,7 +170,7 @@ pub fn doctor(
                 );
             }
             info["wal_files"] = json!(archived.len());
-            pg_checks(repo, d, !archived.is_empty(), opts, &mut f, &mut info);
+            pg_checks(d, !archived.is_empty(), opts, &mut f, &mut info);
         }
         out.push(info);
     }
@@ -209,54 +209,35 @@ pub fn doctor(
 }
 
 fn pg_checks(
-    repo: &Repository,
     d: &crate::deployment::Deployment,
     streams_wal: bool,
     opts: &DoctorOptions,
     f: &mut Findings,
     info: &mut Value,
 ) {
-    let _ = repo;
-    let ci = match phs_pg::ConnInfo::parse(d.pg.as_deref().unwrap_or_default()) {
-        Ok(c) => c,
-        Err(p) => {
-            f.add(
-                "error",
-                p.code.as_ref(),
-                p.message.clone(),
-                json!({"deployment": d.name}),
-                None,
-            );
-            return;
-        }
-    };
-    let mut conn = match phs_pg::Conn::connect(&ci, true) {
-        Ok(c) => c,
-        Err(p) => {
-            f.add(
-                "error",
-                "pg.unreachable",
-                format!("cannot reach PostgreSQL of {}: {}", d.name, p.message),
-                json!({"deployment": d.name, "code": p.code}),
-                None,
-            );
-            return;
-        }
-    };
+    if let Err(p) = pg_checks_inner(d, streams_wal, opts, f, info) {
+        // A server that cannot be reached (or answers wrongly) is itself the finding.
+        f.add(
+            "error",
+            p.code.as_ref(),
+            format!("PostgreSQL of {}: {}", d.name, p.message),
+            json!({"deployment": d.name}),
+            None,
+        );
+    }
+}
+
+fn pg_checks_inner(
+    d: &crate::deployment::Deployment,
+    streams_wal: bool,
+    opts: &DoctorOptions,
+    f: &mut Findings,
+    info: &mut Value,
+) -> Result<(), Problem> {
+    let ci = phs_pg::ConnInfo::parse(d.pg.as_deref().unwrap_or_default())?;
+    let mut conn = phs_pg::Conn::connect(&ci, true)?;
     info["server_version"] = json!(conn.server_version);
-    let system = match conn.identify_system() {
-        Ok(s) => s,
-        Err(p) => {
-            f.add(
-                "error",
-                p.code.as_ref(),
-                p.message.clone(),
-                json!({"deployment": d.name}),
-                None,
-            );
-            return;
-        }
-    };
+    let system = conn.identify_system()?;
     if d.system_identifier
         .as_ref()
         .is_some_and(|s| *s != system.system_identifier)
@@ -275,8 +256,8 @@ fn pg_checks(
         );
     }
     let slot = crate::wal::slot_name(&d.name);
-    match conn.read_slot(&slot) {
-        Ok(Some((restart, _tli))) => {
+    match conn.read_slot(&slot)? {
+        Some((restart, _tli)) => {
             let current = phs_pg::parse_lsn(&system.xlogpos).unwrap_or(restart);
             let lag = current.saturating_sub(restart);
             info["slot"] = json!(slot);
@@ -291,7 +272,7 @@ fn pg_checks(
                 );
             }
         }
-        Ok(None) => f.add(
+        None => f.add(
             if streams_wal { "error" } else { "warning" },
             "doctor.slot_missing",
             format!(
@@ -305,12 +286,6 @@ fn pg_checks(
             json!({"deployment": d.name, "slot": slot}),
             Some(format!("pg_hardstorage wal repair {}", d.name)),
         ),
-        Err(p) => f.add(
-            "error",
-            p.code.as_ref(),
-            p.message.clone(),
-            json!({"deployment": d.name}),
-            None,
-        ),
     }
+    Ok(())
 }

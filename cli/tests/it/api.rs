@@ -1,7 +1,7 @@
 //! `serve` as an operator runs it: the API answers with the same bodies as
 //! the CLI under `-o json`, and SIGTERM lets a running stream finish.
 
-use crate::{write_tree, Env};
+use crate::Env;
 use pg_hardstorage_testkit::http::Client;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -54,15 +54,7 @@ fn api_body(r: &pg_hardstorage_testkit::http::Response, command: &str) -> Value 
 fn api_bodies_equal_the_cli_bodies_and_sigterm_lets_a_stream_finish() {
     let env = Env::new();
     env.ok(&["repo", "init"]);
-    let src = env.path("src");
-    write_tree(&src, 40, 200_000);
-    env.ok(&[
-        "deployment",
-        "create",
-        "web",
-        "--path",
-        src.to_str().expect("utf8"),
-    ]);
+    let src = env.path_deployment("web", 40, 200_000);
     env.ok(&["backup", "run", "web"]);
     let tok = env.ok(&[
         "token",
@@ -193,28 +185,11 @@ fn search_finds_backups_across_deployments_by_field() {
     let env = Env::new();
     env.ok(&["repo", "init"]);
     for d in ["a", "b"] {
-        let src = env.path(d);
-        write_tree(&src, 2, 1000);
-        env.ok(&[
-            "deployment",
-            "create",
-            d,
-            "--path",
-            src.to_str().expect("utf8"),
-        ]);
+        env.path_deployment(d, 2, 1000);
     }
-    let a1 = env.ok(&["backup", "run", "a"])["backup_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let a2 = env.ok(&["backup", "run", "a"])["backup_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let b1 = env.ok(&["backup", "run", "b"])["backup_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let a1 = env.backup_id("a");
+    let a2 = env.backup_id("a");
+    let b1 = env.backup_id("b");
     env.ok(&["backup", "hold", &a2]);
     env.ok(&["backup", "delete", &a1]);
     let ids = |q: &[&str]| -> Vec<String> {
@@ -261,15 +236,7 @@ fn schemathesis_finds_no_contract_violation() {
     );
     let env = Env::new();
     env.ok(&["repo", "init"]);
-    let src = env.path("src");
-    write_tree(&src, 5, 10_000);
-    env.ok(&[
-        "deployment",
-        "create",
-        "web",
-        "--path",
-        src.to_str().expect("utf8"),
-    ]);
+    env.path_deployment("web", 5, 10_000);
     env.ok(&["backup", "run", "web"]);
     let tok = env.ok(&[
         "token",
@@ -309,19 +276,8 @@ fn schemathesis_finds_no_contract_violation() {
 fn cli_holds_and_deletes_with_the_contract_exit_codes() {
     let env = Env::new();
     env.ok(&["repo", "init"]);
-    let src = env.path("src");
-    write_tree(&src, 3, 1000);
-    env.ok(&[
-        "deployment",
-        "create",
-        "w",
-        "--path",
-        src.to_str().expect("utf8"),
-    ]);
-    let id = env.ok(&["backup", "run", "w"])["backup_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    env.path_deployment("w", 3, 1000);
+    let id = env.backup_id("w");
     let h = env.ok(&["backup", "hold", &id, "--reason", "audit"]);
     assert!(
         h["by"].as_str().is_some_and(|b| b.starts_with("cli:")),
@@ -373,15 +329,7 @@ fn cli_holds_and_deletes_with_the_contract_exit_codes() {
 fn cli_operations_are_audited_and_verify_chain_exits_9_on_tampering() {
     let env = Env::new();
     env.ok(&["repo", "init"]);
-    let src = env.path("src");
-    write_tree(&src, 2, 100);
-    env.ok(&[
-        "deployment",
-        "create",
-        "w",
-        "--path",
-        src.to_str().expect("utf8"),
-    ]);
+    env.path_deployment("w", 2, 100);
     env.ok(&["backup", "run", "w"]);
     env.ok(&["token", "create", "--name", "t", "--verbs", "backup:read"]);
     let ev = env.ok(&["audit", "search"]);

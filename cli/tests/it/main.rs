@@ -60,6 +60,29 @@ impl Env {
         });
         (o.status.code().unwrap_or(-1), v)
     }
+    /// A path deployment over `files` random files of `size` bytes under
+    /// `<tmp>/<name>`; returns the directory.
+    pub fn path_deployment(&self, name: &str, files: usize, size: usize) -> PathBuf {
+        let src = self.path(name);
+        write_tree(&src, files, size);
+        self.ok(&[
+            "deployment",
+            "create",
+            name,
+            "--path",
+            src.to_str().expect("utf8"),
+        ]);
+        src
+    }
+
+    /// Takes a backup; returns its id.
+    pub fn backup_id(&self, deployment: &str) -> String {
+        self.ok(&["backup", "run", deployment])["backup_id"]
+            .as_str()
+            .expect("backup id")
+            .to_string()
+    }
+
     pub fn ok(&self, args: &[&str]) -> Value {
         let (code, v) = self.json(args);
         assert_eq!(code, 0, "{args:?} failed: {v}");

@@ -1,7 +1,7 @@
 //! `repo check`, `repo scrub`, `repo usage` and `repo gc` as an operator
 //! runs them: exit codes, the bodies, the damaged pack named.
 
-use crate::{write_tree, Env};
+use crate::Env;
 
 fn packs(env: &Env) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -18,31 +18,10 @@ fn packs(env: &Env) -> Vec<std::path::PathBuf> {
 fn scrub_names_the_damaged_pack_and_the_backups_it_breaks() {
     let env = Env::new();
     env.ok(&["repo", "init", "--pack-size", "1048576"]);
-    let (a, b) = (env.path("a"), env.path("b"));
-    write_tree(&a, 8, 400_000);
-    write_tree(&b, 3, 300_000);
-    env.ok(&[
-        "deployment",
-        "create",
-        "a",
-        "--path",
-        a.to_str().expect("utf8"),
-    ]);
-    env.ok(&[
-        "deployment",
-        "create",
-        "b",
-        "--path",
-        b.to_str().expect("utf8"),
-    ]);
-    let ida = env.ok(&["backup", "run", "a"])["backup_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let idb = env.ok(&["backup", "run", "b"])["backup_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    env.path_deployment("a", 8, 400_000);
+    env.path_deployment("b", 3, 300_000);
+    let ida = env.backup_id("a");
+    let idb = env.backup_id("b");
     let healthy = env.ok(&["repo", "check"]);
     assert_eq!(healthy["ok"], true, "{healthy}");
     let clean = env.ok(&["repo", "scrub"]);
@@ -115,27 +94,9 @@ fn scrub_names_the_damaged_pack_and_the_backups_it_breaks() {
 fn gc_dry_run_by_default_then_apply_reclaims_a_deleted_backup() {
     let env = Env::new();
     env.ok(&["repo", "init", "--pack-size", "1048576"]);
-    let (a, b) = (env.path("a"), env.path("b"));
-    write_tree(&a, 6, 500_000);
-    write_tree(&b, 2, 100_000);
-    env.ok(&[
-        "deployment",
-        "create",
-        "a",
-        "--path",
-        a.to_str().expect("utf8"),
-    ]);
-    env.ok(&[
-        "deployment",
-        "create",
-        "b",
-        "--path",
-        b.to_str().expect("utf8"),
-    ]);
-    let ida = env.ok(&["backup", "run", "a"])["backup_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    env.path_deployment("a", 6, 500_000);
+    env.path_deployment("b", 2, 100_000);
+    let ida = env.backup_id("a");
     env.ok(&["backup", "run", "b"]);
     env.ok(&["backup", "delete", &ida]);
     let before = env.ok(&["repo", "usage"]);
@@ -179,23 +140,8 @@ fn gc_dry_run_by_default_then_apply_reclaims_a_deleted_backup() {
 fn prune_keeps_the_newest_and_held_backups_and_deletes_the_rest_on_apply() {
     let env = Env::new();
     env.ok(&["repo", "init"]);
-    let src = env.path("src");
-    write_tree(&src, 2, 1000);
-    env.ok(&[
-        "deployment",
-        "create",
-        "w",
-        "--path",
-        src.to_str().expect("utf8"),
-    ]);
-    let ids: Vec<String> = (0..3)
-        .map(|_| {
-            env.ok(&["backup", "run", "w"])["backup_id"]
-                .as_str()
-                .expect("id")
-                .to_string()
-        })
-        .collect();
+    env.path_deployment("w", 2, 1000);
+    let ids: Vec<String> = (0..3).map(|_| env.backup_id("w")).collect();
     env.ok(&["backup", "hold", &ids[0]]);
     let (code, v) = env.json(&["backup", "prune", "w"]);
     assert_eq!(
@@ -255,19 +201,8 @@ fn toy_kms(env: &Env) -> String {
 fn kms_rotate_retires_the_old_kek_and_shred_destroys_the_repository() {
     let env = Env::new();
     env.ok(&["repo", "init"]);
-    let src = env.path("src");
-    write_tree(&src, 3, 20_000);
-    env.ok(&[
-        "deployment",
-        "create",
-        "w",
-        "--path",
-        src.to_str().expect("utf8"),
-    ]);
-    let id = env.ok(&["backup", "run", "w"])["backup_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let src = env.path_deployment("w", 3, 20_000);
+    let id = env.backup_id("w");
     let ring = env.ok(&["kms", "inspect"]);
     assert_eq!(ring["keks"].as_array().map(|a| a.len()), Some(1));
     assert_eq!(ring["keks"][0]["provider"], "passphrase");
