@@ -68,6 +68,8 @@ pub struct Webhook {
     /// Events dropped (queue full, or undeliverable after retries).
     pub dropped: Arc<AtomicU64>,
     pub delivered: Arc<AtomicU64>,
+    /// Events queued and not yet delivered or dropped.
+    pending: Arc<AtomicU64>,
 }
 
 impl Webhook {
@@ -75,16 +77,37 @@ impl Webhook {
         let (tx, rx) = bounded::<String>(queue.max(1));
         let dropped = Arc::new(AtomicU64::new(0));
         let delivered = Arc::new(AtomicU64::new(0));
-        let (t, d, ok) = (target.clone(), dropped.clone(), delivered.clone());
+        let pending = Arc::new(AtomicU64::new(0));
+        let (t, d, ok, pe) = (
+            target.clone(),
+            dropped.clone(),
+            delivered.clone(),
+            pending.clone(),
+        );
         let _ = std::thread::Builder::new()
             .name("webhook".into())
-            .spawn(move || deliver(&t, &rx, &d, &ok));
+            .spawn(move || deliver(&t, &rx, &d, &ok, &pe));
         Webhook {
             target,
             tx,
             dropped,
             delivered,
+            pending,
         }
+    }
+
+    /// Waits until every queued event was delivered (or dropped), at most
+    /// `timeout`; returns whether all were. A short-lived process (the
+    /// CLI) calls it before exiting.
+    pub fn drain(&self, timeout: std::time::Duration) -> bool {
+        let t0 = std::time::Instant::now();
+        while self.pending.load(Ordering::SeqCst) > 0 {
+            if t0.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 
     /// A sink for one operation's bus.
@@ -113,9 +136,11 @@ impl EventSink for WebhookSink {
         "webhook"
     }
     fn handle(&mut self, event: &Event) {
+        self.hook.pending.fetch_add(1, Ordering::SeqCst);
         match self.hook.tx.try_send(event.to_line()) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.hook.pending.fetch_sub(1, Ordering::SeqCst);
                 self.hook.dropped.fetch_add(1, Ordering::Relaxed);
                 self.dropped_here.fetch_add(1, Ordering::Relaxed);
             }
@@ -123,7 +148,13 @@ impl EventSink for WebhookSink {
     }
 }
 
-fn deliver(t: &Target, rx: &Receiver<String>, dropped: &AtomicU64, delivered: &AtomicU64) {
+fn deliver(
+    t: &Target,
+    rx: &Receiver<String>,
+    dropped: &AtomicU64,
+    delivered: &AtomicU64,
+    pending: &AtomicU64,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -148,6 +179,7 @@ fn deliver(t: &Target, rx: &Receiver<String>, dropped: &AtomicU64, delivered: &A
         } else {
             dropped.fetch_add(n, Ordering::Relaxed);
         }
+        pending.fetch_sub(n, Ordering::SeqCst);
     }
 }
 

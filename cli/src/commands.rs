@@ -25,6 +25,19 @@ type R = Result<(), Problem>;
 struct ConfigFile {
     repo: Option<String>,
     key_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    webhooks: Vec<String>,
+}
+
+/// The webhooks of `--webhook` and the config file, started.
+pub fn webhooks(cli: &Cli) -> Result<Vec<pg_hardstorage_apiserver::webhook::Webhook>, Problem> {
+    let mut urls = cli.webhook.clone();
+    urls.extend(config(cli)?.webhooks);
+    let queue = match &cli.command {
+        Command::Serve(a) => a.webhook_queue,
+        _ => 1024,
+    };
+    pg_hardstorage_apiserver::webhook::parse_all(&urls, queue)
 }
 
 fn config(cli: &Cli) -> Result<ConfigFile, Problem> {

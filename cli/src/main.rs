@@ -37,6 +37,10 @@ pub struct Cli {
     /// File holding the repository passphrase (for restore_command, services)
     #[arg(long, global = true, env = "PG_HARDSTORAGE_PASSPHRASE_FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// POST every event of the command to this URL (repeatable; also
+    /// `webhooks` in --config). `serve` posts every operation's events.
+    #[arg(long, global = true)]
+    pub webhook: Vec<String>,
     /// External KMS program that wraps/unwraps the master key
     /// (`CMD wrap` / `CMD unwrap`, stdin to stdout)
     #[arg(long, global = true, env = "PG_HARDSTORAGE_KMS_COMMAND")]
@@ -176,9 +180,6 @@ pub struct ServeArgs {
     /// PEM CA whose client certificates are accepted (mutual TLS)
     #[arg(long, requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
-    /// POST every operation's events to this URL (repeatable)
-    #[arg(long)]
-    pub webhook: Vec<String>,
     /// Stream this deployment's WAL while serving (repeatable); its lag
     /// shows in /metrics
     #[arg(long, value_name = "DEPLOYMENT")]
@@ -413,6 +414,20 @@ fn main() {
     tune_allocator();
     let cli = Cli::parse();
     let mut out = Out::new(cli.output, cli.quiet);
+    // `serve` gives its webhooks every operation's events itself.
+    let hooks = match &cli.command {
+        Command::Serve(_) => Vec::new(),
+        _ => match commands::webhooks(&cli) {
+            Ok(h) => h,
+            Err(p) => {
+                out.failure(&p);
+                std::process::exit(p.exit_code());
+            }
+        },
+    };
+    for h in &hooks {
+        out.bus.add_sink(h.sink());
+    }
     let code = match commands::run(&cli, &mut out) {
         Ok(()) => 0,
         Err(p) => {
@@ -426,5 +441,10 @@ fn main() {
             }
         }
     };
+    // The process is about to end: give webhooks a moment to deliver.
+    out.bus.close();
+    for h in &hooks {
+        h.drain(std::time::Duration::from_secs(5));
+    }
     std::process::exit(code);
 }

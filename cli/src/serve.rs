@@ -20,7 +20,7 @@ pub fn serve(cli: &Cli, out: &mut Out, a: &ServeArgs) -> Result<(), Problem> {
         .suggest("Give HOST:PORT, e.g. 127.0.0.1:8432", None)
     })?;
     let base = restore_command_base(cli);
-    let webhooks = pg_hardstorage_apiserver::webhook::parse_all(&a.webhook, a.webhook_queue)?;
+    let webhooks = crate::commands::webhooks(cli)?;
     let cfg = ServerConfig {
         listen,
         tls: a.tls_cert.as_ref().map(|cert| TlsFiles {

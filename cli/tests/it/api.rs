@@ -370,3 +370,37 @@ fn cli_operations_are_audited_and_verify_chain_exits_9_on_tampering() {
     assert_eq!(v["error"]["code"], "verify.audit_chain_broken");
     assert_eq!(v["error"]["subject"]["position"], 1);
 }
+
+/// `--webhook` on any command: the receiver gets exactly the lines the
+/// command prints under `-o ndjson`.
+#[test]
+fn cli_webhook_receives_the_same_events_as_the_ndjson_output() {
+    let hook = pg_hardstorage_testkit::http::Receiver::start();
+    let env = Env::new();
+    env.ok(&["repo", "init"]);
+    env.path_deployment("w", 3, 50_000);
+    let out = env.run(&["backup", "run", "w", "-o", "ndjson", "--webhook", &hook.url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(
+        printed
+            .last()
+            .is_some_and(|l| l.contains("backup_completed")),
+        "{printed:?}"
+    );
+    // Delivered before the process exited.
+    assert_eq!(hook.lines(), printed);
+    let (code, v) = env.json(&["backup", "list", "--webhook", "ftp://nope"]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (2, Some("usage.invalid_argument")),
+        "{v}"
+    );
+}
