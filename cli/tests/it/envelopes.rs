@@ -162,10 +162,12 @@ fn exit_codes_follow_the_contract() {
     let (code, v) = env.json(&["repo", "init"]);
     assert_eq!(code, 7, "{v}");
     assert_error(&v, "repo.already_exists");
-    // Not built yet: a clear error, never a fake success.
-    let (code, v) = env.json(&["kms", "inspect"]);
-    assert_eq!(code, 1, "{v}");
-    assert_error(&v, "unimplemented");
+    // A wrong confirmation is misuse: exit 2, nothing destroyed.
+    let (code, v) = env.json(&["kms", "shred", "--confirm", "not-the-id"]);
+    assert_eq!(code, 2, "{v}");
+    assert_error(&v, "usage.invalid_argument");
+    let (code, _) = env.json(&["kms", "inspect"]);
+    assert_eq!(code, 0);
 }
 
 #[test]

@@ -789,7 +789,8 @@ fn doctor_reports_a_missing_slot_a_stale_backup_and_a_wal_gap() {
         "{v}"
     );
 
-    // A stale backup by policy.
+    // A stale backup by policy (ages are whole seconds: let one pass).
+    std::thread::sleep(Duration::from_millis(1100));
     let (code, v) = doctor(&["--max-age", "0s"]);
     assert_eq!(code, 4);
     assert_eq!(codes(&v), ["doctor.backup_stale"], "{v}");
