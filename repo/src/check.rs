@@ -197,6 +197,7 @@ pub fn scrub(
     bus: &EventBus,
     threads: usize,
 ) -> Result<ScrubReport, Problem> {
+    let _lease = crate::lock::Lease::reader(repo, "_repo", "scrub")?;
     bus.publish(Event::new(Severity::Info, "scrub_started").body(json!({"apply": apply})));
     let packs: Vec<String> = repo
         .store

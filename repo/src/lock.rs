@@ -94,6 +94,29 @@ impl Lease {
         Ok(lease)
     }
 
+    /// A reader's lease (a restore, a verify, a scrub): readers run side by
+    /// side, but not with GC, so no pack they read can be swept or
+    /// repacked away under them. `what` names it in messages. A repository
+    /// the reader may not write to (a read-only copy, read-only
+    /// credentials) is read without one: only a running GC refuses it.
+    pub fn reader(
+        repo: &Repository,
+        deployment: &str,
+        what: &str,
+    ) -> Result<Option<Lease>, Problem> {
+        let mut r = [0u8; 6];
+        getrandom::fill(&mut r).map_err(|e| Problem::internal(format!("getrandom: {e}")))?;
+        match Self::acquire(
+            repo,
+            &format!("{deployment}.{what}-{}", hex::encode(r)),
+            what,
+        ) {
+            Ok(l) => Ok(Some(l)),
+            Err(p) if p.code == "repo.locked" => Err(p),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Garbage collection's exclusive lease: refused while any writer holds one.
     pub fn acquire_gc(repo: &Repository) -> Result<Lease, Problem> {
         let lease = Self::take(repo, GC, "gc")?;
@@ -106,7 +129,7 @@ impl Lease {
                 return Err(Problem::new(
                     "repo.locked",
                     format!(
-                        "{} is held by {} (pid {}) for {}: gc --apply waits for writers",
+                        "{} is held by {} (pid {}) for {}: gc --apply waits for writers and readers",
                         o.key, h.host, h.pid, h.purpose
                     ),
                 )

@@ -380,7 +380,8 @@ pub fn restore(
     subj.insert("deployment".into(), json!(m.deployment));
     subj.insert("backup_id".into(), json!(m.backup_id));
     bus.publish(Event::new(Severity::Info, "restore_started").subject(subj.clone()));
-    let r = run(repo, m, opts);
+    let r = crate::lock::Lease::reader(repo, &m.deployment, "restore")
+        .and_then(|_lease| run(repo, m, opts));
     match &r {
         Ok(s) => bus.publish(
             Event::new(Severity::Notice, "restore_completed")

@@ -34,7 +34,8 @@ pub fn verify(
     subj.insert("deployment".into(), json!(m.deployment));
     subj.insert("backup_id".into(), json!(m.backup_id));
     bus.publish(Event::new(Severity::Info, "verify_started").subject(subj.clone()));
-    let r = run(repo, m, threads);
+    let r = crate::lock::Lease::reader(repo, &m.deployment, "verify")
+        .and_then(|_lease| run(repo, m, threads));
     match &r {
         Ok(s) => bus.publish(
             Event::new(Severity::Notice, "verify_completed")

@@ -178,3 +178,29 @@ fn a_writer_refuses_to_start_while_gc_holds_its_lease() {
     drop(lease);
     backup(&repo, "w").expect("runs once gc is done");
 }
+
+#[test]
+fn restores_and_gc_exclude_each_other() {
+    let (tmp, repo) = local_repo(small_opts());
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("f"), b"restore me").expect("write");
+    add_path_deployment(&repo, "r", &src);
+    let (m, _) = backup(&repo, "r").expect("backup");
+    // GC running: a restore is refused up front, never broken midway.
+    let gc_lease = pg_hardstorage_repo::lock::Lease::acquire_gc(&repo).expect("gc lease");
+    let e = restore_to(&repo, &m, &tmp.path().join("t1")).expect_err("refused");
+    assert_eq!(e.code.as_ref(), "repo.locked");
+    assert!(!tmp.path().join("t1").exists(), "nothing written");
+    drop(gc_lease);
+    // A reader running: GC waits for it.
+    let reader = pg_hardstorage_repo::lock::Lease::reader(&repo, "r", "restore")
+        .expect("reader")
+        .expect("a writable repository gives a lease");
+    let e = gc(&repo, &now(), &EventBus::new()).expect_err("gc waits");
+    assert_eq!(e.code.as_ref(), "repo.locked");
+    assert!(e.message.contains("restore"), "{}", e.message);
+    drop(reader);
+    gc(&repo, &now(), &EventBus::new()).expect("gc runs");
+    restore_to(&repo, &m, &tmp.path().join("t2")).expect("restore");
+}
