@@ -30,6 +30,9 @@ impl Identity {
 pub struct TokenCache {
     ttl: Duration,
     cached: Mutex<Option<(Instant, Arc<Vec<Token>>)>>,
+    /// Names looked up and not found, and when: not looked up again within
+    /// the TTL (a flood of made-up names costs no storage reads).
+    misses: Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 impl TokenCache {
@@ -37,6 +40,7 @@ impl TokenCache {
         TokenCache {
             ttl,
             cached: Mutex::new(None),
+            misses: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -65,18 +69,42 @@ impl TokenCache {
         if cached.iter().any(|t| t.name == name) {
             return Ok(cached);
         }
+        {
+            let mut m = self.misses.lock().unwrap_or_else(|e| e.into_inner());
+            if m.get(name).is_some_and(|at| at.elapsed() < self.ttl) {
+                return Ok(cached);
+            }
+            if m.len() > 10_000 {
+                m.clear();
+            }
+        }
         let Some(t) = tokens::get(repo, name)? else {
+            self.misses
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.to_string(), Instant::now());
             return Ok(cached);
         };
-        let mut all = (*cached).clone();
-        all.push(t);
-        let all = Arc::new(all);
+        // Added to the list as it is now (a fresher listing may have
+        // replaced the one this call started from: a revoke must stick).
         let mut g = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, t)) = g.as_mut() {
-            *t = all.clone();
+        let Some((_, current)) = g.as_mut() else {
+            return Ok(Arc::new(vec![t]));
+        };
+        if !current.iter().any(|x| x.name == t.name) {
+            let mut all = (**current).clone();
+            all.push(t);
+            *current = Arc::new(all);
         }
-        Ok(all)
+        Ok(current.clone())
     }
+}
+
+/// The credentials of an `Authorization: Bearer …` header (the scheme is
+/// case-insensitive, RFC 7235).
+pub fn bearer(h: &str) -> Option<&str> {
+    let (scheme, rest) = h.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 pub fn required() -> Problem {
@@ -98,10 +126,7 @@ pub fn authenticate(
     client_cn: Option<&str>,
 ) -> Result<Identity, Problem> {
     if let Some(h) = authorization {
-        let presented = h
-            .strip_prefix("Bearer ")
-            .or_else(|| h.strip_prefix("bearer "))
-            .ok_or_else(required)?;
+        let presented = bearer(h).ok_or_else(required)?;
         let t = tokens::authenticate(all, presented.trim()).ok_or_else(required)?;
         return Ok(Identity {
             name: t.name.clone(),

@@ -62,6 +62,10 @@ pub struct ServerConfig {
     /// Deployments whose WAL the server streams for as long as it runs
     /// (their lag shows in `/metrics`).
     pub wal_streams: Vec<String>,
+    /// The only directory `POST /v1/kms/rotate` may take new key or
+    /// passphrase files from (by file name); `None`: rotation over the API
+    /// is refused. External KMS commands are never taken from the API.
+    pub kms_dir: Option<std::path::PathBuf>,
 }
 
 /// Builds the runtime the server runs on. Its threads (request handling,
@@ -137,6 +141,7 @@ pub struct State {
     /// Summaries of committed manifests (immutable once written), by key.
     summaries: Mutex<HashMap<String, BackupSummary>>,
     launcher: Launcher,
+    pub kms_dir: Option<std::path::PathBuf>,
     /// Set once `kms shred` ran here: the keys this process still holds in
     /// memory must not decrypt anything any more.
     pub shredded: std::sync::atomic::AtomicBool,
@@ -199,7 +204,7 @@ impl State {
                 let sink = w.sink();
                 let counter = sink.dropped_here.clone();
                 bus.add_sink(sink);
-                (w.target.url.clone(), counter)
+                (w.target.label(), counter)
             })
             .collect()
     }
@@ -329,10 +334,7 @@ async fn serve_route(
             let mut who = auth::authenticate(&tokens, authz.as_deref(), client_cn.as_deref());
             if let (Err(_), Some(presented)) = (&who, authz.clone()) {
                 let st2 = st.clone();
-                let presented = presented
-                    .trim_start_matches("Bearer ")
-                    .trim_start_matches("bearer ")
-                    .to_string();
+                let presented = auth::bearer(&presented).unwrap_or_default().to_string();
                 if let Ok(fresh) =
                     routes::blocking(move || st2.tokens.learn(&st2.repo, &presented)).await
                 {
@@ -356,6 +358,22 @@ async fn serve_route(
             return error(&auth::denied(w, v));
         }
     }
+    // Routes over the whole repository (its keys, its GC, every agent, the
+    // metrics of every deployment) are for callers bound to no tenant.
+    if let (true, Some(w)) = (route.global, &who) {
+        if let Some(t) = &w.token.tenant {
+            return error(
+                &Problem::new(
+                    "authz.denied",
+                    format!(
+                        "{} {} acts on the whole repository; {} {:?} is bound to tenant {t:?}",
+                        route.method, route.path, w.via, w.name
+                    ),
+                )
+                .suggest("Use a token created without --tenant", None),
+            );
+        }
+    }
     let query = req.uri().query().unwrap_or("").to_string();
     let accept = header(&req, "accept").unwrap_or("").to_ascii_lowercase();
     let mode = if accept.contains("application/json") && !accept.contains("ndjson") {
@@ -364,7 +382,16 @@ async fn serve_route(
         Mode::Ndjson
     };
     let limited = http_body_util::Limited::new(req.into_body(), st.body_limit);
-    let body: Bytes = match limited.collect().await {
+    let collected = match tokio::time::timeout(Duration::from_secs(60), limited.collect()).await {
+        Ok(r) => r,
+        Err(_) => {
+            return error(&Problem::new(
+                "api.bad_request",
+                "the request body did not arrive within 60 s",
+            ))
+        }
+    };
+    let body: Bytes = match collected {
         Ok(c) => c.to_bytes(),
         Err(e) => {
             let too_large = e
@@ -382,6 +409,15 @@ async fn serve_route(
         }
     };
     routes::dispatch(st.clone(), route, params, query, who, body, mode).await
+}
+
+/// HTTP/1.1 with a deadline for request headers (a client that trickles
+/// them does not hold a connection forever).
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    b
 }
 
 /// A bound server, ready to run.
@@ -423,6 +459,7 @@ impl Server {
                 launcher: Launcher::start(),
                 listings: Mutex::new(HashMap::new()),
                 shredded: std::sync::atomic::AtomicBool::new(false),
+                kms_dir: cfg.kms_dir,
             }),
             grace: cfg.shutdown_grace,
             wal_streams: cfg.wal_streams,
@@ -484,8 +521,7 @@ impl Server {
             match &self.tls {
                 None => {
                     let svc = hyper::service::service_fn(move |req| handle(st.clone(), None, req));
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc);
+                    let conn = http1().serve_connection(TokioIo::new(stream), svc);
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         let _ = conn.await;
@@ -511,8 +547,7 @@ impl Server {
                         let svc = hyper::service::service_fn(move |req| {
                             handle(st.clone(), cn.clone(), req)
                         });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(tls), svc);
+                        let conn = http1().serve_connection(TokioIo::new(tls), svc);
                         let _ = watcher.watch(conn).await;
                     });
                 }

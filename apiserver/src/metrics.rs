@@ -192,11 +192,11 @@ impl Metrics {
             }
             family(&mut s, "pg_hardstorage_sink_dropped_total", "counter", "Events a webhook dropped rather than slow an operation (queue full or undeliverable).");
             for w in &self.webhooks {
-                let _ = writeln!(s, "pg_hardstorage_sink_dropped_total{{sink=\"{}\"}} {}", esc(&w.target.url), w.dropped.load(std::sync::atomic::Ordering::Relaxed));
+                let _ = writeln!(s, "pg_hardstorage_sink_dropped_total{{sink=\"{}\"}} {}", esc(&w.target.label()), w.dropped.load(std::sync::atomic::Ordering::Relaxed));
             }
             family(&mut s, "pg_hardstorage_sink_delivered_total", "counter", "Events a webhook delivered.");
             for w in &self.webhooks {
-                let _ = writeln!(s, "pg_hardstorage_sink_delivered_total{{sink=\"{}\"}} {}", esc(&w.target.url), w.delivered.load(std::sync::atomic::Ordering::Relaxed));
+                let _ = writeln!(s, "pg_hardstorage_sink_delivered_total{{sink=\"{}\"}} {}", esc(&w.target.label()), w.delivered.load(std::sync::atomic::Ordering::Relaxed));
             }
             family(&mut s, "pg_hardstorage_sink_dropped_events_total", "counter", "sink_dropped warnings' counts, as operations reported them.");
             let _ = writeln!(s, "pg_hardstorage_sink_dropped_events_total {}", m.sink_dropped);

@@ -72,6 +72,8 @@ pub struct Route {
     pub command: &'static str,
     pub access: Access,
     pub op: Op,
+    /// Acts on or shows the whole repository: refused to tenant-bound callers.
+    pub global: bool,
 }
 
 const fn r(
@@ -81,12 +83,26 @@ const fn r(
     access: Access,
     op: Op,
 ) -> Route {
+    let global = matches!(
+        op,
+        Op::Metrics
+            | Op::ReposShow
+            | Op::ReposCheck
+            | Op::ReposUsage
+            | Op::ReposGc
+            | Op::ReposScrub
+            | Op::KmsInspect
+            | Op::KmsRotate
+            | Op::KmsShred
+            | Op::AgentsList
+    );
     Route {
         method,
         path,
         command,
         access,
         op,
+        global,
     }
 }
 
@@ -543,7 +559,9 @@ pub struct PlaceHold {
     pub until: Option<String>,
 }
 
-/// `POST /v1/kms/rotate`: exactly one new KEK (paths on the server's host).
+/// `POST /v1/kms/rotate`: exactly one new KEK, a file name in the
+/// server's `--kms-dir` (never a path elsewhere, never a command: rotating
+/// to an external KMS command is done with the CLI on the host).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateKek {
@@ -551,9 +569,6 @@ pub struct RotateKek {
     pub new_key_file: Option<String>,
     #[serde(default)]
     pub new_passphrase_file: Option<String>,
-    /// Called as `CMD wrap` / `CMD unwrap`.
-    #[serde(default)]
-    pub new_kms_command: Option<String>,
 }
 
 /// `POST /v1/kms/shred`.
@@ -827,10 +842,10 @@ pub async fn dispatch(
                 blocking(check).await?;
                 let mut pipeline = pg_hardstorage_engine::pipeline::PipelineConfig::default();
                 if let Some(w) = b.workers {
-                    pipeline.workers = w.clamp(1, 1024);
+                    pipeline.workers = w.clamp(1, 256);
                 }
                 if let Some(q) = b.queue_bytes {
-                    pipeline.queue_bytes = q.max(1 << 20);
+                    pipeline.queue_bytes = q.clamp(1 << 20, 4 << 30);
                 }
                 let opts = BackupOptions {
                     pipeline,
@@ -1041,7 +1056,8 @@ pub async fn dispatch(
                     if let Some(dep) = &dep {
                         visible(&st, &who, dep)?;
                     }
-                    ops::doctor(&st.repo, dep.as_deref(), &opts)
+                    let tenant = who.as_ref().and_then(|w| w.token.tenant.clone());
+                    ops::doctor_for(&st.repo, dep.as_deref(), tenant.as_deref(), &opts)
                 })
                 .await?;
                 Ok(ok(c, body))
@@ -1056,14 +1072,37 @@ pub async fn dispatch(
                     Op::KmsInspect => ops::kms_inspect(&st2.repo),
                     Op::KmsRotate => {
                         let b = rotate.unwrap_or_default();
-                        let new = match (b.new_key_file, b.new_passphrase_file, b.new_kms_command) {
-                            (Some(k), None, None) => pg_hardstorage_repo::KeySource::KeyFile(k.into()),
-                            (None, Some(p), None) => pg_hardstorage_repo::KeySource::from_env(None, Some(p.into()))?,
-                            (None, None, Some(c)) => pg_hardstorage_repo::KeySource::Command(c),
+                        let dir = st2.kms_dir.clone().ok_or_else(|| {
+                            Problem::new(
+                                "api.bad_request",
+                                "this server takes no new key material over the API",
+                            )
+                            .suggest(
+                                "Start it with --kms-dir DIR and put the new key or passphrase file there, or rotate with the CLI on the host",
+                                Some("pg_hardstorage kms rotate --new-key-file FILE".into()),
+                            )
+                        })?;
+                        let in_dir = |name: &str| {
+                            let plain = !name.is_empty()
+                                && !name.contains('/')
+                                && name != "."
+                                && name != "..";
+                            plain.then(|| dir.join(name)).ok_or_else(|| {
+                                Problem::new(
+                                    "api.bad_request",
+                                    format!("{name:?} is not a file name in the server's --kms-dir"),
+                                )
+                            })
+                        };
+                        let new = match (b.new_key_file, b.new_passphrase_file) {
+                            (Some(k), None) => pg_hardstorage_repo::KeySource::KeyFile(in_dir(&k)?),
+                            (None, Some(p)) => {
+                                pg_hardstorage_repo::KeySource::from_env(None, Some(in_dir(&p)?))?
+                            }
                             _ => {
                                 return Err(Problem::new(
                                     "api.bad_request",
-                                    "give exactly one of new_key_file, new_passphrase_file, new_kms_command",
+                                    "give exactly one of new_key_file, new_passphrase_file",
                                 ))
                             }
                         };
@@ -1119,8 +1158,9 @@ pub async fn dispatch(
                         }
                     }
                 }
+                let tenant = who.as_ref().and_then(|w| w.token.tenant.clone());
                 let st = st.clone();
-                let body = blocking(move || ops::audit_search(&st.repo, &f)).await?;
+                let body = blocking(move || ops::audit_search_for(&st.repo, &f, tenant.as_deref())).await?;
                 Ok(ok(c, body))
             }
             Op::AuditVerifyChain => {

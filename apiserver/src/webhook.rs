@@ -30,6 +30,14 @@ pub struct Target {
     path: String,
 }
 
+impl Target {
+    /// How the webhook is named in metrics and events: scheme, host and
+    /// port only (chat and ticketing hooks carry their secret in the path).
+    pub fn label(&self) -> String {
+        format!("http://{}:{}", self.host, self.port)
+    }
+}
+
 pub fn parse(url: &str) -> Result<Target, Problem> {
     let bad = |why: &str| {
         Problem::new("usage.invalid_argument", format!("webhook {url:?}: {why}")).suggest(

@@ -184,6 +184,10 @@ pub struct ServeArgs {
     /// shows in /metrics
     #[arg(long, value_name = "DEPLOYMENT")]
     pub wal_stream: Vec<String>,
+    /// Directory whose key and passphrase files POST /v1/kms/rotate may
+    /// name (without it, rotation over the API is refused)
+    #[arg(long)]
+    pub kms_dir: Option<PathBuf>,
     /// Events each webhook may have queued before it drops (and counts) more
     #[arg(long, default_value_t = 1024)]
     pub webhook_queue: usize,

@@ -34,6 +34,7 @@ pub fn serve(cli: &Cli, out: &mut Out, a: &ServeArgs) -> Result<(), Problem> {
         body_limit: a.body_limit,
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
         wal_streams: a.wal_stream.clone(),
+        kms_dir: a.kms_dir.clone(),
     };
     let _agent = pg_hardstorage_repo::fleet::register(&cfg.repo, "server", a.wal_stream.clone())?;
     let rt = pg_hardstorage_apiserver::runtime()?;

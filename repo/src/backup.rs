@@ -267,7 +267,7 @@ pub fn backup_path(
             format!("deployment {deployment:?} has no path"),
         )
     })?);
-    let _lease = Lease::acquire(repo, deployment, "backup")?;
+    let lease = Lease::acquire(repo, deployment, "backup")?;
     let backup_id = new_backup_id(repo, deployment, "full")?;
     let subj = subject(deployment, &backup_id);
     let backend = match opts.read_backend {
@@ -291,7 +291,7 @@ pub fn backup_path(
         read_backend: Some(backend.0),
         ..opts.clone()
     };
-    let r = run_backup(repo, &d.name, &root, &backup_id, bus, &opts);
+    let r = run_backup(repo, &lease, &d.name, &root, &backup_id, bus, &opts);
     match &r {
         Ok((m, report, verified)) => bus.publish(
             Event::new(Severity::Notice, "backup_completed")
@@ -315,8 +315,10 @@ pub fn backup_path(
     r.map(|(m, _, _)| m)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_backup(
     repo: &Repository,
+    lease: &Lease,
     deployment: &str,
     root: &Path,
     backup_id: &str,
@@ -362,8 +364,11 @@ fn run_backup(
         stats,
         entries,
     };
+    ensure_indexed(repo, &manifest)?;
+    lease.ensure_held()?;
     commit(repo, &manifest)?;
-    let verified = quick_verify(repo, &manifest).is_ok();
+    let verified =
+        crate::catalog::load_manifest(repo, &manifest.deployment, &manifest.backup_id).is_ok();
     let _ = t0;
     Ok((manifest, report, verified))
 }
@@ -449,13 +454,18 @@ pub fn commit(repo: &Repository, m: &Manifest) -> Result<(), Problem> {
     Ok(())
 }
 
-/// Re-reads the committed manifest and checks every chunk it names is indexed.
-fn quick_verify(repo: &Repository, m: &Manifest) -> Result<(), Problem> {
-    let back = crate::catalog::load_manifest(repo, &m.deployment, &m.backup_id)?;
+/// Before a commit: every chunk the manifest names must be in a durable,
+/// indexed pack (a chunk deduplicated against, or a page run reused from
+/// the previous backup, may have been quarantined since). A manifest that
+/// would reference a missing chunk is never committed.
+pub(crate) fn ensure_indexed(repo: &Repository, m: &Manifest) -> Result<(), Problem> {
     let index = RepoIndex::load(repo)?;
-    for e in &back.entries {
+    for e in &m.entries {
         for (id, _) in &e.chunks {
-            index.locate(id)?;
+            index.locate(id).map_err(|p| {
+                p.context(format!("refusing to commit {}", m.backup_id))
+                    .with("path", e.path.clone())
+            })?;
         }
     }
     Ok(())

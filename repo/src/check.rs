@@ -186,18 +186,102 @@ pub struct ScrubReport {
     pub bad: Vec<BadPack>,
 }
 
+/// What reading one pack found.
+enum PackCheck {
+    Good {
+        chunks: u64,
+        bytes: u64,
+    },
+    /// Framing or chunks fail verification: `bad` are the chunks that do
+    /// (all of them when the framing is broken, `None` then).
+    Damaged {
+        problem: Problem,
+        good: Vec<(ChunkId, bytes::Bytes)>,
+        bad: Option<Vec<ChunkId>>,
+    },
+    /// It could not be read (storage trouble): nothing is concluded.
+    Unreadable(Problem),
+}
+
+fn check_pack(repo: &Repository, aead: Option<&phs_encrypt::Aead>, pack: &str) -> PackCheck {
+    let data = match repo.store.get(pack) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            return PackCheck::Unreadable(Problem::new(
+                "verify.missing_object",
+                format!("{pack} vanished while scrubbing"),
+            ))
+        }
+        Err(p) => return PackCheck::Unreadable(p),
+    };
+    let entries = match parse_pack(&data) {
+        Ok(e) => e,
+        Err(p) => {
+            return PackCheck::Damaged {
+                problem: p,
+                good: Vec::new(),
+                bad: None,
+            }
+        }
+    };
+    let (mut good, mut bad, mut first, mut bytes) = (Vec::new(), Vec::new(), None, 0u64);
+    for e in &entries {
+        let end = e.offset + e.len as u64;
+        let r = if end as usize <= data.len() {
+            let env = data.slice(e.offset as usize..end as usize);
+            decode_chunk(repo, aead, &e.id, &env).map(|plain| (env, plain.len()))
+        } else {
+            Err(Problem::new(
+                "verify.truncated",
+                "chunk beyond the pack's end",
+            ))
+        };
+        match r {
+            Ok((env, n)) => {
+                bytes += n as u64;
+                good.push((e.id, env));
+            }
+            Err(p) => {
+                first.get_or_insert(p);
+                bad.push(e.id);
+            }
+        }
+    }
+    match first {
+        None => PackCheck::Good {
+            chunks: entries.len() as u64,
+            bytes,
+        },
+        Some(problem) => PackCheck::Damaged {
+            problem,
+            good,
+            bad: Some(bad),
+        },
+    }
+}
+
 /// Reads every pack, checks its framing and index, and decrypts,
-/// decompresses and re-hashes every chunk in it. With `apply`, a bad pack
-/// is moved to `quarantine/` (and its index object removed, so later
-/// backups store that data afresh). Fails with `verify.scrub_failed`
-/// (exit 9) when any pack is bad, naming each and the backups it breaks.
+/// decompresses and re-hashes every chunk in it. A pack is *damaged* only
+/// when verification fails, and with `apply` only when a second read
+/// fails the same way: its verified chunks are first copied into a new
+/// pack (so backups using only those stay whole), then it is moved to
+/// `quarantine/` and its index object removed, so later backups store the
+/// lost data afresh. `apply` takes GC's exclusive lease: no backup can be
+/// deduplicating against a pack while it goes. A pack that cannot be read
+/// (storage trouble) is reported and never touched. Fails with
+/// `verify.scrub_failed` (exit 9) when a pack is damaged, naming each and
+/// the backups and WAL files it breaks.
 pub fn scrub(
     repo: &Repository,
     apply: bool,
     bus: &EventBus,
     threads: usize,
 ) -> Result<ScrubReport, Problem> {
-    let _lease = crate::lock::Lease::reader(repo, "_repo", "scrub")?;
+    let lease = if apply {
+        Some(crate::lock::Lease::acquire_gc(repo)?)
+    } else {
+        crate::lock::Lease::reader(repo, "_repo", "scrub")?
+    };
     bus.publish(Event::new(Severity::Info, "scrub_started").body(json!({"apply": apply})));
     let packs: Vec<String> = repo
         .store
@@ -207,52 +291,30 @@ pub fn scrub(
         .collect();
     let aead = repo.aead();
     let (chunks, bytes, done) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    let bad: Mutex<Vec<(String, Problem, Vec<ChunkId>)>> = Mutex::new(Vec::new());
+    let flagged: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let unreadable: Mutex<Vec<(String, Problem)>> = Mutex::new(Vec::new());
     crate::parallel::for_each(
         &packs,
         threads,
         1,
         || (),
         |_, pack| {
-            let r = (|| -> Result<(u64, u64), (Problem, Vec<ChunkId>)> {
-                let data = repo
-                    .store
-                    .get(pack)
-                    .map_err(|p| (p, Vec::new()))?
-                    .ok_or_else(|| {
-                        (
-                            Problem::new("verify.missing_object", format!("{pack} vanished")),
-                            Vec::new(),
-                        )
-                    })?;
-                let entries = parse_pack(&data).map_err(|p| (p, Vec::new()))?;
-                let ids: Vec<ChunkId> = entries.iter().map(|e| e.id).collect();
-                let mut n = 0;
-                for e in &entries {
-                    let env = data
-                        .get(e.offset as usize..(e.offset + e.len as u64) as usize)
-                        .ok_or_else(|| {
-                            (
-                                Problem::new("verify.truncated", "chunk beyond the pack's end"),
-                                ids.clone(),
-                            )
-                        })?;
-                    n += decode_chunk(repo, aead.as_ref(), &e.id, env)
-                        .map_err(|p| (p, ids.clone()))?
-                        .len() as u64;
-                }
-                Ok((entries.len() as u64, n))
-            })();
-            match r {
-                Ok((c, b)) => {
+            match check_pack(repo, aead.as_ref(), pack) {
+                PackCheck::Good {
+                    chunks: c,
+                    bytes: b,
+                } => {
                     chunks.fetch_add(c, Ordering::Relaxed);
                     bytes.fetch_add(b, Ordering::Relaxed);
                 }
-                Err((p, ids)) => bad.lock().unwrap_or_else(|e| e.into_inner()).push((
-                    pack.clone(),
-                    p.with("pack", pack.as_str()),
-                    ids,
-                )),
+                PackCheck::Damaged { .. } => flagged
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(pack.clone()),
+                PackCheck::Unreadable(p) => unreadable
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((pack.clone(), p)),
             }
             let d = done.fetch_add(1, Ordering::Relaxed) + 1;
             if d % 100 == 0 {
@@ -270,16 +332,42 @@ pub fn scrub(
         bytes: bytes.into_inner(),
         bad: Vec::new(),
     };
-    let mut bad = bad.into_inner().unwrap_or_else(|e| e.into_inner());
-    bad.sort_by(|a, b| a.0.cmp(&b.0));
-    for (pack, problem, mut ids) in bad {
-        if ids.is_empty() {
-            // The pack's framing is broken: its index object lists its chunks.
-            ids = pack_index_ids(repo, &pack).unwrap_or_default();
-        }
-        let breaks = referencing(repo, &ids.into_iter().collect())?;
+    let mut flagged = flagged.into_inner().unwrap_or_else(|e| e.into_inner());
+    flagged.sort();
+    for pack in flagged {
+        // A second read: a damaged pack stays damaged; a flaky read does not.
+        let (problem, good, bad) = match check_pack(repo, aead.as_ref(), &pack) {
+            PackCheck::Damaged { problem, good, bad } => (problem, good, bad),
+            PackCheck::Good {
+                chunks: c,
+                bytes: b,
+            } => {
+                report.chunks += c;
+                report.bytes += b;
+                continue;
+            }
+            PackCheck::Unreadable(p) => {
+                unreadable
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((pack, p));
+                continue;
+            }
+        };
+        let lost: HashSet<ChunkId> = match bad {
+            Some(b) => b.into_iter().collect(),
+            None => pack_index_ids(repo, &pack)
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+        };
+        let breaks = referencing(repo, &lost)?;
         let mut quarantined = false;
         if apply {
+            if let Some(l) = &lease {
+                l.ensure_held()?;
+            }
+            salvage(repo, good)?;
             if let Some(b) = repo.store.get(&pack)? {
                 repo.store.put(&format!("quarantine/{pack}"), b)?;
             }
@@ -288,8 +376,8 @@ pub fn scrub(
             quarantined = true;
         }
         let b = BadPack {
-            pack,
-            error: problem.to_json(),
+            pack: pack.clone(),
+            error: problem.with("pack", pack.as_str()).to_json(),
             breaks: breaks.into_iter().collect(),
             quarantined,
         };
@@ -299,7 +387,16 @@ pub fn scrub(
         );
         report.bad.push(b);
     }
+    let unreadable = unreadable.into_inner().unwrap_or_else(|e| e.into_inner());
     if report.bad.is_empty() {
+        if let Some((pack, p)) = unreadable.into_iter().next() {
+            // Nothing was concluded about it: the scrub is incomplete.
+            let p = p
+                .context(format!("scrub could not read {pack}"))
+                .with("report", serde_json::to_value(&report).unwrap_or_default());
+            bus.publish(Event::failure("scrub_failed", &p));
+            return Err(p);
+        }
         bus.publish(
             Event::new(Severity::Notice, "scrub_completed")
                 .body(serde_json::to_value(&report).unwrap_or_default()),
@@ -312,18 +409,27 @@ pub fn scrub(
         format!(
             "{} damaged pack(s): {}; they break {}",
             report.bad.len(),
-            report.bad.iter().map(|b| b.pack.as_str()).collect::<Vec<_>>().join(", "),
+            report
+                .bad
+                .iter()
+                .map(|b| b.pack.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             if breaks.is_empty() {
                 "no backup".to_string()
             } else {
-                breaks.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                breaks
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         ),
     )
     .with("report", serde_json::to_value(&report).unwrap_or_default())
     .suggest(
         if apply {
-            "The damaged packs are quarantined; take new backups of the deployments named (they store the data afresh)"
+            "The damaged packs are quarantined (their good chunks kept); take new backups of the deployments named (they store the data afresh)"
         } else {
             "Quarantine them with --apply, then take new backups of the deployments named"
         },
@@ -331,6 +437,22 @@ pub fn scrub(
     );
     bus.publish(Event::failure("scrub_failed", &p));
     Err(p)
+}
+
+/// Copies verified chunks of a damaged pack into a new pack (durable, with
+/// its index) before the damaged one goes.
+fn salvage(repo: &Repository, good: Vec<(ChunkId, bytes::Bytes)>) -> Result<(), Problem> {
+    if good.is_empty() {
+        return Ok(());
+    }
+    let mut b = pg_hardstorage_engine::format::PackBuilder::new();
+    for (id, env) in good {
+        b.add(id, env);
+    }
+    let key = phs_store::new_pack_key()?;
+    let (parts, entries) = b.finish();
+    repo.store.put_parts_if_absent(&key, parts)?;
+    crate::index::write_index(repo, &key, &entries)
 }
 
 fn pack_index_ids(repo: &Repository, pack: &str) -> Result<Vec<ChunkId>, Problem> {

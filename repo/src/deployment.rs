@@ -128,6 +128,21 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
             Some(format!("pg_hardstorage deployment show {}", d.name)),
         ));
     }
+    if let Some(raw) = repo.get_sealed(DEPLOYMENT_MAGIC, &retired_key(&d.name))? {
+        let old: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
+        let owner = old["tenant"].as_str().unwrap_or(DEFAULT_TENANT);
+        if owner != d.tenant() {
+            return Err(Problem::new(
+                "deployment.conflict",
+                format!(
+                    "the name {:?} belonged to another tenant, whose backups are kept under it",
+                    d.name
+                ),
+            )
+            .with("deployment", d.name.clone())
+            .suggest("Choose another name", None));
+        }
+    }
     let body = serde_json::to_vec(&d).map_err(|e| Problem::internal(e.to_string()))?;
     let sealed = repo.seal(DEPLOYMENT_MAGIC, &key(&d.name), &body)?;
     if !repo
@@ -242,6 +257,19 @@ pub fn bind_system(repo: &Repository, name: &str, sysid: &str) -> Result<(), Pro
 /// Removes the deployment record; its backups stay in the repository.
 pub fn delete(repo: &Repository, name: &str) -> Result<Deployment, Problem> {
     let d = get(repo, name)?;
+    // Its backups stay under its name: remember whose they are, so another
+    // tenant cannot re-create the name and inherit them.
+    let body = serde_json::to_vec(&serde_json::json!({
+        "name": d.name,
+        "tenant": d.tenant(),
+        "deleted_at": pg_hardstorage_engine::event::now_rfc3339(),
+    }))
+    .map_err(|e| Problem::internal(e.to_string()))?;
+    repo.put_sealed(DEPLOYMENT_MAGIC, &retired_key(name), &body)?;
     repo.store.delete(&key(name))?;
     Ok(d)
+}
+
+fn retired_key(name: &str) -> String {
+    format!("deployments-retired/{name}")
 }

@@ -93,6 +93,7 @@ fn free_space(path: &str) -> Option<(u64, u64)> {
 pub fn doctor(
     repo: &Repository,
     only: Option<&str>,
+    tenant: Option<&str>,
     opts: &DoctorOptions,
 ) -> Result<DoctorReport, Problem> {
     let mut f = Findings(Vec::new());
@@ -119,10 +120,13 @@ pub fn doctor(
             }
         }
     }
-    let deployments = match only {
+    let deployments: Vec<_> = match only {
         Some(d) => vec![crate::deployment::get(repo, d)?],
         None => crate::deployment::list(repo)?,
-    };
+    }
+    .into_iter()
+    .filter(|d| tenant.is_none_or(|t| d.tenant() == t))
+    .collect();
     let now = OffsetDateTime::now_utc();
     let mut out = Vec::new();
     for d in &deployments {

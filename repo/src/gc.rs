@@ -196,7 +196,7 @@ fn now_unix() -> u64 {
 
 /// Runs garbage collection; dry-run unless `opts.apply`.
 pub fn gc(repo: &Repository, opts: &GcOptions, bus: &EventBus) -> Result<GcReport, Problem> {
-    let _lease = if opts.apply {
+    let lease = if opts.apply {
         Some(crate::lock::Lease::acquire_gc(repo)?)
     } else {
         None
@@ -255,7 +255,9 @@ pub fn gc(repo: &Repository, opts: &GcOptions, bus: &EventBus) -> Result<GcRepor
         sparse.push(p);
     }
     r.packs_sparse = sparse.len() as u64;
+    let held = || lease.as_ref().map_or(Ok(()), |l| l.ensure_held());
     if opts.apply {
+        held()?;
         // Manifests of deleted backups first: no reader may find a
         // manifest whose packs are gone. Their tombstones stay, as record.
         for (d, id) in &marked.deleted {
@@ -263,6 +265,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, bus: &EventBus) -> Result<GcRepor
             r.manifests_removed += 1;
         }
         for (i, p) in garbage.iter().enumerate() {
+            held()?;
             if p.indexed {
                 repo.store.delete(&index_key(&p.key))?;
             }
@@ -278,7 +281,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions, bus: &EventBus) -> Result<GcRepor
             }
         }
         if !sparse.is_empty() {
-            repack(repo, &marked, &sparse, &mut r)?;
+            repack(repo, &marked, &sparse, &mut r, &held)?;
         }
     }
     bus.publish(
@@ -296,6 +299,7 @@ fn repack(
     marked: &Marked,
     sparse: &[&PackState],
     r: &mut GcReport,
+    held: &dyn Fn() -> Result<(), Problem>,
 ) -> Result<(), Problem> {
     use pg_hardstorage_engine::format::{parse_pack, PackBuilder};
     let aead = repo.aead();
@@ -331,6 +335,7 @@ fn repack(
     }
     flush(builder)?;
     for p in sparse {
+        held()?;
         repo.store.delete(&index_key(&p.key))?;
         repo.store.delete(&p.key)?;
         r.packs_repacked += 1;

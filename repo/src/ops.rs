@@ -558,7 +558,17 @@ pub fn doctor(
     deployment: Option<&str>,
     opts: &crate::doctor::DoctorOptions,
 ) -> Result<Value, Problem> {
-    to_value(crate::doctor::doctor(repo, deployment, opts)?)
+    doctor_for(repo, deployment, None, opts)
+}
+
+/// Doctor for the deployments of one tenant (an API caller bound to one).
+pub fn doctor_for(
+    repo: &Repository,
+    deployment: Option<&str>,
+    tenant: Option<&str>,
+    opts: &crate::doctor::DoctorOptions,
+) -> Result<Value, Problem> {
+    to_value(crate::doctor::doctor(repo, deployment, tenant, opts)?)
 }
 
 pub fn kms_inspect(repo: &Repository) -> Result<Value, Problem> {
@@ -595,7 +605,31 @@ pub fn search(repo: &Repository, q: &str, tenant: Option<&str>) -> Result<Value,
 }
 
 pub fn audit_search(repo: &Repository, f: &crate::audit::Filter) -> Result<Value, Problem> {
-    to_value(crate::audit::search(repo, f)?)
+    audit_search_for(repo, f, None)
+}
+
+/// Audit events; for a tenant-bound caller only those about its own
+/// deployments.
+pub fn audit_search_for(
+    repo: &Repository,
+    f: &crate::audit::Filter,
+    tenant: Option<&str>,
+) -> Result<Value, Problem> {
+    let mut events = crate::audit::search(repo, f)?;
+    if let Some(t) = tenant {
+        let mine: std::collections::HashSet<String> = deployment::list(repo)?
+            .into_iter()
+            .filter(|d| d.tenant() == t)
+            .map(|d| d.name)
+            .collect();
+        events.retain(|e| {
+            e.subject
+                .get("deployment")
+                .and_then(Value::as_str)
+                .is_some_and(|d| mine.contains(d))
+        });
+    }
+    to_value(events)
 }
 
 pub fn audit_verify_chain(repo: &Repository) -> Result<Value, Problem> {

@@ -52,16 +52,22 @@ pub struct RelationPlanner {
 
 impl RelationPlanner {
     /// `previous` is the deployment's newest committed backup, if any.
+    /// `indexed`: the repository's chunks now. A baseline file whose runs
+    /// are not all there (a quarantined pack) is stored afresh.
     pub fn new(
         members: Arc<Mutex<Vec<TarEntry>>>,
         page_size: u32,
         previous: Option<&Manifest>,
+        indexed: &phs_dedup::DedupIndex,
     ) -> Self {
         let baseline = previous
             .map(|m| {
                 m.entries
                     .iter()
                     .filter_map(|e| {
+                        if !e.chunks.iter().all(|(id, _)| indexed.contains(id)) {
+                            return None;
+                        }
                         let map = e.pages.clone()?;
                         Some((
                             e.path.clone(),

@@ -107,7 +107,7 @@ pub fn backup_postgres(
 ) -> Result<Manifest, Problem> {
     let d = deployment::get(repo, name)?;
     let ci = ConnInfo::parse(d.pg.as_deref().unwrap_or_default())?;
-    let _lease = Lease::acquire(repo, name, "backup")?;
+    let lease = Lease::acquire(repo, name, "backup")?;
     let backup_id = new_backup_id(repo, name, "full")?;
     let mut subj = serde_json::Map::new();
     subj.insert("deployment".into(), json!(name));
@@ -118,7 +118,7 @@ pub fn backup_postgres(
             .body(json!({"source": "postgres", "workers": opts.pipeline.workers})),
     );
     let t0 = std::time::Instant::now();
-    let r = run(repo, name, &ci, &backup_id, bus, opts);
+    let r = run(repo, &lease, name, &ci, &backup_id, bus, opts);
     match &r {
         Ok((m, verified)) => bus.publish(
             Event::new(Severity::Notice, "backup_completed")
@@ -144,8 +144,10 @@ pub fn backup_postgres(
     r.map(|(m, _)| m)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     repo: &Repository,
+    lease: &Lease,
     name: &str,
     ci: &ConnInfo,
     backup_id: &str,
@@ -174,6 +176,7 @@ fn run(
             members.clone(),
             page_size,
             previous.as_ref(),
+            &dedup,
         ))
     };
     let mut added = crate::pages::Added::default();
@@ -260,6 +263,8 @@ fn run(
         entries,
     };
     manifest.validate()?;
+    crate::backup::ensure_indexed(repo, &manifest)?;
+    lease.ensure_held()?;
     commit(repo, &manifest)?;
     let verified = crate::catalog::load_manifest(repo, name, backup_id).is_ok();
     Ok((manifest, verified))

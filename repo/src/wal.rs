@@ -104,7 +104,7 @@ pub fn archive(
     let size = data.len() as u64;
     // A writer like a backup: garbage collection never runs meanwhile, so
     // no chunk this segment dedups against can vanish before its record.
-    let _lease = crate::lock::Lease::acquire(repo, &format!("{deployment}.wal"), "wal archive")?;
+    let lease = crate::lock::Lease::acquire(repo, &format!("{deployment}.wal"), "wal archive")?;
     let dedup = Arc::new(RepoIndex::load(repo)?.dedup());
     let cfg = PipelineConfig {
         workers: 2,
@@ -131,6 +131,7 @@ pub fn archive(
     let body = serde_json::to_vec(&rec).map_err(|e| Problem::internal(e.to_string()))?;
     let sealed = repo.seal(WAL_MAGIC, &k, &body)?;
     // The record is the commit point of the segment, after its packs.
+    lease.ensure_held()?;
     let fresh = repo.store.put_if_absent(&k, Bytes::from(sealed))?;
     if fresh {
         bus.publish(Event::new(Severity::Info, "wal_archived").body(json!({

@@ -245,3 +245,100 @@ fn mutual_tls_maps_the_certificate_cn_and_refuses_unsigned_clients() {
         .request("GET", "/v1/healthz", &[], None);
     assert!(r.map(|r| r.status != 200).unwrap_or(true));
 }
+
+#[test]
+fn tenant_bound_tokens_get_no_repository_wide_route_and_only_their_own_events() {
+    let s = TestServer::start();
+    s.path_deployment("a1", Some("acme"));
+    s.path_deployment("b1", Some("globex"));
+    for d in ["a1", "b1"] {
+        let r = s
+            .admin()
+            .request(
+                "POST",
+                &format!("/v1/deployments/{d}/backups"),
+                &[("Accept", "application/json")],
+                None,
+            )
+            .expect("backup");
+        body_of(&r, "backups.take");
+    }
+    let acme = s
+        .client()
+        .with_token(&s.token("acme-root", &["admin:*"], Some("acme")));
+    for (m, p) in [
+        ("GET", "/v1/repos/default"),
+        ("GET", "/v1/repos/default/usage"),
+        ("POST", "/v1/repos/default/gc"),
+        ("GET", "/v1/kms/inspect"),
+        ("POST", "/v1/kms/shred"),
+        ("GET", "/v1/agents"),
+        ("GET", "/metrics"),
+    ] {
+        let r = acme.request(m, p, &[], None).expect("req");
+        let e = error_of(&r, 403, "authz.denied");
+        assert!(
+            e["message"]
+                .as_str()
+                .is_some_and(|x| x.contains("whole repository")),
+            "{m} {p}: {e}"
+        );
+    }
+    // Its own deployments only, in the audit log and in doctor.
+    let events = body_of(&acme.get("/v1/audit"), "audit.search");
+    assert!(events.as_array().is_some_and(|a| !a.is_empty()));
+    for e in events.as_array().expect("events") {
+        assert_eq!(e["subject"]["deployment"], "a1", "{e}");
+    }
+    let rep = body_of(&acme.get("/v1/doctor"), "doctor.report");
+    let names: Vec<_> = rep["deployments"]
+        .as_array()
+        .expect("d")
+        .iter()
+        .map(|d| d["name"].clone())
+        .collect();
+    assert_eq!(names, [serde_json::json!("a1")]);
+    // The unscoped admin still sees everything.
+    assert_eq!(
+        body_of(&s.admin().get("/v1/audit"), "audit.search")
+            .as_array()
+            .map(|a| a.len()),
+        Some(2)
+    );
+}
+
+#[test]
+fn a_deleted_deployments_name_cannot_be_taken_by_another_tenant() {
+    let s = TestServer::start();
+    s.path_deployment("shared", Some("acme"));
+    let r = s
+        .admin()
+        .request(
+            "POST",
+            "/v1/deployments/shared/backups",
+            &[("Accept", "application/json")],
+            None,
+        )
+        .expect("backup");
+    body_of(&r, "backups.take");
+    let acme = s
+        .client()
+        .with_token(&s.token("acme-adm", &["admin:*"], Some("acme")));
+    let r = acme
+        .request("DELETE", "/v1/deployments/shared", &[], None)
+        .expect("delete");
+    body_of(&r, "deployments.delete");
+    let globex = s
+        .client()
+        .with_token(&s.token("globex-adm", &["admin:*"], Some("globex")));
+    let body = format!(r#"{{"name":"shared","path":"{}"}}"#, s.tmp.path().display());
+    error_of(
+        &globex.post("/v1/deployments", &body),
+        409,
+        "deployment.conflict",
+    );
+    // Its own tenant gets the name, and its backups, back.
+    body_of(&acme.post("/v1/deployments", &body), "deployments.create");
+    let list = body_of(&acme.get("/v1/deployments/shared/backups"), "backups.list");
+    assert_eq!(list.as_array().map(|a| a.len()), Some(1));
+}

@@ -75,6 +75,7 @@ impl TestServer {
                 body_limit: 64 << 10,
                 shutdown_grace: Duration::from_secs(10),
                 wal_streams: Vec::new(),
+                kms_dir: Some(tmp.path().to_path_buf()),
             },
         )
         .expect("bind");

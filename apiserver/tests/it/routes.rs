@@ -624,7 +624,21 @@ fn kms_routes_rotate_the_kek_and_shred_stops_the_server_decrypting() {
     let rotator = s
         .client()
         .with_token(&s.token("rot", &["kms:rotate"], None));
-    let body = json!({"new_key_file": kf}).to_string();
+    // Only file names inside the server's --kms-dir; never commands.
+    error_of(
+        &rotator.post("/v1/kms/rotate", &json!({"new_key_file": kf}).to_string()),
+        400,
+        "api.bad_request",
+    );
+    error_of(
+        &rotator.post(
+            "/v1/kms/rotate",
+            r#"{"new_kms_command":"touch /tmp/pwned"}"#,
+        ),
+        400,
+        "api.bad_request",
+    );
+    let body = json!({"new_key_file": "rotated.key"}).to_string();
     let rot = body_of(&rotator.post("/v1/kms/rotate", &body), "kms.rotate");
     assert_eq!(rot["data_rewritten"], false);
     // The old passphrase no longer opens the repository; the new key does.

@@ -132,7 +132,10 @@ fn a_stalled_webhook_drops_and_counts_but_never_holds_a_backup() {
     let drop = events.last().expect("last");
     assert_eq!(drop["op"], "sink_dropped", "{ops:?}");
     assert_eq!(drop["severity_name"], "warning");
-    assert_eq!(drop["body"]["sink"], hook.url.as_str());
+    // Named by host and port only: a hook's path may hold its secret.
+    let label = hook.url.trim_end_matches("/hook");
+    assert_eq!(drop["body"]["sink"], label);
+    assert!(!drop.to_string().contains("/hook"));
     let n = drop["body"]["dropped"].as_u64().expect("count");
     assert!(n >= 1 && completed + 1 == ops.len() - 1, "{ops:?}");
     // The counter is exported.

@@ -121,4 +121,40 @@ fn light_pgbench_traffic_stores_roughly_only_the_changed_pages() {
     );
     // And the pages it did not store are exactly the unchanged ones.
     assert!(m2.stats.pages_stored >= changed, "{:?}", m2.stats);
+
+    // A pack holding page runs goes bad and is quarantined: the next
+    // backup must not reuse runs that are gone. It stores those pages
+    // afresh and restores whole.
+    let pack = repo
+        .store
+        .list("packs/")
+        .expect("list")
+        .into_iter()
+        .max_by_key(|o| o.size)
+        .expect("a pack")
+        .key;
+    let mut bytes = repo.store.get(&pack).expect("get").expect("pack").to_vec();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    repo.store
+        .put(&pack, bytes::Bytes::from(bytes))
+        .expect("put");
+    let e = pg_hardstorage_repo::check::scrub(
+        &repo,
+        true,
+        &pg_hardstorage_engine::event::EventBus::new(),
+        2,
+    )
+    .expect_err("a damaged pack");
+    assert_eq!(e.code.as_ref(), "verify.scrub_failed");
+    let (m3, _) = backup(&repo, "pages").expect("third backup after the quarantine");
+    assert!(m3.stats.pages_stored > 0, "{:?}", m3.stats);
+    let c = tmp.path().join("third");
+    restore_to(&repo, &m3, &c).expect("restore third");
+    let v = as_postgres("pg_verifybackup", &[c.to_str().expect("utf8")]);
+    assert!(
+        v.status.success(),
+        "pg_verifybackup: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
 }
