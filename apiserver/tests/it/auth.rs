@@ -31,16 +31,7 @@ fn concrete(path: &str, id: &str) -> String {
 fn every_route_denies_by_default_and_checks_its_verb() {
     let s = TestServer::start();
     s.path_deployment("p", None);
-    let r = s.admin().request(
-        "POST",
-        "/v1/deployments/p/backups",
-        &[("Accept", "application/json")],
-        None,
-    );
-    let id = body_of(&r.expect("backup"), "backups.take")["backup_id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let id = s.backup("p");
     let mut checked = 0;
     for route in ROUTES {
         let path = concrete(route.path, &id);
@@ -252,16 +243,7 @@ fn tenant_bound_tokens_get_no_repository_wide_route_and_only_their_own_events() 
     s.path_deployment("a1", Some("acme"));
     s.path_deployment("b1", Some("globex"));
     for d in ["a1", "b1"] {
-        let r = s
-            .admin()
-            .request(
-                "POST",
-                &format!("/v1/deployments/{d}/backups"),
-                &[("Accept", "application/json")],
-                None,
-            )
-            .expect("backup");
-        body_of(&r, "backups.take");
+        s.backup(d);
     }
     let acme = s
         .client()
@@ -311,16 +293,7 @@ fn tenant_bound_tokens_get_no_repository_wide_route_and_only_their_own_events() 
 fn a_deleted_deployments_name_cannot_be_taken_by_another_tenant() {
     let s = TestServer::start();
     s.path_deployment("shared", Some("acme"));
-    let r = s
-        .admin()
-        .request(
-            "POST",
-            "/v1/deployments/shared/backups",
-            &[("Accept", "application/json")],
-            None,
-        )
-        .expect("backup");
-    body_of(&r, "backups.take");
+    s.backup("shared");
     let acme = s
         .client()
         .with_token(&s.token("acme-adm", &["admin:*"], Some("acme")));

@@ -115,6 +115,23 @@ impl TestServer {
             .1
     }
 
+    /// Takes a backup over the API (one envelope, admin token); returns its id.
+    pub fn backup(&self, deployment: &str) -> String {
+        let r = self
+            .admin()
+            .request(
+                "POST",
+                &format!("/v1/deployments/{deployment}/backups"),
+                &[("Accept", "application/json")],
+                None,
+            )
+            .expect("backup request");
+        body_of(&r, "backups.take")["backup_id"]
+            .as_str()
+            .expect("backup id")
+            .to_string()
+    }
+
     /// A path deployment over a small tree; returns the tree's directory.
     pub fn path_deployment(&self, name: &str, tenant: Option<&str>) -> PathBuf {
         let src = self.tmp.path().join(format!("src-{name}"));

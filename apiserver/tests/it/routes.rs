@@ -481,15 +481,7 @@ fn repository_routes_show_check_usage_gc_and_scrub() {
     let s = TestServer::start();
     let c = s.admin();
     s.path_deployment("p", Some("acme"));
-    let r = c
-        .request(
-            "POST",
-            "/v1/deployments/p/backups",
-            &[("Accept", "application/json")],
-            None,
-        )
-        .expect("backup");
-    body_of(&r, "backups.take");
+    s.backup("p");
     let show = body_of(&c.get("/v1/repos/default"), "repos.show");
     assert_eq!(show["tenants"], json!(["acme"]));
     let id = show["repo_id"].as_str().expect("id").to_string();
@@ -569,15 +561,7 @@ fn doctor_routes_report_health_and_refuse_when_unhealthy() {
         e["subject"]["report"]["findings"][0]["code"],
         "doctor.no_backup"
     );
-    let r = c
-        .request(
-            "POST",
-            "/v1/deployments/p/backups",
-            &[("Accept", "application/json")],
-            None,
-        )
-        .expect("backup");
-    body_of(&r, "backups.take");
+    s.backup("p");
     let rep = body_of(&c.get("/v1/doctor"), "doctor.report");
     assert_eq!(rep["healthy"], true, "{rep}");
     assert_eq!(
@@ -607,15 +591,7 @@ fn kms_routes_rotate_the_kek_and_shred_stops_the_server_decrypting() {
     let s = TestServer::start();
     let c = s.admin();
     s.path_deployment("p", None);
-    let r = c
-        .request(
-            "POST",
-            "/v1/deployments/p/backups",
-            &[("Accept", "application/json")],
-            None,
-        )
-        .expect("backup");
-    body_of(&r, "backups.take");
+    s.backup("p");
     let ring = body_of(&c.get("/v1/kms/inspect"), "kms.inspect");
     assert_eq!(ring["keks"].as_array().map(|a| a.len()), Some(1));
     let kf = s.tmp.path().join("rotated.key");
@@ -693,15 +669,7 @@ fn fleet_routes_list_agents_and_search_within_the_callers_tenant() {
     s.path_deployment("a1", Some("acme"));
     s.path_deployment("b1", Some("globex"));
     for d in ["a1", "b1"] {
-        let r = c
-            .request(
-                "POST",
-                &format!("/v1/deployments/{d}/backups"),
-                &[("Accept", "application/json")],
-                None,
-            )
-            .expect("backup");
-        body_of(&r, "backups.take");
+        s.backup(d);
     }
     let reg = pg_hardstorage_repo::fleet::register(&s.repo, "wal-stream", vec!["a1".into()])
         .expect("register");
