@@ -25,7 +25,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use pg_hardstorage_engine::event::{EventBus, SCHEMA};
+use pg_hardstorage_engine::event::EventBus;
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::backup::BackupSummary;
 use pg_hardstorage_repo::Repository;
@@ -36,14 +36,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// The HTTP status and `{schema, error}` body for a problem.
-pub fn error_response(p: &Problem) -> (u16, Value) {
-    (
-        p.http_status(),
-        json!({"schema": SCHEMA, "error": p.to_json()}),
-    )
-}
 
 pub type RestoreCommand = Arc<dyn Fn(&str) -> Result<String, Problem> + Send + Sync>;
 

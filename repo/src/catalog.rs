@@ -64,8 +64,7 @@ pub fn list(repo: &Repository, deployment: Option<&str>) -> Result<Vec<BackupSum
     let mut out = Vec::new();
     let mut lifecycle: std::collections::HashMap<String, Lifecycle> = Default::default();
     for o in repo.store.list(&prefix)? {
-        let mut parts = o.key.splitn(3, '/').skip(1);
-        let (Some(d), Some(id)) = (parts.next(), parts.next()) else {
+        let Some((d, id)) = split_key(&o.key) else {
             continue;
         };
         if !lifecycle.contains_key(d) {
@@ -81,6 +80,12 @@ pub fn list(repo: &Repository, deployment: Option<&str>) -> Result<Vec<BackupSum
     }
     out.sort_by(|a, b| (&a.finished_at, &a.backup_id).cmp(&(&b.finished_at, &b.backup_id)));
     Ok(out)
+}
+
+/// `<prefix>/<deployment>/<name>` (a manifest, a WAL record) → its parts.
+pub(crate) fn split_key(key: &str) -> Option<(&str, &str)> {
+    let mut parts = key.splitn(3, '/').skip(1);
+    Some((parts.next()?, parts.next()?))
 }
 
 /// A deployment's tombstones and holds, read once per listing.

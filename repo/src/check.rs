@@ -5,7 +5,7 @@
 use crate::chunks::decode_chunk;
 use crate::Repository;
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
-use pg_hardstorage_engine::format::{decode_pack_index, parse_pack, INDEX_MAGIC};
+use pg_hardstorage_engine::format::parse_pack;
 use pg_hardstorage_engine::stage::ChunkId;
 use pg_hardstorage_engine::Problem;
 use serde::Serialize;
@@ -65,14 +65,8 @@ pub fn check(repo: &Repository) -> Result<CheckReport, Problem> {
     let mut indexed_packs = HashSet::new();
     for o in repo.store.list("index/")? {
         r.index_objects += 1;
-        let parsed = repo.get_sealed(INDEX_MAGIC, &o.key).and_then(|p| {
-            let p = p.ok_or_else(|| Problem::new("verify.missing_object", "vanished"))?;
-            let nl = p.iter().position(|b| *b == b'\n').ok_or_else(|| {
-                Problem::new("verify.malformed", format!("{}: no pack name", o.key))
-            })?;
-            let pack = String::from_utf8_lossy(&p[..nl]).into_owned();
-            Ok((pack, decode_pack_index(&p[nl + 1..])?))
-        });
+        let parsed = crate::index::read_index(repo, &o.key)
+            .and_then(|x| x.ok_or_else(|| Problem::new("verify.missing_object", "vanished")));
         match parsed {
             Ok((pack, entries)) => {
                 if !packs.contains(&pack) {
@@ -102,8 +96,7 @@ pub fn check(repo: &Repository) -> Result<CheckReport, Problem> {
     let mut referenced: Vec<(String, ChunkId)> = Vec::new();
     for o in repo.store.list("snapshots/")? {
         r.manifests += 1;
-        let mut parts = o.key.splitn(3, '/').skip(1);
-        let (Some(d), Some(id)) = (parts.next(), parts.next()) else {
+        let Some((d, id)) = crate::catalog::split_key(&o.key) else {
             continue;
         };
         match crate::catalog::load_manifest(repo, d, id) {
@@ -117,8 +110,7 @@ pub fn check(repo: &Repository) -> Result<CheckReport, Problem> {
     }
     for o in repo.store.list("wal/")? {
         r.wal_records += 1;
-        let mut parts = o.key.splitn(3, '/').skip(1);
-        let (Some(d), Some(name)) = (parts.next(), parts.next()) else {
+        let Some((d, name)) = crate::catalog::split_key(&o.key) else {
             continue;
         };
         match crate::wal::record(repo, d, name) {
@@ -456,14 +448,11 @@ fn salvage(repo: &Repository, good: Vec<(ChunkId, bytes::Bytes)>) -> Result<(), 
 }
 
 fn pack_index_ids(repo: &Repository, pack: &str) -> Result<Vec<ChunkId>, Problem> {
-    let Some(p) = repo.get_sealed(INDEX_MAGIC, &crate::index::index_key(pack))? else {
-        return Ok(Vec::new());
-    };
-    let nl = p.iter().position(|b| *b == b'\n').unwrap_or(0);
-    Ok(decode_pack_index(&p[nl + 1..])?
-        .into_iter()
-        .map(|e| e.id)
-        .collect())
+    Ok(
+        crate::index::read_index(repo, &crate::index::index_key(pack))?
+            .map(|(_, entries)| entries.into_iter().map(|e| e.id).collect())
+            .unwrap_or_default(),
+    )
 }
 
 /// Backup ids and WAL files referencing any of `ids`.
@@ -473,8 +462,7 @@ fn referencing(repo: &Repository, ids: &HashSet<ChunkId>) -> Result<BTreeSet<Str
         return Ok(out);
     }
     for o in repo.store.list("snapshots/")? {
-        let mut parts = o.key.splitn(3, '/').skip(1);
-        let (Some(d), Some(id)) = (parts.next(), parts.next()) else {
+        let Some((d, id)) = crate::catalog::split_key(&o.key) else {
             continue;
         };
         if let Ok(m) = crate::catalog::load_manifest(repo, d, id) {
@@ -487,8 +475,7 @@ fn referencing(repo: &Repository, ids: &HashSet<ChunkId>) -> Result<BTreeSet<Str
         }
     }
     for o in repo.store.list("wal/")? {
-        let mut parts = o.key.splitn(3, '/').skip(1);
-        let (Some(d), Some(name)) = (parts.next(), parts.next()) else {
+        let Some((d, name)) = crate::catalog::split_key(&o.key) else {
             continue;
         };
         if let Ok(Some(rec)) = crate::wal::record(repo, d, name) {

@@ -13,7 +13,6 @@
 use crate::index::index_key;
 use crate::Repository;
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
-use pg_hardstorage_engine::format::{decode_pack_index, INDEX_MAGIC};
 use pg_hardstorage_engine::stage::ChunkId;
 use pg_hardstorage_engine::Problem;
 use serde::Serialize;
@@ -87,8 +86,7 @@ pub(crate) fn mark(repo: &Repository, bus: &EventBus) -> Result<Marked, Problem>
     };
     let mut lifecycle: HashMap<String, crate::catalog::Lifecycle> = HashMap::new();
     for o in repo.store.list("snapshots/")? {
-        let mut parts = o.key.splitn(3, '/').skip(1);
-        let (Some(d), Some(id)) = (parts.next(), parts.next()) else {
+        let Some((d, id)) = crate::catalog::split_key(&o.key) else {
             continue;
         };
         if !lifecycle.contains_key(d) {
@@ -106,8 +104,7 @@ pub(crate) fn mark(repo: &Repository, bus: &EventBus) -> Result<Marked, Problem>
         m.live.push((d.to_string(), id.to_string()));
     }
     for o in repo.store.list("wal/")? {
-        let mut parts = o.key.splitn(3, '/').skip(1);
-        let (Some(d), Some(name)) = (parts.next(), parts.next()) else {
+        let Some((d, name)) = crate::catalog::split_key(&o.key) else {
             continue;
         };
         if let Some(rec) = crate::wal::record(repo, d, name)? {
@@ -140,15 +137,9 @@ pub(crate) fn packs(repo: &Repository, marked: &Marked) -> Result<Vec<PackState>
     let mut by_pack: HashMap<String, (u64, u64)> = HashMap::new();
     let mut found: HashSet<ChunkId> = HashSet::new();
     for o in repo.store.list("index/")? {
-        let Some(payload) = repo.get_sealed(INDEX_MAGIC, &o.key)? else {
+        let Some((pack, entries)) = crate::index::read_index(repo, &o.key)? else {
             continue;
         };
-        let nl = payload
-            .iter()
-            .position(|b| *b == b'\n')
-            .ok_or_else(|| Problem::new("verify.malformed", format!("{}: no pack name", o.key)))?;
-        let pack = String::from_utf8_lossy(&payload[..nl]).into_owned();
-        let entries = decode_pack_index(&payload[nl + 1..]).map_err(|p| p.context(&o.key))?;
         let acc = by_pack.entry(pack).or_default();
         for e in entries {
             if marked.referenced.contains(&e.id) {

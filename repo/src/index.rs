@@ -43,20 +43,32 @@ pub fn write_index(
     repo.put_sealed(INDEX_MAGIC, &index_key(pack_key), &payload)
 }
 
+/// Reads one index object: the pack it describes and the pack's entries.
+/// `None` when the object is gone.
+pub fn read_index(
+    repo: &Repository,
+    key: &str,
+) -> Result<Option<(String, Vec<PackEntry>)>, Problem> {
+    let Some(payload) = repo.get_sealed(INDEX_MAGIC, key)? else {
+        return Ok(None);
+    };
+    let nl = payload
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or_else(|| Problem::new("verify.malformed", format!("{key}: no pack name")))?;
+    let pack = String::from_utf8(payload[..nl].to_vec())
+        .map_err(|_| Problem::new("verify.malformed", format!("{key}: bad pack name")))?;
+    let entries = decode_pack_index(&payload[nl + 1..]).map_err(|p| p.context(key))?;
+    Ok(Some((pack, entries)))
+}
+
 impl RepoIndex {
     pub fn load(repo: &Repository) -> Result<Self, Problem> {
         let mut idx = RepoIndex::default();
         for o in repo.store.list("index/")? {
-            let Some(payload) = repo.get_sealed(INDEX_MAGIC, &o.key)? else {
+            let Some((pack, entries)) = read_index(repo, &o.key)? else {
                 continue;
             };
-            let nl = payload.iter().position(|b| *b == b'\n').ok_or_else(|| {
-                Problem::new("verify.malformed", format!("{}: no pack name", o.key))
-            })?;
-            let pack = String::from_utf8(payload[..nl].to_vec()).map_err(|_| {
-                Problem::new("verify.malformed", format!("{}: bad pack name", o.key))
-            })?;
-            let entries = decode_pack_index(&payload[nl + 1..]).map_err(|p| p.context(&o.key))?;
             let n = idx.packs.len() as u32;
             idx.packs.push(pack);
             idx.pack_ends.push(
