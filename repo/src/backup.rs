@@ -1,7 +1,7 @@
 //! Directory backups: walk, run the pipeline, commit the manifest last.
 
 use crate::index::{write_index, RepoIndex};
-use crate::lock::Lease;
+use crate::lock::{GcWait, Lease};
 use crate::{deployment, Repository};
 use bytes::Bytes;
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
@@ -108,7 +108,9 @@ pub(crate) fn new_backup_id(
         } else {
             format!("{base}-{n}")
         };
-        if repo.store.head(&snapshot_key(deployment, &id))?.is_none() {
+        if repo.store.head(&snapshot_key(deployment, &id))?.is_none()
+            && !crate::lifecycle::id_has_records(repo, deployment, &id)?
+        {
             return Ok(id);
         }
     }
@@ -267,7 +269,7 @@ pub fn backup_path(
             format!("deployment {deployment:?} has no path"),
         )
     })?);
-    let lease = Lease::acquire(repo, deployment, "backup")?;
+    let pending = Lease::acquire_writer(repo, deployment, "backup")?;
     let backup_id = new_backup_id(repo, deployment, "full")?;
     let subj = subject(deployment, &backup_id);
     let backend = match opts.read_backend {
@@ -291,7 +293,9 @@ pub fn backup_path(
         read_backend: Some(backend.0),
         ..opts.clone()
     };
-    let r = run_backup(repo, &lease, &d.name, &root, &backup_id, bus, &opts);
+    let r = pending
+        .wait_for_gc(repo, &GcWait::writer(bus, subj.clone()))
+        .and_then(|lease| run_backup(repo, &lease, &d.name, &root, &backup_id, bus, &opts));
     match &r {
         Ok((m, report, verified)) => bus.publish(
             Event::new(Severity::Notice, "backup_completed")
@@ -469,4 +473,26 @@ pub(crate) fn ensure_indexed(repo: &Repository, m: &Manifest) -> Result<(), Prob
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_backup_never_takes_the_id_of_a_collected_deleted_one() {
+        let repo = crate::testing::memory_repo();
+        let first = new_backup_id(&repo, "d", "full").expect("id");
+        // Its manifest was collected; its tombstone stays as record.
+        repo.store
+            .put(&format!("tombstones/d/{first}"), Bytes::from_static(b"t"))
+            .expect("put");
+        let second = new_backup_id(&repo, "d", "full").expect("id");
+        assert_ne!(first, second, "would be born deleted");
+        repo.store
+            .put(&format!("holds/d/{second}"), Bytes::from_static(b"h"))
+            .expect("put");
+        let third = new_backup_id(&repo, "d", "full").expect("id");
+        assert!(third != first && third != second, "{third}");
+    }
 }

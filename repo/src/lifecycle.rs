@@ -60,6 +60,14 @@ fn tombstone_key(d: &str, id: &str) -> String {
     format!("tombstones/{d}/{id}")
 }
 
+/// Whether `id` has a tombstone or a hold: its manifest may be gone (GC
+/// removed it) but the id stays taken, so a new backup never inherits a
+/// deleted one's tombstone.
+pub(crate) fn id_has_records(repo: &Repository, d: &str, id: &str) -> Result<bool, Problem> {
+    Ok(repo.store.head(&tombstone_key(d, id))?.is_some()
+        || repo.store.head(&hold_key(d, id))?.is_some())
+}
+
 fn read<T: for<'de> Deserialize<'de>>(
     repo: &Repository,
     magic: &[u8; 8],

@@ -9,7 +9,7 @@
 
 use crate::backup::{commit, new_backup_id, run_pipeline, settle, BackupOptions};
 use crate::index::RepoIndex;
-use crate::lock::Lease;
+use crate::lock::{GcWait, Lease};
 use crate::pages::RelationPlanner;
 use crate::{deployment, Repository};
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
@@ -107,7 +107,7 @@ pub fn backup_postgres(
 ) -> Result<Manifest, Problem> {
     let d = deployment::get(repo, name)?;
     let ci = ConnInfo::parse(d.pg.as_deref().unwrap_or_default())?;
-    let lease = Lease::acquire(repo, name, "backup")?;
+    let pending = Lease::acquire_writer(repo, name, "backup")?;
     let backup_id = new_backup_id(repo, name, "full")?;
     let mut subj = serde_json::Map::new();
     subj.insert("deployment".into(), json!(name));
@@ -118,7 +118,9 @@ pub fn backup_postgres(
             .body(json!({"source": "postgres", "workers": opts.pipeline.workers})),
     );
     let t0 = std::time::Instant::now();
-    let r = run(repo, &lease, name, &ci, &backup_id, bus, opts);
+    let r = pending
+        .wait_for_gc(repo, &GcWait::writer(bus, subj.clone()))
+        .and_then(|lease| run(repo, &lease, name, &ci, &backup_id, bus, opts));
     match &r {
         Ok((m, verified)) => bus.publish(
             Event::new(Severity::Notice, "backup_completed")

@@ -104,7 +104,15 @@ pub fn archive(
     let size = data.len() as u64;
     // A writer like a backup: garbage collection never runs meanwhile, so
     // no chunk this segment dedups against can vanish before its record.
-    let lease = crate::lock::Lease::acquire(repo, &format!("{deployment}.wal"), "wal archive")?;
+    let mut subj = serde_json::Map::new();
+    subj.insert("deployment".into(), serde_json::json!(deployment));
+    subj.insert("wal_file".into(), serde_json::json!(name));
+    let lease = crate::lock::Lease::acquire(
+        repo,
+        &format!("{deployment}.wal"),
+        "wal archive",
+        &crate::lock::GcWait::writer(bus, subj),
+    )?;
     let dedup = Arc::new(RepoIndex::load(repo)?.dedup());
     let cfg = PipelineConfig {
         workers: 2,

@@ -2,12 +2,17 @@
 //! never what a live or running backup can reference.
 
 use crate::{add_path_deployment, backup, restore_to};
+use bytes::Bytes;
 use pg_hardstorage_engine::event::EventBus;
-use pg_hardstorage_engine::store::{DynStore, Throttled};
+use pg_hardstorage_engine::format::Manifest;
+use pg_hardstorage_engine::store::{DynStore, ObjectInfo, Store, Throttled};
+use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::gc::{gc, usage, GcOptions};
 use pg_hardstorage_repo::{catalog, lifecycle, verify, Repository};
 use pg_hardstorage_testkit::tree::{digest, write_big_file};
 use pg_hardstorage_testkit::{local_repo, small_opts};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,10 +32,15 @@ fn gc_reclaims_deleted_backups_and_keeps_every_live_one_whole() {
     std::fs::create_dir_all(&b).expect("mkdir");
     write_big_file(&a.join("shared"), 8 << 20, 1);
     std::fs::copy(a.join("shared"), b.join("shared")).expect("copy");
-    write_big_file(&a.join("only-a"), 16 << 20, 2);
-    write_big_file(&b.join("only-b"), 4 << 20, 3);
     add_path_deployment(&repo, "a", &a);
     add_path_deployment(&repo, "b", &b);
+    // The shared data first, in a backup of its own: the next backup of a
+    // stores only what is new, so its packs hold nothing b needs however
+    // the workers interleave (one backup of both files mixes them, and
+    // under load every pack may get a shared chunk).
+    let (first_a, _) = backup(&repo, "a").expect("a, shared data only");
+    write_big_file(&a.join("only-a"), 16 << 20, 2);
+    write_big_file(&b.join("only-b"), 4 << 20, 3);
     let (ma, _) = backup(&repo, "a").expect("a");
     let (mb, _) = backup(&repo, "b").expect("b");
 
@@ -117,7 +127,8 @@ fn gc_reclaims_deleted_backups_and_keeps_every_live_one_whole() {
     let target = tmp.path().join("rb");
     restore_to(&repo, &mb, &target).expect("restore b");
     assert_eq!(digest(&b), digest(&target));
-    assert_eq!(catalog::list(&repo, None).expect("list").len(), 1);
+    verify::verify(&repo, &first_a, &EventBus::new(), 2).expect("a's first verifies");
+    assert_eq!(catalog::list(&repo, None).expect("list").len(), 2);
     // Idempotent.
     assert_eq!(
         gc(&repo, &now(), &EventBus::new())
@@ -165,18 +176,35 @@ fn gc_apply_waits_for_a_running_backup_which_completes_and_restores() {
 }
 
 #[test]
-fn a_writer_refuses_to_start_while_gc_holds_its_lease() {
+fn a_writer_waits_for_a_running_gc_and_says_so() {
     let (tmp, repo) = local_repo(small_opts());
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).expect("mkdir");
     std::fs::write(src.join("f"), b"x").expect("write");
     add_path_deployment(&repo, "w", &src);
     let lease = pg_hardstorage_repo::lock::Lease::acquire_gc(&repo).expect("gc lease");
-    let e = backup(&repo, "w").map(|_| ()).expect_err("refused");
-    assert_eq!(e.code.as_ref(), "repo.locked");
-    assert!(e.message.contains("garbage collection"), "{}", e.message);
-    drop(lease);
-    backup(&repo, "w").expect("runs once gc is done");
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        drop(lease);
+    });
+    let (m, events) = backup(&repo, "w").expect("runs once gc is done");
+    release.join().expect("thread");
+    let ops = events.ops();
+    let at = |op: &str| ops.iter().position(|o| o == op);
+    assert!(
+        at("backup_started") < at("waiting_for_gc")
+            && at("waiting_for_gc") < at("backup_completed"),
+        "{ops:?}"
+    );
+    let w = events
+        .events()
+        .into_iter()
+        .find(|e| e.op == "waiting_for_gc")
+        .expect("event");
+    let (subject, body) = (w.subject.expect("subject"), w.body.expect("body"));
+    assert_eq!(subject["backup_id"], m.backup_id.as_str());
+    assert_eq!(body["phase"], "running", "{body:?}");
+    assert!(body["deadline_seconds"].as_u64() > Some(0), "{body:?}");
 }
 
 #[test]
@@ -203,4 +231,218 @@ fn restores_and_gc_exclude_each_other() {
     drop(reader);
     gc(&repo, &now(), &EventBus::new()).expect("gc runs");
     restore_to(&repo, &m, &tmp.path().join("t2")).expect("restore");
+}
+
+/// Records the key of every mutating call, so a refused GC can be shown to
+/// have changed nothing but its own lease record.
+struct Recording {
+    inner: DynStore,
+    writes: std::sync::Mutex<Vec<String>>,
+}
+
+impl Recording {
+    fn note(&self, key: &str) {
+        self.writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(key.to_string());
+    }
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.writes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Store for Recording {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn put(&self, key: &str, data: Bytes) -> Result<(), Problem> {
+        self.note(key);
+        self.inner.put(key, data)
+    }
+    fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, Problem> {
+        self.note(key);
+        self.inner.put_if_absent(key, data)
+    }
+    fn put_parts_if_absent(&self, key: &str, parts: Vec<Bytes>) -> Result<bool, Problem> {
+        self.note(key);
+        self.inner.put_parts_if_absent(key, parts)
+    }
+    fn get(&self, key: &str) -> Result<Option<Bytes>, Problem> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, Problem> {
+        self.inner.get_range(key, range)
+    }
+    fn head(&self, key: &str) -> Result<Option<u64>, Problem> {
+        self.inner.head(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, Problem> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), Problem> {
+        self.note(key);
+        self.inner.delete(key)
+    }
+}
+
+type Digest = std::collections::BTreeMap<Vec<u8>, pg_hardstorage_testkit::tree::Node>;
+
+#[derive(Default)]
+struct RaceTally {
+    backups: AtomicU64,
+    waited: AtomicU64,
+    gc_ran: AtomicU64,
+    gc_refused: AtomicU64,
+}
+
+/// One writer: backs up its deployment again and again (new data each
+/// time), deletes the backup before (so GC has garbage to take) and keeps
+/// the latest with the digest of what it held.
+fn race_writer(
+    repo: &Repository,
+    d: &str,
+    src: &std::path::Path,
+    stop: &AtomicBool,
+    tally: &RaceTally,
+) -> (Manifest, Digest) {
+    let mut last: Option<(Manifest, Digest)> = None;
+    let mut i = 0u64;
+    while last.is_none() || !stop.load(Ordering::Acquire) {
+        write_big_file(
+            &src.join(format!("f{}", i % 3)),
+            256 << 10,
+            i * 7 + d.len() as u64,
+        );
+        let (m, events) = backup(repo, d).unwrap_or_else(|e| panic!("backup of {d} #{i}: {e:?}"));
+        if events.ops().iter().any(|o| o == "waiting_for_gc") {
+            tally.waited.fetch_add(1, Ordering::Relaxed);
+        }
+        tally.backups.fetch_add(1, Ordering::Relaxed);
+        if let Some((old, _)) = last.replace((m, digest(src))) {
+            lifecycle::delete(repo, &old.backup_id, "race", None).expect("delete the older one");
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    last.unwrap_or_else(|| unreachable!("the loop runs at least once"))
+}
+
+/// One collector: `gc --apply` in a loop. A refused run must say
+/// `repo.locked` and must have written nothing but its own lease record.
+fn race_gc(repo: &Repository, stop: &AtomicBool, tally: &RaceTally) {
+    let rec = Arc::new(Recording {
+        inner: repo.store.clone(),
+        writes: Default::default(),
+    });
+    let mine = Repository {
+        store: rec.clone(),
+        ..repo.clone()
+    };
+    while !stop.load(Ordering::Acquire) {
+        match gc(&mine, &now(), &EventBus::new()) {
+            Ok(_) => {
+                tally.gc_ran.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                assert_eq!(e.code.as_ref(), "repo.locked", "{e:?}");
+                let writes = rec.take();
+                assert!(
+                    writes.iter().all(|k| k == "locks/.gc"),
+                    "a refused GC changed {writes:?}"
+                );
+                tally.gc_refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        rec.take();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+/// Races `gcs` collectors against `writers` backups for at least `least`
+/// (longer, up to a minute, until both a granted and a refused GC were
+/// seen); then every deployment's latest backup restores exactly and the
+/// repository checks clean.
+fn race(gcs: usize, writers: usize, least: Duration) {
+    let (tmp, repo) = local_repo(small_opts());
+    let names: Vec<String> = (0..writers).map(|w| format!("w{w}")).collect();
+    for n in &names {
+        let src = tmp.path().join(n);
+        std::fs::create_dir_all(&src).expect("mkdir");
+        add_path_deployment(&repo, n, &src);
+    }
+    let (stop, tally) = (AtomicBool::new(false), RaceTally::default());
+    let t0 = std::time::Instant::now();
+    let kept = std::thread::scope(|s| {
+        let ws: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let (repo, src, stop, tally) = (&repo, tmp.path().join(n), &stop, &tally);
+                s.spawn(move || race_writer(repo, n, &src, stop, tally))
+            })
+            .collect();
+        for _ in 0..gcs {
+            s.spawn(|| race_gc(&repo, &stop, &tally));
+        }
+        let seen_both = || {
+            tally.gc_ran.load(Ordering::Relaxed) > 0 && tally.gc_refused.load(Ordering::Relaxed) > 0
+        };
+        while t0.elapsed() < least || (!seen_both() && t0.elapsed() < Duration::from_secs(60)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Release);
+        ws.into_iter()
+            .map(|w| w.join().expect("writer thread"))
+            .collect::<Vec<_>>()
+    });
+    eprintln!(
+        "race {gcs} gc x {writers} writers, {:.1}s: {} backups ({} waited for GC), GC ran {} and was refused {} times",
+        t0.elapsed().as_secs_f64(),
+        tally.backups.load(Ordering::Relaxed),
+        tally.waited.load(Ordering::Relaxed),
+        tally.gc_ran.load(Ordering::Relaxed),
+        tally.gc_refused.load(Ordering::Relaxed),
+    );
+    assert!(
+        tally.gc_refused.load(Ordering::Relaxed) > 0,
+        "the race never happened"
+    );
+    assert!(
+        tally.gc_ran.load(Ordering::Relaxed) > 0,
+        "GC never found a gap"
+    );
+    gc(&repo, &now(), &EventBus::new()).expect("a last gc");
+    let report = pg_hardstorage_repo::check::check(&repo).expect("check");
+    assert!(report.ok, "{report:?}");
+    for (i, (m, want)) in kept.iter().enumerate() {
+        let target = tmp.path().join(format!("restored-{i}"));
+        restore_to(&repo, m, &target).expect("restore the latest");
+        assert_eq!(&digest(&target), want, "{}", m.backup_id);
+    }
+}
+
+#[test]
+fn gc_attempts_racing_backups_never_fail_one_and_refused_ones_change_nothing() {
+    race(3, 2, Duration::from_secs(8));
+}
+
+/// The same race on one core, where a slow scheduler widens every window.
+#[test]
+fn the_gc_race_holds_on_a_single_core() {
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "gc::gc_attempts_racing_backups_never_fail_one_and_refused_ones_change_nothing",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("taskset (util-linux) is needed for this test: {e}"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "the race did not run: {text}");
 }
