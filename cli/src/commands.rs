@@ -667,7 +667,14 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
     let req = ops::RestoreRequest {
         deployment: a.deployment.clone(),
         backup: a.backup.clone().unwrap_or_else(|| "latest".into()),
-        target: a.target.clone().unwrap_or_default(),
+        // Relative to where the command runs; an empty one stays empty
+        // (and is refused: a restore needs an absolute target).
+        target: a
+            .target
+            .as_ref()
+            .filter(|t| !t.as_os_str().is_empty())
+            .map(|t| std::path::absolute(t).unwrap_or_else(|_| t.clone()))
+            .unwrap_or_default(),
         to: a.to.clone(),
         to_lsn: a.to_lsn.clone(),
         to_name: a.to_name.clone(),
@@ -733,10 +740,11 @@ pub fn restore_command_base(cli: &Cli) -> Result<String, Problem> {
             .map(|a| a.display().to_string())
             .unwrap_or_default()
     };
+    let word = pg_hardstorage_repo::restore::command_word;
     let key = if let Some(k) = cli.key_file.clone().or(cfg.key_file) {
-        format!("--key-file '{}'", abs(&k))
+        format!("--key-file {}", word(&abs(&k)))
     } else if let Some(p) = &cli.passphrase_file {
-        format!("--passphrase-file '{}'", abs(p))
+        format!("--passphrase-file {}", word(&abs(p)))
     } else {
         return Err(Problem::new(
             "usage.invalid_argument",
@@ -745,9 +753,9 @@ pub fn restore_command_base(cli: &Cli) -> Result<String, Problem> {
         .suggest("Put the passphrase in a file readable by the postgres user and pass --passphrase-file", None));
     };
     Ok(format!(
-        "'{}' --repo '{}' {key} -q wal fetch",
-        exe.display(),
-        repo
+        "{} --repo {} {key} -q wal fetch",
+        word(&exe.display().to_string()),
+        word(&repo)
     ))
 }
 

@@ -4,6 +4,7 @@
 //! a message saying what is missing.
 
 pub mod http;
+pub mod observed;
 pub mod pg;
 pub mod s3;
 pub mod tree;

@@ -2,16 +2,14 @@
 //! never what a live or running backup can reference.
 
 use crate::{add_path_deployment, backup, restore_to};
-use bytes::Bytes;
 use pg_hardstorage_engine::event::EventBus;
 use pg_hardstorage_engine::format::Manifest;
-use pg_hardstorage_engine::store::{DynStore, ObjectInfo, Store, Throttled};
-use pg_hardstorage_engine::Problem;
+use pg_hardstorage_engine::store::{DynStore, Throttled};
 use pg_hardstorage_repo::gc::{gc, usage, GcOptions};
 use pg_hardstorage_repo::{catalog, lifecycle, verify, Repository};
+use pg_hardstorage_testkit::observed::Observed;
 use pg_hardstorage_testkit::tree::{digest, write_big_file};
 use pg_hardstorage_testkit::{local_repo, small_opts};
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -233,59 +231,6 @@ fn restores_and_gc_exclude_each_other() {
     restore_to(&repo, &m, &tmp.path().join("t2")).expect("restore");
 }
 
-/// Records the key of every mutating call, so a refused GC can be shown to
-/// have changed nothing but its own lease record.
-struct Recording {
-    inner: DynStore,
-    writes: std::sync::Mutex<Vec<String>>,
-}
-
-impl Recording {
-    fn note(&self, key: &str) {
-        self.writes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(key.to_string());
-    }
-    fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.writes.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-impl Store for Recording {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn put(&self, key: &str, data: Bytes) -> Result<(), Problem> {
-        self.note(key);
-        self.inner.put(key, data)
-    }
-    fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, Problem> {
-        self.note(key);
-        self.inner.put_if_absent(key, data)
-    }
-    fn put_parts_if_absent(&self, key: &str, parts: Vec<Bytes>) -> Result<bool, Problem> {
-        self.note(key);
-        self.inner.put_parts_if_absent(key, parts)
-    }
-    fn get(&self, key: &str) -> Result<Option<Bytes>, Problem> {
-        self.inner.get(key)
-    }
-    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, Problem> {
-        self.inner.get_range(key, range)
-    }
-    fn head(&self, key: &str) -> Result<Option<u64>, Problem> {
-        self.inner.head(key)
-    }
-    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, Problem> {
-        self.inner.list(prefix)
-    }
-    fn delete(&self, key: &str) -> Result<(), Problem> {
-        self.note(key);
-        self.inner.delete(key)
-    }
-}
-
 type Digest = std::collections::BTreeMap<Vec<u8>, pg_hardstorage_testkit::tree::Node>;
 
 #[derive(Default)]
@@ -331,10 +276,7 @@ fn race_writer(
 /// One collector: `gc --apply` in a loop. A refused run must say
 /// `repo.locked` and must have written nothing but its own lease record.
 fn race_gc(repo: &Repository, stop: &AtomicBool, tally: &RaceTally) {
-    let rec = Arc::new(Recording {
-        inner: repo.store.clone(),
-        writes: Default::default(),
-    });
+    let rec = Observed::wrap(repo.store.clone());
     let mine = Repository {
         store: rec.clone(),
         ..repo.clone()
@@ -346,9 +288,13 @@ fn race_gc(repo: &Repository, stop: &AtomicBool, tally: &RaceTally) {
             }
             Err(e) => {
                 assert_eq!(e.code.as_ref(), "repo.locked", "{e:?}");
-                let writes = rec.take();
+                let writes: Vec<_> = rec
+                    .take()
+                    .into_iter()
+                    .filter(|(op, _)| op.mutates())
+                    .collect();
                 assert!(
-                    writes.iter().all(|k| k == "locks/.gc"),
+                    writes.iter().all(|(_, k)| k == "locks/.gc"),
                     "a refused GC changed {writes:?}"
                 );
                 tally.gc_refused.fetch_add(1, Ordering::Relaxed);

@@ -7,6 +7,7 @@ mod gc;
 mod integrity;
 mod pagededup;
 mod postgres;
+mod restore_safety;
 mod roundtrip;
 mod s3;
 mod sealed;

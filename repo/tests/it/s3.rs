@@ -2,6 +2,7 @@ use crate::{add_path_deployment, backup, restore_to};
 use bytes::Bytes;
 use pg_hardstorage_engine::event::EventBus;
 use pg_hardstorage_repo::{verify, KeySource, Repository};
+use pg_hardstorage_testkit::observed::{Observed, Op};
 use pg_hardstorage_testkit::s3::Moto;
 use pg_hardstorage_testkit::tree::{digest, rich_tree};
 use pg_hardstorage_testkit::{init, small_opts};
@@ -72,5 +73,52 @@ fn s3_conditional_put_refuses_to_overwrite() {
     assert_eq!(
         repo.store.get("x/y").expect("get").as_deref(),
         Some(&b"1"[..])
+    );
+}
+
+/// A restore from S3 reads each pack it touches with about one ranged GET
+/// (coalesced, in pack order), whatever the number of files and chunks.
+#[test]
+fn s3_restore_gets_are_bounded_by_the_packs_it_touches() {
+    let moto = Moto::start();
+    let repo = s3_repo(&moto, "phs-restore-gets");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    rich_tree(&src, 300, 8 << 20);
+    add_path_deployment(&repo, "g", &src);
+    let (m, _) = backup(&repo, "g").expect("backup to s3");
+    let seen = Observed::wrap(repo.store.clone());
+    let counted = Repository {
+        store: seen.clone(),
+        ..repo.clone()
+    };
+    let out = tmp.path().join("out");
+    restore_to(&counted, &m, &out).expect("restore from s3");
+    assert_eq!(digest(&src), digest(&out));
+    let calls = seen.take();
+    let pack_gets = calls
+        .iter()
+        .filter(|(op, k)| matches!(op, Op::Get | Op::GetRange) && k.starts_with("packs/"))
+        .count();
+    let touched: std::collections::BTreeSet<_> = calls
+        .iter()
+        .filter(|(op, k)| *op == Op::GetRange && k.starts_with("packs/"))
+        .map(|(_, k)| k.clone())
+        .collect();
+    let chunks: usize = m.entries.iter().map(|e| e.chunks.len()).sum();
+    eprintln!(
+        "restore of {} files, {chunks} chunks: {pack_gets} pack GETs for {} packs touched; {} requests in all",
+        m.entries.len(),
+        touched.len(),
+        calls.len()
+    );
+    assert!(
+        pack_gets <= touched.len() + 2,
+        "{pack_gets} GETs for {} packs",
+        touched.len()
+    );
+    assert!(
+        chunks > 4 * touched.len(),
+        "the test needs many chunks per pack"
     );
 }
