@@ -273,9 +273,6 @@ fn run(
     target.create_file(marker, 0)?;
     target.append(marker, format!("{}\n", m.backup_id).as_bytes())?;
     make_tree(m, &places, &roots)?;
-    for f in &plan.files {
-        roots[f.root].create_file(&f.rel, f.entry.size)?;
-    }
     let progress = fetch::Progress::default();
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {

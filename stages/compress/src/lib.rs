@@ -43,8 +43,22 @@ impl ChunkStage for Zstd {
 
 /// Decompresses a chunk body that must expand to exactly `raw_len` bytes.
 pub fn decompress(body: &[u8], raw_len: usize) -> Result<Vec<u8>, Problem> {
-    let out = zstd::bulk::decompress(body, raw_len)
-        .map_err(|e| Problem::new("verify.malformed", format!("zstd: {e}")))?;
+    thread_local! {
+        // One context per thread: creating one per chunk cost ~3% of a restore.
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let zerr = |e: std::io::Error| Problem::new("verify.malformed", format!("zstd: {e}"));
+    let out = DCTX.with(|cell| -> Result<Vec<u8>, Problem> {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new().map_err(zerr)?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(body, raw_len).map_err(zerr),
+            None => Err(Problem::internal("zstd context missing")),
+        }
+    })?;
     if out.len() != raw_len {
         return Err(Problem::new(
             "verify.checksum_mismatch",
