@@ -716,6 +716,18 @@ fn bench_cmd(out: &mut Out, a: &BenchArgs) -> R {
         zstd_level: a.zstd_level,
         pipeline: pipeline_cfg(&a.pipeline),
     };
+    if a.restore {
+        if opts.dir.is_some() {
+            return Err(Problem::new(
+                "usage.invalid_argument",
+                "--restore measures generated data; --dir is for backup benches",
+            ));
+        }
+        let report = pg_hardstorage_repo::bench_restore::run(&opts, &a.restore_dir, &out.bus)?;
+        let body = serde_json::to_value(&report).unwrap_or_default();
+        out.success("bench", body, |_| report.table());
+        return Ok(());
+    }
     let report = bench::run(&opts, &out.bus)?;
     let body = serde_json::to_value(&report).unwrap_or_default();
     out.success("bench", body, |_| report.table());

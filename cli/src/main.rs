@@ -398,6 +398,13 @@ pub struct BenchArgs {
     pub sample: String,
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
+    /// Measure restore instead: back up the generated data into memory,
+    /// restore it into --restore-dir, report GB/s and efficiency
+    #[arg(long)]
+    pub restore: bool,
+    /// Where `--restore` writes (a scratch directory; emptied afterwards)
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("pg_hardstorage-bench-restore"))]
+    pub restore_dir: PathBuf,
     #[command(flatten)]
     pub pipeline: PipelineArgs,
 }

@@ -118,7 +118,10 @@ impl Store for NullStore {
     }
 }
 
-fn bench_repo(level: i32, store: Arc<NullStore>) -> Result<Repository, Problem> {
+pub(crate) fn bench_repo(
+    level: i32,
+    store: pg_hardstorage_engine::store::DynStore,
+) -> Result<Repository, Problem> {
     Ok(Repository {
         store,
         config: RepoConfig {
@@ -142,7 +145,7 @@ fn bench_repo(level: i32, store: Arc<NullStore>) -> Result<Repository, Problem> 
 pub struct Generator {
     random: Arc<Vec<u8>>,
     text: Arc<Vec<u8>>,
-    compressibility: f64,
+    pub(crate) compressibility: f64,
     counter: u64,
 }
 
@@ -261,10 +264,10 @@ impl std::fmt::Write for Vec2<'_> {
 }
 
 /// Generated input as a pipeline source: files of `file_size` bytes.
-struct GenSource {
-    gen: Generator,
-    total: u64,
-    file_size: u64,
+pub(crate) struct GenSource {
+    pub gen: Generator,
+    pub total: u64,
+    pub file_size: u64,
 }
 
 impl Source for GenSource {
@@ -299,7 +302,7 @@ impl Source for GenSource {
     }
 }
 
-fn rss_peak() -> u64 {
+pub(crate) fn rss_peak() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -312,7 +315,7 @@ fn rss_peak() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-fn reset_rss_peak() {
+pub(crate) fn reset_rss_peak() {
     // Linux: writing 5 to clear_refs resets VmHWM to the current RSS.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }

@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod backup;
 pub mod bench;
+pub mod bench_restore;
 pub mod catalog;
 pub mod check;
 pub mod chunks;

@@ -383,6 +383,33 @@ fn report(
     }
 }
 
+/// Plans and fetches `entries` (files at the top of `target`) on `threads`
+/// readers, timed from the plan to the last write; no marker, no metadata,
+/// no sync (`bench --restore`).
+pub(crate) fn fetch_only(
+    repo: &Repository,
+    entries: &[Entry],
+    target: &Path,
+    threads: usize,
+) -> Result<crate::bench_restore::Figures, Problem> {
+    let t0 = Instant::now();
+    let index = RepoIndex::load(repo)?;
+    let files = entries
+        .iter()
+        .map(|e| Ok((0, e.path_bytes()?, e)))
+        .collect::<Result<Vec<_>, Problem>>()?;
+    let plan = plan::plan(&index, files, max_read(repo))?;
+    let roots = [Root::open(target)?];
+    let progress = fetch::Progress::default();
+    fetch::fetch(repo, &plan, &roots, threads, &progress)?;
+    Ok(crate::bench_restore::Figures {
+        bytes: progress.bytes.load(Ordering::Relaxed),
+        seconds: t0.elapsed().as_secs_f64(),
+        packs_touched: plan.packs_touched,
+        requests: progress.requests.load(Ordering::Relaxed),
+    })
+}
+
 /// Present in the target while a restore runs; removed only after every
 /// file verified and the filesystem was synced. A failed or killed restore
 /// leaves it behind, so an incomplete tree never passes for a complete one.
