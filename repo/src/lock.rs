@@ -481,9 +481,15 @@ fn held_by(name: &str, h: &LeaseRecord) -> Problem {
 /// between reading a stale record and claiming it.
 const CLAIM_KEEP: Duration = Duration::from_secs(3600);
 
-/// The claim on breaking the record `body` of `key`: `<key>~<its hash>`.
+/// Where breakers' claims live (a name no lease can have).
+const CLAIMS: &str = "locks/.claims/";
+
+/// The claim on breaking the record `body` of `key`:
+/// `locks/.claims/<name>-<its hash>` (characters object stores keep as
+/// they are: a `~` is escaped on disk by the local backend).
 fn claim_key(key: &str, body: &[u8]) -> String {
-    format!("{key}~{}", &blake3::hash(body).to_hex()[..32])
+    let name = key.strip_prefix("locks/").unwrap_or(key);
+    format!("{CLAIMS}{name}-{}", &blake3::hash(body).to_hex()[..32])
 }
 
 /// Breaks the stale record `body` at `key`, once. Of the processes that
@@ -501,8 +507,8 @@ fn break_stale(store: &DynStore, key: &str, body: &[u8]) -> Result<(), Problem> 
 /// Deletes breakers' claims older than [`CLAIM_KEEP`] (GC, once running).
 fn sweep_claims(repo: &Repository) -> Result<(), Problem> {
     let cutoff = now().saturating_sub(CLAIM_KEEP.as_secs());
-    for o in repo.store.list("locks/")? {
-        if o.key.contains('~') && o.modified_unix != 0 && o.modified_unix < cutoff {
+    for o in repo.store.list(CLAIMS)? {
+        if o.modified_unix != 0 && o.modified_unix < cutoff {
             repo.store.delete(&o.key)?;
         }
     }
@@ -512,7 +518,7 @@ fn sweep_claims(repo: &Repository) -> Result<(), Problem> {
 /// The first live lease other than GC's, if any.
 fn first_live_lease(repo: &Repository) -> Result<Option<(String, LeaseRecord)>, Problem> {
     for o in repo.store.list("locks/")? {
-        if o.key == GC_KEY || o.key.contains('~') {
+        if o.key == GC_KEY || o.key.starts_with(CLAIMS) {
             continue;
         }
         if let Some(h) = live_holder(repo, &o.key)? {
@@ -604,7 +610,20 @@ mod tests {
 
     #[test]
     fn a_stale_record_is_broken_once() {
-        let repo = crate::testing::memory_repo();
+        stale_broken_once(crate::testing::memory_repo());
+        // On disk too: the claim's name must survive the local backend.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = phs_store::open_store(&tmp.path().display().to_string(), true).expect("store");
+        let repo = Repository::init(
+            store,
+            &crate::KeySource::Passphrase("unit test passphrase".into()),
+            crate::InitOptions::default(),
+        )
+        .expect("init");
+        stale_broken_once(repo);
+    }
+
+    fn stale_broken_once(repo: Repository) {
         let mut dead = record("backup", "dead", Phase::Running);
         dead.expires_unix = 1;
         let body = serde_json::to_vec(&dead).expect("json");

@@ -242,43 +242,34 @@ pub fn restore_plan(
     } else {
         Vec::new()
     };
+    // Recovery with the WAL it needs staged into the target by the restore
+    // itself, so PostgreSQL needs no key material; `wal fetch` is only the
+    // fallback past the staged files, when key material it can read exists.
+    let needs_wal = target.is_some() || archived.iter().any(|n| !n.ends_with(".history"));
     let recovery = match target {
+        Some(t) => Some(t),
+        None if needs_wal => Some(RecoveryTarget::Latest),
+        None => None,
+    };
+    let recovery = match recovery {
         Some(t) => {
             if !req.force {
-                pitr::check_target(repo, &req.deployment, &m, &t, req.to.as_deref(), &archived)?;
+                let when = req.to.as_deref();
+                pitr::check_target(repo, &req.deployment, &m, &t, when, &archived)?;
             }
-            Some(Recovery {
-                restore_command: restore_command()?,
+            let r = Recovery {
+                restore_command: restore_command().ok(),
                 target: t,
-            })
+                staged: pitr::needed_wal(&m, &archived),
+            };
+            if r.restore_command.is_none() {
+                bus.publish(Event::new(Severity::Info, "wal_staged_only").body(json!({
+                    "staged": r.staged.len(),
+                    "reason": "no key file or passphrase file PostgreSQL can read: recovery replays the WAL this restore stages, and nothing past it",
+                })));
+            }
+            Some(r)
         }
-        // WAL archived after the backup: recover to the end of the archive.
-        None if archived.iter().any(|n| !n.ends_with(".history")) => match restore_command() {
-            Ok(cmd) => {
-                if !req.force {
-                    pitr::check_target(
-                        repo,
-                        &req.deployment,
-                        &m,
-                        &RecoveryTarget::Latest,
-                        None,
-                        &archived,
-                    )?;
-                }
-                Some(Recovery {
-                    restore_command: cmd,
-                    target: RecoveryTarget::Latest,
-                })
-            }
-            Err(_) => {
-                bus.publish(
-                    Event::new(Severity::Warning, "wal_recovery_skipped").body(json!({
-                        "reason": "no key file or passphrase file that PostgreSQL could use in restore_command"
-                    })),
-                );
-                None
-            }
-        },
         None => None,
     };
     let tablespace_mapping = req

@@ -248,3 +248,24 @@ pub fn check_target(
     }
     Ok(())
 }
+
+/// The archived WAL a recovery from `m` may ask for: every history file,
+/// and every segment from the one the backup started in onwards, on its
+/// timeline and any later one.
+pub fn needed_wal(m: &Manifest, archived: &[String]) -> Vec<String> {
+    use crate::wal::{parse_segment_name, SEGMENT_SIZE};
+    let tli = m.source["timeline"].as_u64().unwrap_or(1) as u32;
+    let start = m.source["start_lsn"]
+        .as_str()
+        .and_then(phs_pg::parse_lsn)
+        .unwrap_or(0)
+        / SEGMENT_SIZE;
+    archived
+        .iter()
+        .filter(|n| match parse_segment_name(n) {
+            Some((t, seg)) => t > tli || (t == tli && seg >= start),
+            None => n.ends_with(".history"),
+        })
+        .cloned()
+        .collect()
+}

@@ -216,6 +216,16 @@ pub fn fetch(repo: &Repository, deployment: &str, name: &str, dest: &Path) -> Re
 
 /// WAL file `name`, read through the verifying path.
 pub fn read(repo: &Repository, deployment: &str, name: &str) -> Result<Vec<u8>, Problem> {
+    read_with(repo, &RepoIndex::load(repo)?, deployment, name)
+}
+
+/// [`read`] with an index already loaded (a restore staging many files).
+pub fn read_with(
+    repo: &Repository,
+    index: &RepoIndex,
+    deployment: &str,
+    name: &str,
+) -> Result<Vec<u8>, Problem> {
     if !valid_wal_file(name) {
         return Err(Problem::new(
             "wal.segment_not_found",
@@ -230,7 +240,6 @@ pub fn read(repo: &Repository, deployment: &str, name: &str) -> Result<Vec<u8>, 
         .with("deployment", deployment)
         .with("segment", name)
     })?;
-    let index = RepoIndex::load(repo)?;
     let aead = repo.aead();
     let mut out = Vec::with_capacity(rec.size as usize);
     for (id, len) in &rec.chunks {

@@ -149,6 +149,50 @@ fn pitr_to_time_lsn_and_restore_point() {
     );
 }
 
+/// The key only in the restoring process's environment, nothing
+/// PostgreSQL's user could read: the restore stages the WAL recovery needs
+/// into the target, and recovery lands between the two commits without
+/// touching the repository (restore_command has no fallback to it).
+#[test]
+fn pitr_with_the_passphrase_only_in_the_environment_replays_staged_wal() {
+    let s = Setup::passphrase_only();
+    let _streamer = s.streamer();
+    std::thread::sleep(Duration::from_millis(500));
+    s.src.psql("postgres", "INSERT INTO t VALUES ('A')");
+    let t = s.src.psql(
+        "postgres",
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    s.src.psql("postgres", "INSERT INTO t VALUES ('B')");
+    s.archive_now();
+    let (code, v) = s.restore("staged", &["--to", t.trim()]);
+    assert_eq!(code, 0, "{v}");
+    let target = s.env.path("staged");
+    let conf = std::fs::read_to_string(target.join("postgresql.auto.conf")).expect("conf");
+    assert!(
+        conf.contains("else exit 1; fi") && !conf.contains("wal fetch"),
+        "no key material, so no fallback to the repository: {conf}"
+    );
+    let spool = target.join("pg_hardstorage_wal");
+    let staged = std::fs::read_dir(&spool).expect("spool").count();
+    assert!(staged > 0, "WAL staged");
+    let restored = PgCluster::on_existing(&target).started();
+    wait_promoted(&restored);
+    assert_eq!(
+        restored
+            .psql("postgres", "SELECT string_agg(v, ',' ORDER BY v) FROM t")
+            .trim(),
+        "A",
+        "row A present, row B absent"
+    );
+    let left = std::fs::read_dir(&spool).expect("spool").count();
+    assert!(
+        left < staged,
+        "recovery took its WAL from the spool ({left} of {staged} left)"
+    );
+}
+
 /// restore_command semantics: a segment that is not archived exits 1; a
 /// damaged one exits above 125 so recovery stops instead of promoting.
 #[test]
@@ -206,10 +250,29 @@ struct Setup {
     env: Env,
     key: String,
     src: PgCluster,
+    /// `--key-file KEY`, or nothing where the key is only the
+    /// environment's passphrase (`Setup::passphrase_only`).
+    kargs: Vec<String>,
 }
 
 impl Setup {
     fn new() -> Setup {
+        Self::build(true)
+    }
+
+    /// The repository keyed by `PG_HARDSTORAGE_PASSPHRASE` alone: nothing
+    /// PostgreSQL's user could read.
+    fn passphrase_only() -> Setup {
+        Self::build(false)
+    }
+
+    fn args<'a>(&'a self, head: &[&'a str]) -> Vec<&'a str> {
+        let mut v = head.to_vec();
+        v.extend(self.kargs.iter().map(String::as_str));
+        v
+    }
+
+    fn build(with_key: bool) -> Setup {
         let env = Env::new();
         {
             use std::os::unix::fs::PermissionsExt;
@@ -220,34 +283,31 @@ impl Setup {
         std::fs::write(&key, "3c".repeat(32)).expect("key");
         give_to_postgres(&key);
         let key = key.to_str().expect("utf8").to_string();
-        env.ok(&["repo", "init", "--key-file", &key]);
+        let kargs = if with_key {
+            vec!["--key-file".to_string(), key.clone()]
+        } else {
+            Vec::new()
+        };
         let src = PgCluster::start();
-        src.psql("postgres", "CREATE TABLE t (v text)");
-        env.ok(&[
-            "deployment",
-            "create",
-            "pg",
-            "--pg",
-            &src.conninfo(),
-            "--key-file",
-            &key,
-        ]);
-        env.ok(&["backup", "run", "pg", "--key-file", &key]);
-        Setup { env, key, src }
+        let s = Setup {
+            env,
+            key,
+            src,
+            kargs,
+        };
+        s.env.ok(&s.args(&["repo", "init"]));
+        s.src.psql("postgres", "CREATE TABLE t (v text)");
+        let conninfo = s.src.conninfo();
+        s.env
+            .ok(&s.args(&["deployment", "create", "pg", "--pg", &conninfo]));
+        s.env.ok(&s.args(&["backup", "run", "pg"]));
+        s
     }
 
     fn streamer(&self) -> Streamer {
         Streamer(
             self.env
-                .cmd(&[
-                    "wal",
-                    "stream",
-                    "pg",
-                    "--key-file",
-                    &self.key,
-                    "-o",
-                    "ndjson",
-                ])
+                .cmd(&self.args(&["wal", "stream", "pg", "-o", "ndjson"]))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -271,7 +331,7 @@ impl Setup {
         let want = format!("{:08X}{:08X}{:08X}", 1, (at / SEG) / 256, (at / SEG) % 256);
         let start = Instant::now();
         loop {
-            let l = self.env.ok(&["wal", "list", "pg", "--key-file", &self.key]);
+            let l = self.env.ok(&self.args(&["wal", "list", "pg"]));
             if l["segments"]
                 .as_array()
                 .expect("segments")
@@ -297,9 +357,8 @@ impl Setup {
             "latest",
             "--target",
             t.to_str().expect("utf8"),
-            "--key-file",
-            &self.key,
         ];
+        args.extend(self.kargs.iter().map(String::as_str));
         args.extend_from_slice(extra);
         self.env.json(&args)
     }

@@ -85,6 +85,8 @@ fn pg_verifybackup(target: &Path, mode: VerifyMode) -> Result<&'static str, Prob
     let out = std::process::Command::new(&tool)
         .arg("--ignore")
         .arg(IN_PROGRESS_MARKER)
+        .arg("--ignore")
+        .arg(recovery::SPOOL)
         .arg(target)
         .output()
         .map_err(|e| Problem::io("restore.verify_unavailable", tool.display(), &e))?;
@@ -245,7 +247,7 @@ fn checked_places(m: &Manifest, opts: &RestoreOptions) -> Result<Places, Problem
     m.validate()?;
     if let Some(r) = &opts.recovery {
         // A setting that cannot be written safely is refused before any write.
-        recovery::recovery_conf(r, &m.backup_id)?;
+        recovery::recovery_conf(r, &opts.target.join(recovery::SPOOL), &m.backup_id)?;
     }
     Places::new(m, opts)
 }
@@ -296,6 +298,7 @@ fn run(
             .entries
             .first()
             .ok_or_else(|| Problem::new("verify.malformed", "manifest has no root entry"))?;
+        stage_wal(repo, &index, m, target, r, root, opts.threads)?;
         recovery::write_recovery(target, r, root, &m.backup_id)?;
     }
     for r in &roots {
@@ -318,6 +321,51 @@ fn run(
         verified: true,
         pg_verifybackup: pg_check.to_string(),
     })
+}
+
+/// Copies every WAL file recovery may need, verified, into the spool
+/// [`recovery::SPOOL`] in the target, owned like the data directory, so
+/// `restore_command` only moves files and needs no key material.
+fn stage_wal(
+    repo: &Repository,
+    index: &RepoIndex,
+    m: &Manifest,
+    target: &Root,
+    r: &Recovery,
+    root: &Entry,
+    threads: usize,
+) -> Result<(), Problem> {
+    let spool = recovery::SPOOL.as_bytes();
+    target.mkdir(spool)?;
+    crate::parallel::for_each(
+        &r.staged,
+        threads,
+        1,
+        || (),
+        |_, name| {
+            let data = crate::wal::read_with(repo, index, &m.deployment, name)?;
+            let rel = [spool, b"/", name.as_bytes()].concat();
+            let f = target.create_file(&rel, 0)?;
+            let werr = |e| dest::werr(&target.path().join(recovery::SPOOL).join(name), e);
+            std::os::unix::fs::FileExt::write_all_at(&f, &data, 0).map_err(werr)?;
+            target.finish(
+                &rel,
+                &Entry {
+                    mode: 0o600,
+                    ..root.clone()
+                },
+                false,
+            )
+        },
+    )?;
+    target.finish(
+        spool,
+        &Entry {
+            mode: 0o700,
+            ..root.clone()
+        },
+        true,
+    )
 }
 
 /// Directories (parents first, as the manifest lists them) and the links

@@ -20,8 +20,29 @@ pub enum RecoveryTarget {
 
 #[derive(Clone, Debug)]
 pub struct Recovery {
-    pub restore_command: String,
+    /// `wal fetch` from the repository, for WAL past the staged files
+    /// (`None`: no key material PostgreSQL's user can read; then every WAL
+    /// file recovery may need is staged and anything else is "not archived").
+    pub restore_command: Option<String>,
     pub target: RecoveryTarget,
+    /// WAL files (segments and history files) the restore copies, verified,
+    /// into [`SPOOL`] for `restore_command` to move into place.
+    pub staged: Vec<String>,
+}
+
+/// The directory in the target the restore stages WAL into.
+pub const SPOOL: &str = "pg_hardstorage_wal";
+
+/// `restore_command`: a staged file is moved into place (a history file,
+/// which recovery may ask for again, copied); any other is fetched through
+/// `fallback`, or is "not archived" (exit 1) without one. A failed move
+/// exits 255, so recovery stops instead of promoting without that WAL.
+pub fn staged_command(spool: &std::path::Path, fallback: Option<&str>) -> String {
+    let dir = command_word(&spool.display().to_string());
+    let other = fallback.unwrap_or("exit 1");
+    format!(
+        "f={dir}/%f; if [ -f \"$f\" ]; then case %f in *.history) cp \"$f\" %p;; *) mv \"$f\" %p;; esac || exit 255; else {other}; fi"
+    )
 }
 
 /// A configuration value quoted for `postgresql.conf`: PostgreSQL's parser
@@ -48,11 +69,16 @@ pub fn command_word(s: &str) -> String {
 }
 
 /// The settings appended to `postgresql.auto.conf`.
-pub fn recovery_conf(r: &Recovery, backup_id: &str) -> Result<String, Problem> {
+pub fn recovery_conf(
+    r: &Recovery,
+    spool: &std::path::Path,
+    backup_id: &str,
+) -> Result<String, Problem> {
+    let cmd = staged_command(spool, r.restore_command.as_deref());
     let mut conf = format!(
         "\n# pg_hardstorage: archive recovery for {}\nrestore_command = {}\n",
         backup_id.replace(|c: char| c.is_control(), ""),
-        quote_conf("restore_command", &r.restore_command)?
+        quote_conf("restore_command", &cmd)?
     );
     let (name, value) = match &r.target {
         RecoveryTarget::Latest => return Ok(conf),
@@ -74,7 +100,7 @@ pub fn write_recovery(
     root: &Entry,
     backup_id: &str,
 ) -> Result<(), Problem> {
-    let conf = recovery_conf(r, backup_id)?;
+    let conf = recovery_conf(r, &target.path().join(SPOOL), backup_id)?;
     let auto = target.append(b"postgresql.auto.conf", conf.as_bytes())?;
     let signal = target.create_file(b"recovery.signal", 0)?;
     if unsafe { libc::geteuid() } == 0 {
@@ -101,6 +127,58 @@ mod tests {
         let e =
             quote_conf("recovery_target_name", "x\\\nrestore_command = 'sh'").expect_err("refused");
         assert_eq!(e.code.as_ref(), "usage.invalid_argument");
+    }
+
+    /// Runs `restore_command` as PostgreSQL would: %f and %p replaced, in
+    /// the data directory, through sh.
+    fn run_as_postgres(cmd: &str, dir: &std::path::Path, f: &str) -> Option<i32> {
+        let line = cmd
+            .replace("%f", f)
+            .replace("%p", "pg_wal/RECOVERYXLOG")
+            .replace("%%", "%");
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(line)
+            .current_dir(dir)
+            .status()
+            .expect("sh")
+            .code()
+    }
+
+    #[test]
+    fn the_staged_command_moves_segments_copies_history_and_falls_back() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data = tmp.path().join("it's 100%");
+        let spool = data.join(SPOOL);
+        std::fs::create_dir_all(&spool).expect("mkdir");
+        std::fs::create_dir_all(data.join("pg_wal")).expect("mkdir");
+        let seg = "000000010000000000000003";
+        std::fs::write(spool.join(seg), b"wal").expect("write");
+        std::fs::write(spool.join("00000002.history"), b"h").expect("write");
+        let cmd = staged_command(&spool, None);
+        let got = || std::fs::read(data.join("pg_wal/RECOVERYXLOG")).expect("read");
+        assert_eq!(run_as_postgres(&cmd, &data, seg), Some(0));
+        assert_eq!(got(), b"wal");
+        assert!(!spool.join(seg).exists(), "moved");
+        for _ in 0..2 {
+            assert_eq!(run_as_postgres(&cmd, &data, "00000002.history"), Some(0));
+            assert_eq!(got(), b"h");
+        }
+        // Not staged, no fallback: "not archived".
+        assert_eq!(
+            run_as_postgres(&cmd, &data, "000000010000000000000004"),
+            Some(1)
+        );
+        // With one: its exit status.
+        let with = staged_command(&spool, Some("exit 7"));
+        assert_eq!(
+            run_as_postgres(&with, &data, "000000010000000000000004"),
+            Some(7)
+        );
+        // A move that fails stops recovery.
+        std::fs::write(spool.join(seg), b"wal").expect("write");
+        std::fs::remove_dir_all(data.join("pg_wal")).expect("rm");
+        assert_eq!(run_as_postgres(&cmd, &data, seg), Some(255));
     }
 
     #[test]

@@ -23,8 +23,9 @@ fn opts(target: &Path, force: bool, recovery: Option<Recovery>) -> RestoreOption
 
 fn recovery(target: RecoveryTarget) -> Option<Recovery> {
     Some(Recovery {
-        restore_command: "false".into(),
+        restore_command: Some("false".into()),
         target,
+        staged: Vec::new(),
     })
 }
 
@@ -60,7 +61,7 @@ fn recovery_files_are_never_written_through_links_the_backup_holds() {
     assert!(std::fs::symlink_metadata(&conf).expect("meta").is_file());
     assert!(std::fs::read_to_string(&conf)
         .expect("read")
-        .contains("restore_command = 'false'"));
+        .contains("else false; fi'"));
 }
 
 #[test]
