@@ -602,6 +602,10 @@ pub struct StartRestore {
     /// `OLD=NEW` directory mappings for tablespaces.
     #[serde(default)]
     pub tablespace_mapping: Option<Vec<String>>,
+    /// Into an existing data directory of the same cluster: write only the
+    /// files and pages that differ, remove what the backup does not have.
+    #[serde(default)]
+    pub delta: Option<bool>,
 }
 
 // ------------------------------------------------------------ handlers
@@ -908,6 +912,7 @@ pub async fn dispatch(
                     force: b.force.unwrap_or(false),
                     threads: pg_hardstorage_engine::pipeline::default_workers(),
                     tablespace_mapping: b.tablespace_mapping.unwrap_or_default(),
+                    delta: b.delta.unwrap_or(false),
                 };
                 // Pre-flight before the stream starts: a refusal is a 412.
                 let st2 = st.clone();

@@ -684,6 +684,7 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
             .threads
             .unwrap_or_else(pg_hardstorage_engine::pipeline::default_workers),
         tablespace_mapping: a.tablespace_mapping.clone(),
+        delta: a.delta,
     };
     let (m, opts) = ops::restore_plan(&r, &req, &|| restore_command(cli, &a.deployment), &out.bus)?;
     out.stream_events();

@@ -372,6 +372,10 @@ pub struct RestoreArgs {
     /// Write into a non-empty target
     #[arg(long)]
     pub force: bool,
+    /// Into an existing data directory of the same cluster: write only the
+    /// files and pages that differ, remove what the backup does not have
+    #[arg(long)]
+    pub delta: bool,
     /// Restore the tablespace at OLD location into NEW (repeatable)
     #[arg(long, value_name = "OLD=NEW")]
     pub tablespace_mapping: Vec<String>,

@@ -186,6 +186,8 @@ pub struct RestoreRequest {
     pub threads: usize,
     /// `OLD=NEW` tablespace mappings.
     pub tablespace_mapping: Vec<String>,
+    /// Write only what differs into an existing directory of the cluster.
+    pub delta: bool,
 }
 
 impl RestoreRequest {
@@ -293,6 +295,7 @@ pub fn restore_plan(
         recovery,
         verify,
         tablespace_mapping,
+        delta: req.delta,
     };
     crate::restore::check(&m, &opts)?;
     Ok((m, opts))

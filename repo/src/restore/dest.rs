@@ -244,6 +244,16 @@ impl Root {
             .map_err(|e| self.err(rel, e))
     }
 
+    /// Opens the regular file `rel` for reading; `None` when there is none
+    /// (absent, or a link or a non-directory on the way).
+    pub fn open_read(&self, rel: &[u8]) -> Result<Option<File>, Problem> {
+        match self.open_rel(rel, libc::O_RDONLY, 0) {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            Err(e) if e.kind() == ErrorKind::NotFound || is_loop(&e) => Ok(None),
+            Err(e) => Err(self.err(rel, e)),
+        }
+    }
+
     /// Appends `data` to the file `rel`, creating it; a link in its place
     /// is replaced by a new file, never followed.
     pub fn append(&self, rel: &[u8], data: &[u8]) -> Result<File, Problem> {

@@ -55,7 +55,16 @@ impl Created {
         let mut mine = None;
         self.0[file as usize]
             .get_or_init(|| {
-                mine = Some(root.create_file(&p.rel, p.entry.size)?);
+                let f = if p.fresh {
+                    root.create_file(&p.rel, p.entry.size)?
+                } else {
+                    // Delta: the file stays; only its length is set.
+                    let f = root.open_file(&p.rel)?;
+                    f.set_len(p.entry.size)
+                        .map_err(|e| super::dest::werr(&root.path().join(&p.entry.path), e))?;
+                    f
+                };
+                mine = Some(f);
                 Ok(())
             })
             .clone()?;
@@ -105,10 +114,10 @@ pub fn fetch(
     let left: Vec<AtomicU64> = plan
         .files
         .iter()
-        .map(|f| AtomicU64::new(f.entry.size))
+        .map(|f| AtomicU64::new(f.write_bytes))
         .collect();
     for (f, l) in plan.files.iter().zip(&left) {
-        if f.entry.size == 0 {
+        if f.write_bytes == 0 {
             progress.files_done.fetch_add(1, Ordering::Relaxed);
             l.store(0, Ordering::Relaxed);
         }
@@ -257,8 +266,12 @@ impl Scatter<'_> {
                 .map_err(|e| e.with("path", pf.entry.path.clone()))?;
         }
         let f = files.get(self, p.file)?;
-        write_sparse_at(f, bytes, p.offset)
-            .map_err(|e| super::dest::werr(&self.roots[pf.root].path().join(&pf.entry.path), e))?;
+        let w = if pf.fresh {
+            write_sparse_at(f, bytes, p.offset)
+        } else {
+            f.write_all_at(bytes, p.offset)
+        };
+        w.map_err(|e| super::dest::werr(&self.roots[pf.root].path().join(&pf.entry.path), e))?;
         let n = bytes.len() as u64;
         self.progress.bytes.fetch_add(n, Ordering::Relaxed);
         if self.left[p.file as usize].fetch_sub(n, Ordering::AcqRel) == n {

@@ -9,6 +9,7 @@
 //! in-progress marker until every file verified and was synced, so a failed
 //! or killed restore never passes for a complete one.
 
+mod delta;
 mod dest;
 mod fetch;
 mod plan;
@@ -42,6 +43,9 @@ pub struct RestoreOptions {
     /// `(old location, new directory)`: where tablespaces go. A tablespace
     /// without a mapping goes back to its original location.
     pub tablespace_mapping: Vec<(String, PathBuf)>,
+    /// Into an existing directory of the same cluster: write only what
+    /// differs, remove what the backup does not have.
+    pub delta: bool,
 }
 
 /// `--verify`: every chunk is always verified as it is read; this decides
@@ -242,6 +246,7 @@ fn checked_places(m: &Manifest, opts: &RestoreOptions) -> Result<Places, Problem
     preflight(
         &opts.target,
         opts.force,
+        opts.delta,
         m.source["system_identifier"].as_str(),
     )?;
     m.validate()?;
@@ -268,13 +273,25 @@ fn run(
         files.push((root, rel, e));
     }
     // Every chunk is located before a byte is written.
-    let plan = plan::plan(&index, files, max_read(repo))?;
+    let mut plan = plan::plan(&index, files.clone(), max_read(repo), None)?;
     let roots = places.open_roots()?;
     let target = &roots[0];
     let marker = IN_PROGRESS_MARKER.as_bytes();
     target.create_file(marker, 0)?;
     target.append(marker, format!("{}\n", m.backup_id).as_bytes())?;
+    if opts.delta {
+        let placed = m.entries.iter().map(|e| {
+            let (root, rel) = places.place(e)?;
+            Ok((root, rel, e.kind))
+        });
+        let placed = placed.collect::<Result<Vec<_>, Problem>>()?;
+        delta::prune(&roots, &delta::expected(roots.len(), placed.into_iter()))?;
+    }
     make_tree(m, &places, &roots)?;
+    if opts.delta {
+        let have = delta::compare(repo, &roots, &files, opts.threads)?;
+        plan = plan::plan(&index, files, max_read(repo), Some(&have))?;
+    }
     let progress = fetch::Progress::default();
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -446,7 +463,7 @@ pub(crate) fn fetch_only(
         .iter()
         .map(|e| Ok((0, e.path_bytes()?, e)))
         .collect::<Result<Vec<_>, Problem>>()?;
-    let plan = plan::plan(&index, files, max_read(repo))?;
+    let plan = plan::plan(&index, files, max_read(repo), None)?;
     let roots = [Root::open(target)?];
     let progress = fetch::Progress::default();
     fetch::fetch(repo, &plan, &roots, threads, &progress)?;

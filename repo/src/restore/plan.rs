@@ -56,101 +56,68 @@ pub struct PlannedFile<'m> {
     pub rel: Vec<u8>,
     pub entry: &'m Entry,
     pub pages: Option<(u32, Vec<[u8; PAGE_HASH]>)>,
+    /// Created afresh (all holes: zero blocks are skipped), or an existing
+    /// file of a delta restore (only differing ranges written, zeros too).
+    pub fresh: bool,
+    /// Bytes the plan writes into it.
+    pub write_bytes: u64,
 }
 
 #[derive(Debug)]
 pub struct Plan<'m> {
     pub files: Vec<PlannedFile<'m>>,
     pub reads: Vec<Read>,
-    /// Bytes the restore writes (the files' logical sizes).
+    /// Bytes the restore writes.
     pub bytes_total: u64,
     pub packs_touched: usize,
 }
 
 /// Builds the plan for `files` (each `(root, rel, entry)`), reading no
-/// pack larger than `max_read` in one request.
+/// pack larger than `max_read` in one request. With `have` (a delta
+/// restore), chunks and pages already on disk are left out.
 pub fn plan<'m>(
     index: &RepoIndex,
     files: Vec<(usize, Vec<u8>, &'m Entry)>,
     max_read: u64,
+    have: Option<&[Option<Vec<bool>>]>,
 ) -> Result<Plan<'m>, Problem> {
     let mut jobs: HashMap<ChunkId, Job> = HashMap::new();
     let mut planned = Vec::with_capacity(files.len());
     let mut bytes_total = 0u64;
     for (n, (root, rel, e)) in files.into_iter().enumerate() {
         let file = u32::try_from(n).map_err(|_| Problem::internal("too many files"))?;
-        bytes_total += e.size;
-        let mut add = |id: &ChunkId, plain_len: u32, place: Place| -> Result<(), Problem> {
-            if let Some(j) = jobs.get_mut(id) {
+        let same = have.and_then(|h| h.get(n)).and_then(|s| s.as_deref());
+        let mut places = Vec::new();
+        let pages = places_of(e, file, same, &mut places)?;
+        let mut write_bytes = 0u64;
+        for (id, plain_len, place) in places {
+            write_bytes += place.src.len() as u64;
+            if let Some(j) = jobs.get_mut(&id) {
                 j.places.push(place);
-                return Ok(());
+                continue;
             }
-            let (_, loc) = index.locate(id)?;
+            let (_, loc) = index.locate(&id)?;
+            let places = vec![place];
+            let (offset, len) = (loc.offset, loc.len);
             jobs.insert(
-                *id,
+                id,
                 Job {
-                    id: *id,
-                    offset: loc.offset,
-                    len: loc.len,
+                    id,
+                    offset,
+                    len,
                     plain_len,
-                    places: vec![place],
+                    places,
                 },
             );
-            Ok(())
-        };
-        let pages = match &e.pages {
-            None => {
-                let mut offset = 0u64;
-                for (id, len) in &e.chunks {
-                    let src = 0..*len;
-                    let first_page = None;
-                    add(
-                        id,
-                        *len,
-                        Place {
-                            file,
-                            offset,
-                            src,
-                            first_page,
-                        },
-                    )?;
-                    offset += *len as u64;
-                }
-                None
-            }
-            Some(map) => {
-                let records = map.decode(&e.chunks)?;
-                let ps = map.page_size;
-                let mut i = 0;
-                while i < records.len() {
-                    // Pages stored next to each other in one run: one place.
-                    let r = records[i];
-                    let mut j = i + 1;
-                    while j < records.len()
-                        && records[j].run == r.run
-                        && records[j].slot as usize == r.slot as usize + (j - i)
-                    {
-                        j += 1;
-                    }
-                    let (id, len) = &e.chunks[r.run as usize];
-                    let from = r.slot as u32 * ps;
-                    let place = Place {
-                        file,
-                        offset: i as u64 * ps as u64,
-                        src: from..from + (j - i) as u32 * ps,
-                        first_page: Some(i as u32),
-                    };
-                    add(id, *len, place)?;
-                    i = j;
-                }
-                Some((ps, records.iter().map(|r| r.hash).collect()))
-            }
-        };
+        }
+        bytes_total += write_bytes;
         planned.push(PlannedFile {
             root,
             rel,
             entry: e,
             pages,
+            fresh: same.is_none(),
+            write_bytes,
         });
     }
     let (reads, packs_touched) = coalesce(index, jobs, max_read)?;
@@ -160,6 +127,68 @@ pub fn plan<'m>(
         bytes_total,
         packs_touched,
     })
+}
+
+/// Where `e`'s chunks land in it (those `same` does not say are on disk
+/// already); for a page-mapped file, its page size and hashes.
+#[allow(clippy::type_complexity)]
+fn places_of(
+    e: &Entry,
+    file: u32,
+    same: Option<&[bool]>,
+    out: &mut Vec<(ChunkId, u32, Place)>,
+) -> Result<Option<(u32, Vec<[u8; PAGE_HASH]>)>, Problem> {
+    let kept = |k: usize| same.is_some_and(|s| s.get(k) == Some(&true));
+    let Some(map) = &e.pages else {
+        let mut offset = 0u64;
+        for (k, (id, len)) in e.chunks.iter().enumerate() {
+            if !kept(k) {
+                let (src, first_page) = (0..*len, None);
+                out.push((
+                    *id,
+                    *len,
+                    Place {
+                        file,
+                        offset,
+                        src,
+                        first_page,
+                    },
+                ));
+            }
+            offset += *len as u64;
+        }
+        return Ok(None);
+    };
+    let records = map.decode(&e.chunks)?;
+    let ps = map.page_size;
+    let mut i = 0;
+    while i < records.len() {
+        if kept(i) {
+            i += 1;
+            continue;
+        }
+        // Pages stored next to each other in one run: one place.
+        let r = records[i];
+        let mut j = i + 1;
+        while j < records.len()
+            && !kept(j)
+            && records[j].run == r.run
+            && records[j].slot as usize == r.slot as usize + (j - i)
+        {
+            j += 1;
+        }
+        let (id, len) = &e.chunks[r.run as usize];
+        let from = r.slot as u32 * ps;
+        let place = Place {
+            file,
+            offset: i as u64 * ps as u64,
+            src: from..from + (j - i) as u32 * ps,
+            first_page: Some(i as u32),
+        };
+        out.push((*id, *len, place));
+        i = j;
+    }
+    Ok(Some((ps, records.iter().map(|r| r.hash).collect())))
 }
 
 /// Groups jobs by pack, in pack order, into reads of at most `max_read`

@@ -23,8 +23,28 @@ fn pg_system_identifier(dir: &Path) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?))
 }
 
-pub fn preflight(target: &Path, force: bool, sysid: Option<&str>) -> Result<(), Problem> {
+pub fn preflight(
+    target: &Path,
+    force: bool,
+    delta: bool,
+    sysid: Option<&str>,
+) -> Result<(), Problem> {
     absolute(target, "target")?;
+    // A delta restore writes into a data directory of this very cluster.
+    if delta && !force && sysid.is_some() && pg_system_identifier(target).is_none() {
+        let nonempty = std::fs::read_dir(target).is_ok_and(|mut d| d.next().is_some());
+        if nonempty {
+            return Err(Problem::new(
+                "restore.foreign_system",
+                format!(
+                    "{} is not a PostgreSQL data directory (no global/pg_control): --delta writes only into one of the backed-up cluster",
+                    target.display()
+                ),
+            )
+            .with("target", target.display().to_string())
+            .suggest("Restore into an empty directory without --delta, or pass --force", None));
+        }
+    }
     // A data directory of another cluster is named as such, not just "not empty".
     if let (Some(want), Some(have)) = (sysid, pg_system_identifier(target)) {
         if want != have.to_string() && !force {
@@ -66,7 +86,7 @@ pub fn preflight(target: &Path, force: bool, sysid: Option<&str>) -> Result<(), 
         .with("target", target.display().to_string())),
         Ok(_) => preflight_dir(
             target,
-            force,
+            force || delta,
             "target",
             "Restore into an empty or new directory, or pass --force to write over it",
         ),

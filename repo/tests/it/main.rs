@@ -3,6 +3,7 @@
 
 mod backpressure;
 mod dedup;
+mod delta;
 mod gc;
 mod integrity;
 mod pagededup;
@@ -77,6 +78,7 @@ pub fn restore_to(repo: &Repository, m: &Manifest, target: &Path) -> Result<(), 
             recovery: None,
             verify: Default::default(),
             tablespace_mapping: Vec::new(),
+            delta: false,
         },
         &EventBus::new(),
     )

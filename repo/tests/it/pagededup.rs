@@ -12,7 +12,7 @@ use std::path::Path;
 const PAGE: usize = 8192;
 
 /// Relation files under `root`, by path relative to it.
-fn relation_files(root: &Path) -> HashMap<String, Vec<u8>> {
+pub(crate) fn relation_files(root: &Path) -> HashMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut HashMap<String, Vec<u8>>) {
         for e in std::fs::read_dir(dir).expect("read_dir") {
             let e = e.expect("entry");

@@ -31,7 +31,7 @@ pub fn add_pg_deployment(repo: &pg_hardstorage_repo::Repository, name: &str, pg:
     .expect("deployment");
 }
 
-fn checksums(pg: &PgCluster) -> Vec<String> {
+pub(crate) fn checksums(pg: &PgCluster) -> Vec<String> {
     TABLES
         .iter()
         .map(|t| pg.psql("postgres", &format!("SELECT count(*) || ':' || coalesce(md5(string_agg(x::text, ',' ORDER BY x::text)), '') FROM {t} x")))
@@ -150,6 +150,7 @@ fn restore_refuses_a_live_postmaster_even_with_force() {
             recovery: None,
             verify: Default::default(),
             tablespace_mapping: Vec::new(),
+            delta: false,
         },
         &pg_hardstorage_engine::event::EventBus::new(),
     )
@@ -210,6 +211,7 @@ fn tablespace_is_backed_up_and_restored() {
             recovery: None,
             verify: Default::default(),
             tablespace_mapping: vec![(ts.display().to_string(), moved.clone())],
+            delta: false,
         },
         &pg_hardstorage_engine::event::EventBus::new(),
     )

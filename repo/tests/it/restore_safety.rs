@@ -18,6 +18,7 @@ fn opts(target: &Path, force: bool, recovery: Option<Recovery>) -> RestoreOption
         recovery,
         verify: Default::default(),
         tablespace_mapping: Vec::new(),
+        delta: false,
     }
 }
 
