@@ -432,6 +432,9 @@ pub enum Mode {
 /// A sink that had to drop events (a slow webhook) says so in the
 /// operation's own stream, after the work and before the stream ends.
 fn report_drops(bus: &EventBus, drops: &[(String, Arc<std::sync::atomic::AtomicU64>)]) {
+    // The webhook sinks run on their own threads: count only once they
+    // have seen every event of the operation.
+    bus.settle("webhook", std::time::Duration::from_secs(5));
     for (sink, n) in drops {
         let n = n.load(std::sync::atomic::Ordering::Relaxed);
         if n > 0 {

@@ -116,6 +116,9 @@ struct SinkHandle {
     lossy: bool,
     dropped: Arc<AtomicU64>,
     name: &'static str,
+    /// Events queued to it, and events it has handled.
+    sent: Arc<AtomicU64>,
+    handled: Arc<AtomicU64>,
 }
 
 /// Fans each published event out to every sink, concurrently.
@@ -139,17 +142,21 @@ impl EventBus {
 
     pub fn add_sink(&self, mut sink: impl EventSink) {
         let (tx, rx) = bounded::<Arc<Event>>(SINK_QUEUE);
+        let handled = Arc::new(AtomicU64::new(0));
         let handle = SinkHandle {
             tx,
             lossy: sink.lossy(),
             dropped: Arc::new(AtomicU64::new(0)),
             name: sink.name(),
+            sent: Arc::new(AtomicU64::new(0)),
+            handled: handled.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("sink-{}", sink.name()))
             .spawn(move || {
                 for event in rx.iter() {
                     sink.handle(&event);
+                    handled.fetch_add(1, Ordering::Release);
                 }
                 sink.flush();
             });
@@ -162,12 +169,19 @@ impl EventBus {
     pub fn publish(&self, event: Event) {
         let event = Arc::new(event);
         for sink in lock(&self.inner.sinks).iter() {
-            if sink.lossy {
-                if let Err(TrySendError::Full(_)) = sink.tx.try_send(event.clone()) {
-                    sink.dropped.fetch_add(1, Ordering::Relaxed);
+            let sent = if sink.lossy {
+                match sink.tx.try_send(event.clone()) {
+                    Err(TrySendError::Full(_)) => {
+                        sink.dropped.fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                    r => r.is_ok(),
                 }
             } else {
-                let _ = sink.tx.send(event.clone());
+                sink.tx.send(event.clone()).is_ok()
+            };
+            if sent {
+                sink.sent.fetch_add(1, Ordering::Release);
             }
         }
     }
@@ -178,6 +192,30 @@ impl EventBus {
             .iter()
             .map(|s| (s.name, s.dropped.load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// Waits (up to `timeout`) until every sink named `name` has handled
+    /// all that was published to it so far; whether they all did. Each sink
+    /// runs on its own thread, so what it counted lags the publisher.
+    pub fn settle(&self, name: &str, timeout: std::time::Duration) -> bool {
+        let counters: Vec<_> = lock(&self.inner.sinks)
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| (s.sent.clone(), s.handled.clone()))
+            .collect();
+        let t0 = std::time::Instant::now();
+        loop {
+            let behind = counters
+                .iter()
+                .any(|(s, h)| h.load(Ordering::Acquire) < s.load(Ordering::Acquire));
+            if !behind {
+                return true;
+            }
+            if t0.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Closes every sink queue and waits until each sink has drained.
@@ -294,6 +332,30 @@ mod tests {
         assert_eq!(a.ops().len(), 100);
         assert_eq!(a.ops(), b.ops());
         assert_eq!(a.ops()[99], "e99");
+    }
+
+    #[test]
+    fn settle_waits_until_a_slow_sink_has_handled_everything() {
+        struct Slow(Arc<AtomicU64>);
+        impl EventSink for Slow {
+            fn name(&self) -> &'static str {
+                "slow"
+            }
+            fn handle(&mut self, _: &Event) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let bus = EventBus::new();
+        let seen = Arc::new(AtomicU64::new(0));
+        bus.add_sink(Slow(seen.clone()));
+        for i in 0..20 {
+            bus.publish(Event::new(Severity::Info, format!("e{i}")));
+        }
+        assert!(bus.settle("slow", std::time::Duration::from_secs(10)));
+        assert_eq!(seen.load(Ordering::SeqCst), 20, "settled before handling");
+        assert!(bus.settle("absent", std::time::Duration::ZERO));
+        bus.close();
     }
 
     #[test]

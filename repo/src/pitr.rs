@@ -154,12 +154,8 @@ pub fn check_target(
         .collect();
     // Recovery stops at the first missing segment and, without a target
     // beyond it, promotes there: a hole after the backup must be refused.
-    let tli = m.source["timeline"].as_u64().unwrap_or(1) as u32;
-    let end_seg = m.source["end_lsn"]
-        .as_str()
-        .and_then(phs_pg::parse_lsn)
-        .unwrap_or(0)
-        / SEGMENT_SIZE;
+    let tli = timeline(m);
+    let end_seg = lsn(m, "end_lsn") / SEGMENT_SIZE;
     if let Some(newest) = segs
         .iter()
         .filter(|(t, _)| *t == tli)
@@ -215,10 +211,7 @@ pub fn check_target(
         }
         RecoveryTarget::Lsn(l) => {
             let target = phs_pg::parse_lsn(l).unwrap_or(0);
-            let end = m.source["end_lsn"]
-                .as_str()
-                .and_then(phs_pg::parse_lsn)
-                .unwrap_or(0);
+            let end = lsn(m, "end_lsn");
             if target < end {
                 return Err(outside(format!(
                     "{l} is before the end of backup {} ({})",
@@ -226,7 +219,7 @@ pub fn check_target(
                     phs_pg::format_lsn(end)
                 )));
             }
-            let tli = m.source["timeline"].as_u64().unwrap_or(1) as u32;
+            let tli = timeline(m);
             // The backup carries its WAL through its end segment; every
             // later segment up to the target must be archived.
             for seg in (end / SEGMENT_SIZE + 1)..=(target / SEGMENT_SIZE) {
@@ -254,12 +247,7 @@ pub fn check_target(
 /// timeline and any later one.
 pub fn needed_wal(m: &Manifest, archived: &[String]) -> Vec<String> {
     use crate::wal::{parse_segment_name, SEGMENT_SIZE};
-    let tli = m.source["timeline"].as_u64().unwrap_or(1) as u32;
-    let start = m.source["start_lsn"]
-        .as_str()
-        .and_then(phs_pg::parse_lsn)
-        .unwrap_or(0)
-        / SEGMENT_SIZE;
+    let (tli, start) = (timeline(m), lsn(m, "start_lsn") / SEGMENT_SIZE);
     archived
         .iter()
         .filter(|n| match parse_segment_name(n) {
@@ -268,4 +256,17 @@ pub fn needed_wal(m: &Manifest, archived: &[String]) -> Vec<String> {
         })
         .cloned()
         .collect()
+}
+
+/// The timeline a PostgreSQL backup was taken on.
+fn timeline(m: &Manifest) -> u32 {
+    m.source["timeline"].as_u64().unwrap_or(1) as u32
+}
+
+/// A position the backup's source records (`start_lsn`, `end_lsn`); 0 if absent.
+fn lsn(m: &Manifest, field: &str) -> u64 {
+    m.source[field]
+        .as_str()
+        .and_then(phs_pg::parse_lsn)
+        .unwrap_or(0)
 }

@@ -112,6 +112,22 @@ fn a_stalled_webhook_drops_and_counts_but_never_holds_a_backup() {
     // One queued event at most: the stalled receiver holds the delivery
     // thread on its first POST, so later events overflow.
     let wh = webhook::Webhook::start(webhook::parse(&hook.url).expect("url"), 1);
+    // Hold the delivery thread on a first POST before the backup starts
+    // (else, on a loaded machine, it may batch the backup's first events
+    // before the queue fills, and nothing overflows).
+    {
+        use pg_hardstorage_engine::event::EventSink;
+        let primer = pg_hardstorage_engine::event::Event::new(
+            pg_hardstorage_engine::event::Severity::Info,
+            "primer",
+        );
+        wh.sink().handle(&primer);
+        let t0 = std::time::Instant::now();
+        while hook.arrived.load(Ordering::SeqCst) == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no POST arrived");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     let s = TestServer::start_with(Options {
         webhooks: vec![wh.clone()],
         ..Default::default()

@@ -35,6 +35,13 @@ fn wait_promoted(pg: &PgCluster) {
     }
 }
 
+/// The rows of the test table, sorted and joined.
+fn rows(pg: &PgCluster) -> String {
+    pg.psql("postgres", "SELECT string_agg(v, ',' ORDER BY v) FROM t")
+        .trim()
+        .to_string()
+}
+
 #[test]
 fn pitr_to_time_lsn_and_restore_point() {
     let setup = Setup::new();
@@ -90,9 +97,7 @@ fn pitr_to_time_lsn_and_restore_point() {
         let restored = PgCluster::on_existing(&target).started();
         wait_promoted(&restored);
         assert_eq!(
-            restored
-                .psql("postgres", "SELECT string_agg(v, ',' ORDER BY v) FROM t")
-                .trim(),
+            rows(&restored),
             "A",
             "{flag} {value}: row A present, row B absent"
         );
@@ -179,13 +184,7 @@ fn pitr_with_the_passphrase_only_in_the_environment_replays_staged_wal() {
     assert!(staged > 0, "WAL staged");
     let restored = PgCluster::on_existing(&target).started();
     wait_promoted(&restored);
-    assert_eq!(
-        restored
-            .psql("postgres", "SELECT string_agg(v, ',' ORDER BY v) FROM t")
-            .trim(),
-        "A",
-        "row A present, row B absent"
-    );
+    assert_eq!(rows(&restored), "A", "row A present, row B absent");
     let left = std::fs::read_dir(&spool).expect("spool").count();
     assert!(
         left < staged,

@@ -2,7 +2,7 @@
 //! what changed is written, what the backup lacks is removed, and the
 //! cluster starts with the source's data.
 
-use crate::pagededup::relation_files;
+use crate::pagededup::{light_traffic, relation_files};
 use crate::postgres::{add_pg_deployment, checksums};
 use crate::{backup, restore_to};
 use pg_hardstorage_engine::event::{EventBus, Recorder};
@@ -28,18 +28,7 @@ fn a_delta_restore_writes_about_the_changed_pages_and_boots() {
     restore_to(&repo, &m1, &target).expect("first restore");
     let old = relation_files(&target);
 
-    let args = [
-        "-c",
-        "4",
-        "-j",
-        "2",
-        "-t",
-        "500",
-        "--random-seed=42",
-        "postgres",
-    ];
-    src.run("pgbench", &args);
-    src.psql("postgres", "CHECKPOINT");
+    light_traffic(&src);
     let (m2, _) = backup(&repo, "d").expect("second backup");
     let want = checksums(&src);
     std::fs::write(target.join("stray"), b"not in the backup").expect("write");

@@ -12,6 +12,13 @@ use std::path::Path;
 const PAGE: usize = 8192;
 
 /// Relation files under `root`, by path relative to it.
+/// 2,000 pgbench transactions, then a checkpoint: a light change.
+pub(crate) fn light_traffic(src: &PgCluster) {
+    let args = ["-c", "4", "-j", "2", "-t", "500", "--random-seed=42"];
+    src.run("pgbench", &[&args[..], &["postgres"]].concat());
+    src.psql("postgres", "CHECKPOINT");
+}
+
 pub(crate) fn relation_files(root: &Path) -> HashMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut HashMap<String, Vec<u8>>) {
         for e in std::fs::read_dir(dir).expect("read_dir") {
@@ -49,20 +56,7 @@ fn light_pgbench_traffic_stores_roughly_only_the_changed_pages() {
     assert!(m1.stats.pages > 30_000, "{:?}", m1.stats);
     assert_eq!(m1.stats.pages_stored, m1.stats.pages, "no baseline yet");
 
-    src.run(
-        "pgbench",
-        &[
-            "-c",
-            "4",
-            "-j",
-            "2",
-            "-t",
-            "500",
-            "--random-seed=42",
-            "postgres",
-        ],
-    );
-    src.psql("postgres", "CHECKPOINT");
+    light_traffic(&src);
     let (m2, _) = backup(&repo, "pages").expect("second backup");
 
     // What each backup holds, as restored through the verifying read path.
