@@ -1,7 +1,7 @@
 //! Garbage collection: reclaims what deleted backups alone referenced,
 //! never what a live or running backup can reference.
 
-use crate::{add_path_deployment, backup, restore_to};
+use crate::{add_path_deployment, backup, one_file_backup, restore_to};
 use pg_hardstorage_engine::event::EventBus;
 use pg_hardstorage_engine::format::Manifest;
 use pg_hardstorage_engine::store::{DynStore, Throttled};
@@ -208,11 +208,7 @@ fn a_writer_waits_for_a_running_gc_and_says_so() {
 #[test]
 fn restores_and_gc_exclude_each_other() {
     let (tmp, repo) = local_repo(small_opts());
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).expect("mkdir");
-    std::fs::write(src.join("f"), b"restore me").expect("write");
-    add_path_deployment(&repo, "r", &src);
-    let (m, _) = backup(&repo, "r").expect("backup");
+    let m = one_file_backup(&repo, tmp.path(), "r", "f", b"restore me");
     // GC running: a restore is refused up front, never broken midway.
     let gc_lease = pg_hardstorage_repo::lock::Lease::acquire_gc(&repo).expect("gc lease");
     let e = restore_to(&repo, &m, &tmp.path().join("t1")).expect_err("refused");

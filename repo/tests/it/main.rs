@@ -41,6 +41,21 @@ pub fn add_path_deployment(repo: &Repository, name: &str, path: &Path) {
     .expect("create deployment");
 }
 
+/// A path deployment `name` of a directory holding one file, backed up.
+pub fn one_file_backup(
+    repo: &Repository,
+    tmp: &Path,
+    name: &str,
+    file: &str,
+    data: &[u8],
+) -> Manifest {
+    let src = tmp.join(format!("src-{name}"));
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join(file), data).expect("write");
+    add_path_deployment(repo, name, &src);
+    backup(repo, name).expect("backup").0
+}
+
 pub fn fast_pipeline() -> PipelineConfig {
     PipelineConfig {
         workers: 2,

@@ -2,7 +2,7 @@
 //! holds, not through links already in a forced target, not into settings
 //! a recovery target smuggles in, and never into a relative or empty path.
 
-use crate::{add_path_deployment, backup, restore_to};
+use crate::{add_path_deployment, backup, one_file_backup, restore_to};
 use pg_hardstorage_engine::event::{EventBus, Recorder};
 use pg_hardstorage_repo::restore::{restore, Recovery, RecoveryTarget, RestoreOptions};
 use pg_hardstorage_testkit::tree::digest;
@@ -88,11 +88,7 @@ fn a_forced_restore_replaces_links_in_the_target_instead_of_following_them() {
 #[test]
 fn a_recovery_target_cannot_inject_settings() {
     let (tmp, repo) = local_repo(small_opts());
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).expect("mkdir");
-    std::fs::write(src.join("PG_VERSION"), b"15\n").expect("write");
-    add_path_deployment(&repo, "n", &src);
-    let (m, _) = backup(&repo, "n").expect("backup");
+    let m = one_file_backup(&repo, tmp.path(), "n", "PG_VERSION", b"15\n");
     let out = tmp.path().join("out");
     let evil = RecoveryTarget::Name("x\\\nrestore_command = 'touch /tmp/pwned'".into());
     let e = restore(
@@ -124,11 +120,7 @@ fn a_recovery_target_cannot_inject_settings() {
 #[test]
 fn an_empty_or_relative_target_is_refused() {
     let (tmp, repo) = local_repo(small_opts());
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).expect("mkdir");
-    std::fs::write(src.join("f"), b"x").expect("write");
-    add_path_deployment(&repo, "e", &src);
-    let (m, _) = backup(&repo, "e").expect("backup");
+    let m = one_file_backup(&repo, tmp.path(), "e", "f", b"x");
     for t in ["", "relative/dir"] {
         let e = restore_to(&repo, &m, Path::new(t)).expect_err("refused");
         assert_eq!(e.code.as_ref(), "restore.target_invalid", "{t:?}: {e:?}");
