@@ -12,7 +12,7 @@ use pg_hardstorage_engine::format::{Entry, EntryKind, PAGE_HASH};
 use pg_hardstorage_engine::Problem;
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 /// For each planned file: `None` when it must be created afresh, else per
 /// chunk (or per page of a page-mapped file) whether the bytes already on
@@ -108,6 +108,11 @@ pub fn compare(
             let Some(f) = roots[*root].open_read(rel)? else {
                 return Ok(());
             };
+            // A file with other names (pg_upgrade --link makes them) may be
+            // seen from outside the target: replace it, never write into it.
+            if f.metadata().map_or(true, |m| m.nlink() != 1) {
+                return Ok(());
+            }
             let same = match &e.pages {
                 Some(map) => same_pages(repo, &f, e, map)?,
                 None => same_chunks(repo, &f, e),

@@ -158,3 +158,21 @@ fn a_restore_reports_progress_and_reads_each_pack_range_once() {
     let (requests, packs) = (body["requests"].as_u64(), body["packs_touched"].as_u64());
     assert!(requests <= packs, "one GET per pack here: {body}");
 }
+
+#[test]
+fn a_delta_restore_replaces_a_hard_linked_file_instead_of_writing_into_it() {
+    let (tmp, repo) = local_repo(small_opts());
+    let m = one_file_backup(&repo, tmp.path(), "h", "f", b"from the backup");
+    let v = victim(&tmp.path().join("outside"));
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    std::fs::hard_link(&v, out.join("f")).expect("ln");
+    let mut o = opts(&out, false, None);
+    o.delta = true;
+    restore(&repo, &m, &o, &EventBus::new()).expect("delta restore");
+    assert_eq!(
+        std::fs::read(out.join("f")).expect("read"),
+        b"from the backup"
+    );
+    assert_eq!(std::fs::read(&v).expect("read"), b"precious");
+}
