@@ -132,15 +132,17 @@ pub fn fetch(
         created: &created,
     };
     let items = split(plan, ITEM_BYTES);
-    let slots: Vec<Slot> = plan
-        .reads
-        .iter()
-        .enumerate()
-        .map(|(i, _)| Slot {
+    // Items of each read, counted in one pass (a scan per read was
+    // quadratic in the size of the restore).
+    let slots: Vec<Slot> = (0..plan.reads.len())
+        .map(|_| Slot {
             data: Mutex::new(None),
-            left: AtomicUsize::new(items.iter().filter(|it| it.read == i).count()),
+            left: AtomicUsize::new(0),
         })
         .collect();
+    for it in &items {
+        slots[it.read].left.fetch_add(1, Ordering::Relaxed);
+    }
     let r = crate::parallel::for_each(&items, threads, 1, Files::default, |files, it| {
         let r = &plan.reads[it.read];
         let data = slots[it.read].take(|| scatter.get(r))?;

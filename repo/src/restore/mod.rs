@@ -280,12 +280,7 @@ fn run(
     target.create_file(marker, 0)?;
     target.append(marker, format!("{}\n", m.backup_id).as_bytes())?;
     if opts.delta {
-        let placed = m.entries.iter().map(|e| {
-            let (root, rel) = places.place(e)?;
-            Ok((root, rel, e.kind))
-        });
-        let placed = placed.collect::<Result<Vec<_>, Problem>>()?;
-        delta::prune(&roots, &delta::expected(roots.len(), placed.into_iter()))?;
+        prune(m, &places, &roots)?;
     }
     make_tree(m, &places, &roots)?;
     if opts.delta {
@@ -293,15 +288,14 @@ fn run(
         plan = plan::plan(&index, files, max_read(repo), Some(&have))?;
     }
     let progress = fetch::Progress::default();
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let reporter = s.spawn(|| report(bus, subj, &plan, &progress, &done, t0));
-        let r = fetch::fetch(repo, &plan, &roots, opts.threads, &progress);
-        done.store(true, Ordering::Release);
-        reporter.thread().unpark();
-        let _ = reporter.join();
-        r
-    })?;
+    fetch_reporting(
+        repo,
+        &plan,
+        &roots,
+        opts.threads,
+        &progress,
+        (bus, subj, t0),
+    )?;
     crate::parallel::for_each(
         &plan.files,
         opts.threads,
@@ -383,6 +377,36 @@ fn stage_wal(
         },
         true,
     )
+}
+
+/// Delta: removes from the roots whatever the manifest does not place there.
+fn prune(m: &Manifest, places: &Places, roots: &[Root]) -> Result<(), Problem> {
+    let placed = m
+        .entries
+        .iter()
+        .map(|e| places.place(e).map(|(root, rel)| (root, rel, e.kind)))
+        .collect::<Result<Vec<_>, Problem>>()?;
+    delta::prune(roots, &delta::expected(roots.len(), placed.into_iter())).map(|_| ())
+}
+
+/// Runs the fetch with `restore_progress` published beside it.
+fn fetch_reporting(
+    repo: &Repository,
+    plan: &plan::Plan,
+    roots: &[Root],
+    threads: usize,
+    progress: &fetch::Progress,
+    (bus, subj, t0): (&EventBus, &Map<String, Value>, Instant),
+) -> Result<(), Problem> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reporter = s.spawn(|| report(bus, subj, plan, progress, &done, t0));
+        let r = fetch::fetch(repo, plan, roots, threads, progress);
+        done.store(true, Ordering::Release);
+        reporter.thread().unpark();
+        let _ = reporter.join();
+        r
+    })
 }
 
 /// Directories (parents first, as the manifest lists them) and the links
