@@ -63,16 +63,19 @@ pub fn run(opts: &BenchOptions, dir: &Path, bus: &EventBus) -> Result<RestoreBen
     // efficiencies from 0.3 to 1.4 on the same code).
     let (mut ones, mut alls) = (Vec::new(), Vec::new());
     for _ in 0..REPS {
-        ones.push(timed(&repo, &sample, &dir.join("single-reader"), 1)?);
-        alls.push(timed(&repo, &entries, &dir.join("all-workers"), workers)?);
+        let one = timed(&repo, &sample, &dir.join("single-reader"), 1)?;
+        let all = timed(&repo, &entries, &dir.join("all-workers"), workers)?;
+        // Every run is checked, not only the median one.
+        if (one.bytes, all.bytes) != (sample_bytes, bytes) {
+            return Err(Problem::internal(format!(
+                "the restore bench wrote {} and {} bytes of {sample_bytes} and {bytes}",
+                one.bytes, all.bytes
+            )));
+        }
+        ones.push(one);
+        alls.push(all);
     }
     let (one, all) = (median(ones), median(alls));
-    if (one.bytes, all.bytes) != (sample_bytes, bytes) {
-        return Err(Problem::internal(format!(
-            "the restore bench wrote {} and {} bytes of {sample_bytes} and {bytes}",
-            one.bytes, all.bytes
-        )));
-    }
     let gb = |f: &Figures| f.bytes as f64 / f.seconds.max(1e-9) / 1e9;
     Ok(RestoreBenchReport {
         input: format!("generated, compressibility {:.2}", opts.compressibility),
