@@ -13,28 +13,43 @@ pub fn decode_chunk(
     id: &ChunkId,
     envelope: &[u8],
 ) -> Result<Vec<u8>, Problem> {
-    let mismatch = |why: String| {
-        Problem::new(
-            "verify.checksum_mismatch",
-            format!("chunk {}: {why}", id.to_hex()),
-        )
-        .with("chunk", id.to_hex())
-    };
+    let plain = decode_chunk_unhashed(aead, id, envelope)?;
+    if phs_hash::chunk_id(&repo.keys.id, &plain) != *id {
+        return Err(mismatch(id, "content hash differs from its id".into()));
+    }
+    Ok(plain)
+}
+
+/// Decrypts (the AEAD binds `id`), decompresses and length-checks one
+/// envelope, without re-hashing the plaintext against `id`. Only for a
+/// caller that checks every byte it uses against another keyed hash before
+/// using it: restore's page-mapped places, each page against its page map
+/// (so each restored page is hashed once, not twice).
+pub fn decode_chunk_unhashed(
+    aead: Option<&Aead>,
+    id: &ChunkId,
+    envelope: &[u8],
+) -> Result<Vec<u8>, Problem> {
     let (f, raw_len, body) = open_chunk(aead, id, envelope).map_err(|p| match p.class() {
-        pg_hardstorage_engine::Class::Verify => mismatch(p.message.clone()),
+        pg_hardstorage_engine::Class::Verify => mismatch(id, p.message.clone()),
         _ => p,
     })?;
     let plain = if f & flags::COMPRESSED_ZSTD != 0 {
         phs_compress::decompress(&body, raw_len as usize)
-            .map_err(|p| mismatch(p.message.clone()))?
+            .map_err(|p| mismatch(id, p.message.clone()))?
     } else {
         body
     };
     if plain.len() != raw_len as usize {
-        return Err(mismatch("length differs from its envelope".into()));
-    }
-    if phs_hash::chunk_id(&repo.keys.id, &plain) != *id {
-        return Err(mismatch("content hash differs from its id".into()));
+        return Err(mismatch(id, "length differs from its envelope".into()));
     }
     Ok(plain)
+}
+
+fn mismatch(id: &ChunkId, why: String) -> Problem {
+    Problem::new(
+        "verify.checksum_mismatch",
+        format!("chunk {}: {why}", id.to_hex()),
+    )
+    .with("chunk", id.to_hex())
 }

@@ -1,12 +1,13 @@
 //! The pack-ordered fetcher: `threads` readers take the plan's reads in
 //! pack order, fetch each with one ranged GET, decode every chunk in it
-//! once (decrypt, decompress, re-hash: [`decode_chunk`]) and scatter the
+//! once (decrypt, decompress, re-hash: [`decode_chunk`]; a run of pages
+//! is hashed page by page against its page map instead) and scatter the
 //! plaintext to all its places with positioned writes. All-zero 4 KiB
 //! blocks are skipped (the files were created at full length, all holes).
 
 use super::dest::Root;
 use super::plan::{Job, Place, Plan, Read};
-use crate::chunks::decode_chunk;
+use crate::chunks::{decode_chunk, decode_chunk_unhashed};
 use crate::Repository;
 use bytes::Bytes;
 use pg_hardstorage_engine::Problem;
@@ -234,11 +235,17 @@ impl Scatter<'_> {
                 Problem::new("verify.truncated", format!("{}: short range", r.pack))
                     .with("object", r.pack.clone())
             })?;
-            let plain = decode_chunk(self.repo, self.aead, &j.id, env).map_err(|e| {
-                match j.places.first() {
-                    Some(p) => e.with("path", self.plan.files[p.file as usize].entry.path.clone()),
-                    None => e,
-                }
+            // A chunk whose every place is checked page by page against
+            // its page map is not re-hashed whole as well.
+            let paged = j.places.iter().all(|p| self.page_checked(p));
+            let plain = if paged {
+                decode_chunk_unhashed(self.aead, &j.id, env)
+            } else {
+                decode_chunk(self.repo, self.aead, &j.id, env)
+            };
+            let plain = plain.map_err(|e| match j.places.first() {
+                Some(p) => e.with("path", self.plan.files[p.file as usize].entry.path.clone()),
+                None => e,
             })?;
             if plain.len() != j.plain_len as usize {
                 return Err(Problem::new(
@@ -256,6 +263,11 @@ impl Scatter<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Whether `place` checks each page of `p` against the page map.
+    fn page_checked(&self, p: &Place) -> bool {
+        p.first_page.is_some() && self.plan.files[p.file as usize].pages.is_some()
     }
 
     fn place(&self, files: &mut Files, plain: &[u8], p: &Place) -> Result<(), Problem> {
@@ -303,6 +315,13 @@ fn check_pages(
     first: usize,
     hashes: &[[u8; pg_hardstorage_engine::format::PAGE_HASH]],
 ) -> Result<(), Problem> {
+    // Every byte is checked: its run as a whole is not re-hashed.
+    if ps == 0 || !bytes.len().is_multiple_of(ps) {
+        return Err(Problem::new(
+            "verify.malformed",
+            "page map places a partial page",
+        ));
+    }
     for (k, page) in bytes.chunks_exact(ps).enumerate() {
         let h = blake3::keyed_hash(&repo.keys.id, page);
         let want = hashes.get(first + k).ok_or_else(|| {
@@ -338,4 +357,41 @@ fn write_sparse_at(f: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pg_hardstorage_engine::format::PAGE_HASH;
+
+    fn hashes(repo: &Repository, pages: &[u8], ps: usize) -> Vec<[u8; PAGE_HASH]> {
+        let h = |p: &[u8]| {
+            let mut out = [0u8; PAGE_HASH];
+            out.copy_from_slice(&blake3::keyed_hash(&repo.keys.id, p).as_bytes()[..PAGE_HASH]);
+            out
+        };
+        pages.chunks(ps).map(h).collect()
+    }
+
+    #[test]
+    fn every_page_byte_is_checked_against_its_page_map() {
+        let repo = crate::testing::memory_repo();
+        let ps = 8192;
+        let run: Vec<u8> = (0..4 * ps).map(|i| (i * 7 % 251) as u8).collect();
+        let map = hashes(&repo, &run, ps);
+        check_pages(&repo, &run, ps, 0, &map).expect("the pages as recorded");
+        // The second and third pages, placed at records 1 and 2.
+        check_pages(&repo, &run[ps..3 * ps], ps, 1, &map).expect("a slice");
+        for at in [0, ps - 1, 2 * ps + 17, 4 * ps - 1] {
+            let mut bad = run.clone();
+            bad[at] ^= 1;
+            let e = check_pages(&repo, &bad, ps, 0, &map).expect_err("a changed byte");
+            assert_eq!(e.code, "verify.checksum_mismatch", "{e}");
+        }
+        // Pages checked against the wrong records, past the map, or cut short.
+        assert!(check_pages(&repo, &run[..ps], ps, 1, &map).is_err());
+        assert!(check_pages(&repo, &run[..2 * ps], ps, 3, &map).is_err());
+        let e = check_pages(&repo, &run[..ps + 1], ps, 0, &map).expect_err("partial");
+        assert_eq!(e.code, "verify.malformed", "{e}");
+    }
 }
