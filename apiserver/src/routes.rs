@@ -916,6 +916,7 @@ pub async fn dispatch(
                     threads: pg_hardstorage_engine::pipeline::default_workers(),
                     tablespace_mapping: b.tablespace_mapping.unwrap_or_default(),
                     delta: b.delta.unwrap_or(false),
+                    wal_prefetch: pg_hardstorage_repo::restore::DEFAULT_PREFETCH,
                 };
                 // Pre-flight before the stream starts: a refusal is a 412.
                 let st2 = st.clone();

@@ -12,7 +12,7 @@ use pg_hardstorage_engine::store::{DynStore, OutageWhile, Throttled};
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::backup::BackupOptions;
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
-use pg_hardstorage_repo::{bench, catalog, ops, InitOptions, KeySource, Repository};
+use pg_hardstorage_repo::{bench, catalog, ops, restore, InitOptions, KeySource, Repository};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -685,6 +685,7 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
             .unwrap_or_else(pg_hardstorage_engine::pipeline::default_workers),
         tablespace_mapping: a.tablespace_mapping.clone(),
         delta: a.delta,
+        wal_prefetch: a.wal_prefetch,
     };
     let (m, opts) = ops::restore_plan(&r, &req, &|| restore_command(cli, &a.deployment), &out.bus)?;
     out.stream_events();
@@ -733,6 +734,32 @@ fn bench_cmd(out: &mut Out, a: &BenchArgs) -> R {
     let body = serde_json::to_value(&report).unwrap_or_default();
     out.success("bench", body, |_| report.table());
     Ok(())
+}
+
+/// After `wal fetch --spool` delivered `segment`: drops the spool's passed
+/// segments and starts this command again, detached, with `--fill-spool`,
+/// to fetch the next ones while replay runs. Advisory: a fill that cannot
+/// start only means the next segment is fetched when asked for.
+fn start_fill(spool: &std::path::Path, segment: &str) {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    if pg_hardstorage_repo::wal::parse_segment_name(segment).is_none() {
+        return;
+    }
+    let _ = restore::spool::prune(spool, segment);
+    let started = std::env::current_exe().and_then(|exe| {
+        Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .arg("--fill-spool")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+    });
+    if let Err(e) = started {
+        eprintln!("pg_hardstorage: WAL prefetch not started: {e}");
+    }
 }
 
 /// The command PostgreSQL runs for each WAL file: this binary, with key
@@ -965,11 +992,25 @@ fn wal_cmd(cli: &Cli, out: &mut Out, c: &WalCmd) -> R {
             deployment,
             segment,
             dest,
+            spool,
+            prefetch,
+            fill_spool,
         } => {
-            let n = pg_hardstorage_repo::wal::fetch(&r, deployment, segment, dest)?;
-            out.success("wal.fetch", json!({"segment": segment, "bytes": n}), |_| {
-                String::new()
-            });
+            let spool = spool.as_deref().filter(|_| *prefetch > 0);
+            let body = match spool {
+                Some(sp) if *fill_spool => {
+                    let n = restore::spool::fill(&r, deployment, sp, segment, *prefetch)?;
+                    json!({"segment": segment, "prefetched": n})
+                }
+                _ => {
+                    let n = pg_hardstorage_repo::wal::fetch(&r, deployment, segment, dest)?;
+                    if let Some(sp) = spool {
+                        start_fill(sp, segment);
+                    }
+                    json!({"segment": segment, "bytes": n})
+                }
+            };
+            out.success("wal.fetch", body, |_| String::new());
         }
         WalCmd::Repair { deployment } => {
             out.stream_events();

@@ -248,6 +248,15 @@ pub enum WalCmd {
         deployment: String,
         segment: String,
         dest: PathBuf,
+        /// A restore's WAL spool: after delivering SEGMENT, fill it with
+        /// the next --prefetch segments in the background
+        #[arg(long, requires = "prefetch")]
+        spool: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        prefetch: usize,
+        /// Only fill the spool (the background half of --spool)
+        #[arg(long, hide = true, requires = "spool")]
+        fill_spool: bool,
     },
     /// Recreate the slot and record the gap
     Repair { deployment: String },
@@ -376,6 +385,10 @@ pub struct RestoreArgs {
     /// files and pages that differ, remove what the backup does not have
     #[arg(long)]
     pub delta: bool,
+    /// WAL segments staged into the target and kept staged ahead of replay
+    /// when PostgreSQL can read key material (0: stage all it may need)
+    #[arg(long, default_value_t = pg_hardstorage_repo::restore::DEFAULT_PREFETCH)]
+    pub wal_prefetch: usize,
     /// Restore the tablespace at OLD location into NEW (repeatable)
     #[arg(long, value_name = "OLD=NEW")]
     pub tablespace_mapping: Vec<String>,

@@ -188,6 +188,9 @@ pub struct RestoreRequest {
     pub tablespace_mapping: Vec<String>,
     /// Write only what differs into an existing directory of the cluster.
     pub delta: bool,
+    /// WAL segments the restore stages and `restore_command` keeps staged
+    /// ahead of replay, when PostgreSQL can reach the repository (0: all).
+    pub wal_prefetch: usize,
 }
 
 impl RestoreRequest {
@@ -259,10 +262,18 @@ pub fn restore_plan(
                 let when = req.to.as_deref();
                 pitr::check_target(repo, &req.deployment, &m, &t, when, &archived)?;
             }
+            let restore_command = restore_command().ok();
+            // Without a fallback to the repository, everything is staged.
+            let prefetch = if restore_command.is_some() {
+                req.wal_prefetch
+            } else {
+                0
+            };
             let r = Recovery {
-                restore_command: restore_command().ok(),
+                restore_command,
                 target: t,
-                staged: pitr::needed_wal(&m, &archived),
+                staged: pitr::staged_window(pitr::needed_wal(&m, &archived), prefetch),
+                prefetch,
             };
             if r.restore_command.is_none() {
                 bus.publish(Event::new(Severity::Info, "wal_staged_only").body(json!({

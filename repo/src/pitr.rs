@@ -258,6 +258,24 @@ pub fn needed_wal(m: &Manifest, archived: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Of the WAL files `needed` (in archive order), every history file and the
+/// first `segments` segments (all of them when `segments` is 0): what a
+/// restore stages when `restore_command` fetches the rest ahead of replay.
+pub fn staged_window(needed: Vec<String>, segments: usize) -> Vec<String> {
+    if segments == 0 {
+        return needed;
+    }
+    let mut kept = 0;
+    needed
+        .into_iter()
+        .filter(|n| {
+            let keep = n.ends_with(".history") || kept < segments;
+            kept += usize::from(!n.ends_with(".history"));
+            keep
+        })
+        .collect()
+}
+
 /// The timeline a PostgreSQL backup was taken on.
 fn timeline(m: &Manifest) -> u32 {
     m.source["timeline"].as_u64().unwrap_or(1) as u32
@@ -269,4 +287,32 @@ fn lsn(m: &Manifest, field: &str) -> u64 {
         .as_str()
         .and_then(phs_pg::parse_lsn)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_staged_window_keeps_history_and_the_first_segments() {
+        let names: Vec<String> = [
+            "000000010000000000000003",
+            "00000002.history",
+            "000000010000000000000004",
+            "000000020000000000000004",
+            "000000020000000000000005",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(staged_window(names.clone(), 0), names);
+        assert_eq!(
+            staged_window(names.clone(), 2),
+            [
+                "000000010000000000000003",
+                "00000002.history",
+                "000000010000000000000004"
+            ]
+        );
+        assert_eq!(staged_window(names.clone(), 9), names);
+    }
 }

@@ -192,6 +192,88 @@ fn pitr_with_the_passphrase_only_in_the_environment_replays_staged_wal() {
     );
 }
 
+/// A long recovery: the restore stages only a window of segments, and
+/// restore_command (`wal fetch --spool --prefetch`) fetches the rest and
+/// keeps the spool filled ahead of replay in the background.
+#[test]
+fn pitr_past_a_bounded_staged_window_prefetches_the_rest() {
+    let s = Setup::new();
+    let _streamer = s.streamer();
+    std::thread::sleep(Duration::from_millis(500));
+    s.src.psql("postgres", "INSERT INTO t VALUES ('A')");
+    let mut listing = serde_json::Value::Null;
+    for _ in 0..4 {
+        listing = s.archive_now();
+    }
+    let t = s.src.psql(
+        "postgres",
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    s.src.psql("postgres", "INSERT INTO t VALUES ('B')");
+    s.archive_now();
+
+    // The fill on its own: after delivering one segment, the next two
+    // arrive in the spool, whole and equal to what `wal fetch` returns.
+    let segs: Vec<String> = listing["segments"]
+        .as_array()
+        .expect("segments")
+        .iter()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    assert!(segs.len() >= 4, "{listing}");
+    let (first, next) = (&segs[segs.len() - 3], &segs[segs.len() - 2..]);
+    let spool = s.env.path("spool");
+    std::fs::create_dir_all(&spool).expect("mkdir");
+    let dest = s.env.path("delivered");
+    let (sp, d) = (spool.to_str().expect("utf8"), dest.to_str().expect("utf8"));
+    s.env.ok(&s.args(&[
+        "wal",
+        "fetch",
+        "pg",
+        first,
+        d,
+        "--spool",
+        sp,
+        "--prefetch",
+        "2",
+    ]));
+    let start = Instant::now();
+    while !next.iter().all(|n| spool.join(n).exists()) || spool.join(".filling").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the fill never finished"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in next {
+        let direct = s.env.path(&format!("direct-{n}"));
+        s.env
+            .ok(&s.args(&["wal", "fetch", "pg", n, direct.to_str().expect("utf8")]));
+        let same = std::fs::read(spool.join(n)).expect("prefetched")
+            == std::fs::read(&direct).expect("fetched");
+        assert!(same, "{n}: the prefetched segment differs");
+    }
+
+    // The whole recovery, staging one segment and fetching the rest.
+    let (code, v) = s.restore("window", &["--to", t.trim(), "--wal-prefetch", "1"]);
+    assert_eq!(code, 0, "{v}");
+    let target = s.env.path("window");
+    let conf = std::fs::read_to_string(target.join("postgresql.auto.conf")).expect("conf");
+    assert!(
+        conf.contains("wal fetch") && conf.contains("--prefetch 1"),
+        "{conf}"
+    );
+    let staged: Vec<_> = std::fs::read_dir(target.join("pg_hardstorage_wal"))
+        .expect("spool")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(staged.len(), 1, "one segment staged: {staged:?}");
+    let restored = PgCluster::on_existing(&target).started();
+    wait_promoted(&restored);
+    assert_eq!(rows(&restored), "A", "row A present, row B absent");
+}
+
 /// restore_command semantics: a segment that is not archived exits 1; a
 /// damaged one exits above 125 so recovery stops instead of promoting.
 #[test]

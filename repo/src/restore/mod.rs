@@ -15,8 +15,9 @@ mod fetch;
 mod plan;
 mod preflight;
 mod recovery;
+pub mod spool;
 
-pub use recovery::{command_word, Recovery, RecoveryTarget};
+pub use recovery::{command_word, Recovery, RecoveryTarget, DEFAULT_PREFETCH, SPOOL};
 
 use crate::index::RepoIndex;
 use crate::Repository;

@@ -28,6 +28,30 @@ pub struct Recovery {
     /// WAL files (segments and history files) the restore copies, verified,
     /// into [`SPOOL`] for `restore_command` to move into place.
     pub staged: Vec<String>,
+    /// With a `restore_command`: the restore stages only this many segments
+    /// (and every history file), and each segment `wal fetch` delivers
+    /// starts a background fill of the spool with the next this many, a
+    /// window ahead of replay (0: stage everything, fill nothing).
+    pub prefetch: usize,
+}
+
+/// Segments staged and kept ahead of replay by default: 1 GiB of 16 MiB
+/// segments.
+pub const DEFAULT_PREFETCH: usize = 64;
+
+impl Recovery {
+    /// The command `restore_command` falls back to past the spool: `wal
+    /// fetch`, told to keep the spool filled `prefetch` segments ahead.
+    fn fallback(&self, spool: &std::path::Path) -> Option<String> {
+        let rc = self.restore_command.as_deref()?;
+        Some(match self.prefetch {
+            0 => rc.to_string(),
+            n => format!(
+                "{rc} --spool {} --prefetch {n}",
+                command_word(&spool.display().to_string())
+            ),
+        })
+    }
 }
 
 /// The directory in the target the restore stages WAL into.
@@ -74,7 +98,7 @@ pub fn recovery_conf(
     spool: &std::path::Path,
     backup_id: &str,
 ) -> Result<String, Problem> {
-    let cmd = staged_command(spool, r.restore_command.as_deref());
+    let cmd = staged_command(spool, r.fallback(spool).as_deref());
     let mut conf = format!(
         "\n# pg_hardstorage: archive recovery for {}\nrestore_command = {}\n",
         backup_id.replace(|c: char| c.is_control(), ""),

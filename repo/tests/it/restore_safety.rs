@@ -27,6 +27,7 @@ fn recovery(target: RecoveryTarget) -> Option<Recovery> {
         restore_command: Some("false".into()),
         target,
         staged: Vec::new(),
+        prefetch: 0,
     })
 }
 
