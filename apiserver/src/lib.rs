@@ -58,6 +58,25 @@ pub struct ServerConfig {
     /// passphrase files from (by file name); `None`: rotation over the API
     /// is refused. External KMS commands are never taken from the API.
     pub kms_dir: Option<std::path::PathBuf>,
+    /// Connections served at once (0: [`default_max_connections`]). One
+    /// more is answered 503 `api.busy` with `Retry-After` and closed.
+    pub max_connections: usize,
+}
+
+/// Half the descriptors the process may open (the rest stay for the
+/// repository, operations and the 503 answers), between 16 and 4096.
+pub fn default_max_connections() -> usize {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0 {
+        l.rlim_cur
+    } else {
+        1024
+    };
+    (soft / 2).clamp(16, 4096) as usize
 }
 
 /// Builds the runtime the server runs on. Its threads (request handling,
@@ -419,6 +438,7 @@ pub struct Server {
     state: Arc<State>,
     grace: Duration,
     wal_streams: Vec<String>,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Server {
@@ -455,6 +475,10 @@ impl Server {
             }),
             grace: cfg.shutdown_grace,
             wal_streams: cfg.wal_streams,
+            slots: Arc::new(tokio::sync::Semaphore::new(match cfg.max_connections {
+                0 => default_max_connections(),
+                n => n,
+            })),
         })
     }
 
@@ -500,15 +524,27 @@ impl Server {
             .collect();
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
+        let mut backoff = Backoff::default();
         loop {
             let (stream, _) = tokio::select! {
                 a = self.listener.accept() => match a {
                     Ok(x) => x,
-                    Err(_) => continue,
+                    Err(_) => {
+                        // Out of descriptors (EMFILE) or memory: accepting
+                        // again at once would spin a core.
+                        backoff.wait().await;
+                        continue;
+                    }
                 },
                 _ = &mut shutdown => break,
             };
+            backoff = Backoff::default();
             let _ = stream.set_nodelay(true);
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                self.state.metrics.connection_refused();
+                tokio::spawn(refuse_busy(stream, self.tls.is_some()));
+                continue;
+            };
             let st = self.state.clone();
             match &self.tls {
                 None => {
@@ -517,12 +553,14 @@ impl Server {
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         let _ = conn.await;
+                        drop(slot);
                     });
                 }
                 Some(acceptor) => {
                     let acceptor = acceptor.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
+                        let _slot = slot;
                         // A refused client certificate ends here: no request is served.
                         let Ok(Ok(tls)) =
                             tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
@@ -554,4 +592,61 @@ impl Server {
         })
         .await;
     }
+}
+
+/// The pause after a failed `accept`: 10 ms, doubling to 1 s.
+#[derive(Default)]
+struct Backoff(u32);
+
+impl Backoff {
+    async fn wait(&mut self) {
+        let ms = 10u64 << self.0.min(7);
+        self.0 += 1;
+        tokio::time::sleep(Duration::from_millis(ms.min(1000))).await;
+    }
+}
+
+/// A connection over the cap: answered 503 `api.busy` with `Retry-After`
+/// at once, without reading its request, and closed (over TLS, closed:
+/// a handshake is the cost the cap avoids).
+async fn refuse_busy(mut stream: tokio::net::TcpStream, tls: bool) {
+    use tokio::io::AsyncWriteExt;
+    if tls {
+        return;
+    }
+    let p = Problem::new(
+        "api.busy",
+        "the server is serving as many connections as it allows",
+    )
+    .suggest(
+        "Retry after a second, or raise serve --max-connections",
+        None,
+    );
+    let mut body =
+        serde_json::to_vec(&pg_hardstorage_engine::event::error_envelope(&p)).unwrap_or_default();
+    body.push(b'\n');
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let answer = async {
+        use tokio::io::AsyncReadExt;
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await?;
+        // Take what the client sent before closing, so the close is not a
+        // reset that could discard the answer on its side.
+        let mut sink = [0u8; 4096];
+        let mut left = 64usize << 10;
+        while left > 0 {
+            let n = stream.read(&mut sink).await?;
+            if n == 0 {
+                break;
+            }
+            left = left.saturating_sub(n);
+        }
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }

@@ -15,6 +15,16 @@ struct Inner {
     wal_lag: BTreeMap<String, u64>,
     backpressure_events: u64,
     sink_dropped: u64,
+    connections_refused: u64,
+}
+
+/// The method label of a request: one of HTTP's methods, or `OTHER` (each
+/// distinct string a client sends must not become a series of its own).
+fn method_label(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    KNOWN.into_iter().find(|m| *m == method).unwrap_or("OTHER")
 }
 
 #[derive(Clone, Default)]
@@ -44,9 +54,14 @@ impl Metrics {
     pub fn http_request(&self, route: &str, method: &str, status: u16) {
         self.with(|m| {
             *m.http
-                .entry((route.to_string(), method.to_string(), status))
+                .entry((route.to_string(), method_label(method).to_string(), status))
                 .or_default() += 1
         });
+    }
+
+    /// A connection over the cap, answered 503 and closed.
+    pub fn connection_refused(&self) {
+        self.with(|m| m.connections_refused += 1);
     }
 
     /// A lossy sink counting what operations report.
@@ -200,6 +215,8 @@ impl Metrics {
             }
             family(&mut s, "pg_hardstorage_sink_dropped_events_total", "counter", "sink_dropped warnings' counts, as operations reported them.");
             let _ = writeln!(s, "pg_hardstorage_sink_dropped_events_total {}", m.sink_dropped);
+            family(&mut s, "pg_hardstorage_connections_refused_total", "counter", "Connections over serve --max-connections, answered 503 and closed.");
+            let _ = writeln!(s, "pg_hardstorage_connections_refused_total {}", m.connections_refused);
             family(&mut s, "pg_hardstorage_http_requests_total", "counter", "HTTP requests by route, method and status.");
             for ((route, method, status), n) in &m.http {
                 let _ = writeln!(
@@ -211,5 +228,29 @@ impl Metrics {
             }
         });
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        let m = Metrics::new(Vec::new());
+        for i in 0..100 {
+            m.http_request("/v1/healthz", &format!("X{i}"), 405);
+        }
+        m.http_request("/v1/healthz", "GET", 200);
+        let text = m.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("pg_hardstorage_http_requests_total{"))
+            .collect::<Vec<_>>();
+        assert_eq!(series.len(), 2, "{series:?}");
+        assert!(
+            text.contains("method=\"OTHER\",status=\"405\"} 100"),
+            "{text}"
+        );
     }
 }

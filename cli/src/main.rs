@@ -197,6 +197,10 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes
     #[arg(long, default_value_t = 1 << 20)]
     pub body_limit: usize,
+    /// Connections served at once; one more is answered 503 and closed
+    /// (default: half the descriptors the process may open, 16..4096)
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    pub max_connections: usize,
 }
 
 #[derive(Subcommand, Debug)]

@@ -74,6 +74,7 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("api.method_not_allowed", Class::MethodNotAllowed, false),
     ("api.bad_request", Class::Misuse, false),
     ("api.body_too_large", Class::Misuse, false),
+    ("api.busy", Class::Unavailable, true),
     ("restore.not_found", Class::NotFound, false),
     ("doctor.unhealthy", Class::Preflight, false),
     ("repo.not_found", Class::NotFound, false),

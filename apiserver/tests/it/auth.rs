@@ -315,3 +315,45 @@ fn a_deleted_deployments_name_cannot_be_taken_by_another_tenant() {
     let list = body_of(&acme.get("/v1/deployments/shared/backups"), "backups.list");
     assert_eq!(list.as_array().map(|a| a.len()), Some(1));
 }
+
+/// Past `max_connections`, a connection is answered 503 `api.busy` with
+/// `Retry-After` at once (not left to queue or to exhaust descriptors), and
+/// serving resumes when a connection closes.
+#[test]
+fn connections_over_the_cap_are_answered_busy_at_once() {
+    let s = TestServer::start_with(Options {
+        max_connections: 2,
+        ..Default::default()
+    });
+    let idle: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(s.addr).expect("connect"))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    let r = s
+        .client()
+        .request("GET", "/v1/healthz", &[], None)
+        .expect("an answer");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "answered at once"
+    );
+    let e = error_of(&r, 503, "api.busy");
+    assert_eq!(r.header("retry-after"), Some("1"), "{e}");
+    drop(idle);
+    let start = std::time::Instant::now();
+    loop {
+        let r = s.client().request("GET", "/v1/healthz", &[], None);
+        if r.as_ref().is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5), "{r:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let m = s.admin().get("/metrics").text();
+    let refused = m
+        .lines()
+        .find_map(|l| l.strip_prefix("pg_hardstorage_connections_refused_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1), "{m}");
+}

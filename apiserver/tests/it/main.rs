@@ -35,6 +35,8 @@ pub struct Options {
     pub webhooks: Vec<Webhook>,
     /// Slows every put (a slow store keeps a backup running).
     pub put_delay: Option<Duration>,
+    /// `ServerConfig::max_connections` (0: the default).
+    pub max_connections: usize,
 }
 
 impl TestServer {
@@ -76,6 +78,7 @@ impl TestServer {
                 shutdown_grace: Duration::from_secs(10),
                 wal_streams: Vec::new(),
                 kms_dir: Some(tmp.path().to_path_buf()),
+                max_connections: o.max_connections,
             },
         )
         .expect("bind");

@@ -6,6 +6,7 @@ use pg_hardstorage_testkit::http::Client;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
 
 struct Served {
     child: Child,
@@ -18,6 +19,29 @@ fn serve(env: &Env, put_delay_ms: Option<&str>) -> Served {
     if let Some(d) = put_delay_ms {
         c.env("PG_HARDSTORAGE_FAULT_PUT_DELAY_MS", d);
     }
+    started(c)
+}
+
+/// `serve` with at most `fds` open descriptors (`ulimit -n`) and `extra`
+/// arguments.
+fn serve_limited(env: &Env, fds: u32, extra: &[&str]) -> Served {
+    let inner = env.cmd(&[]);
+    let mut c = std::process::Command::new("sh");
+    c.arg("-c")
+        .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
+        .arg(inner.get_program())
+        .args(["serve", "--listen", "127.0.0.1:0", "-o", "ndjson"])
+        .args(extra);
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    started(c)
+}
+
+fn started(mut c: std::process::Command) -> Served {
     let mut child = c.stdout(Stdio::piped()).spawn().expect("serve");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let first: Value =
@@ -403,4 +427,65 @@ fn cli_webhook_receives_the_same_events_as_the_ndjson_output() {
         (2, Some("usage.invalid_argument")),
         "{v}"
     );
+}
+
+/// CPU ticks (user + system) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th of the whole line.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// Out of descriptors, the server backs off instead of spinning on
+/// `accept`, and answers again once connections close; with its default
+/// cap (half its descriptors) it answers the excess 503 instead.
+#[test]
+fn serve_out_of_descriptors_backs_off_and_keeps_answering() {
+    let env = Env::new();
+    env.ok(&["repo", "init"]);
+    let connect = |s: &Served| -> Vec<std::net::TcpStream> {
+        (0..100)
+            .map(|_| std::net::TcpStream::connect(s.client.addr).expect("connect"))
+            .collect()
+    };
+    // A cap above the descriptor limit: accept runs into EMFILE.
+    let s = serve_limited(&env, 64, &["--max-connections", "1000"]);
+    let idle = connect(&s);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(s.child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(s.child.id()) - before;
+    assert!(
+        used < 50,
+        "{used} ticks of CPU in 2 s out of descriptors: spinning"
+    );
+    drop(idle);
+    let t = Instant::now();
+    while s
+        .client
+        .request("GET", "/v1/healthz", &[], None)
+        .map(|r| r.status)
+        .ok()
+        != Some(200)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "healthz never answered again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(s);
+    // The default cap: the excess is answered at once.
+    let s = serve_limited(&env, 64, &[]);
+    let _idle = connect(&s);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = s
+        .client
+        .request("GET", "/v1/healthz", &[], None)
+        .expect("an answer");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "api.busy", "{}", r.text());
 }
