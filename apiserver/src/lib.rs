@@ -422,12 +422,18 @@ async fn serve_route(
     routes::dispatch(st.clone(), route, params, query, who, body, mode).await
 }
 
+/// Bytes of a request's line and headers the server buffers: more is
+/// answered 431 (hyper's default, about 400 KiB, let an unauthenticated
+/// client make the server hold that much per connection).
+pub const MAX_HEAD_BYTES: usize = 32 << 10;
+
 /// HTTP/1.1 with a deadline for request headers (a client that trickles
-/// them does not hold a connection forever).
+/// them does not hold a connection forever) and a bound on their size.
 fn http1() -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(MAX_HEAD_BYTES);
     b
 }
 

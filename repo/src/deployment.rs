@@ -99,6 +99,18 @@ fn key(name: &str) -> String {
 /// the same settings return the existing one, different ones conflict.
 pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool), Problem> {
     validate_name(&d.name)?;
+    if let Some(t) = &d.tenant {
+        validate_name(t).map_err(|_| {
+            Problem::new(
+                "deployment.invalid",
+                format!(
+                    "tenant {:?} is invalid: use 1-63 of [A-Za-z0-9_-]",
+                    t.chars().take(80).collect::<String>()
+                ),
+            )
+            .with("field", "tenant")
+        })?;
+    }
     if d.kind == Kind::Path {
         let p = d.path.as_deref().unwrap_or_default();
         let abs = std::path::absolute(p)

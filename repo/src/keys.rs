@@ -121,6 +121,7 @@ fn kek(source: &KeySource, kdf: &Kdf) -> Result<[u8; 32], Problem> {
                 salt,
             },
         ) => {
+            check_cost(*m_kib, *t, *lanes)?;
             let salt = hex::decode(salt)
                 .map_err(|_| Problem::new("repo.config_invalid", "key envelope: bad salt"))?;
             let params = Params::new(*m_kib, *t, *lanes, Some(32))
@@ -283,6 +284,30 @@ pub fn random32() -> Result<[u8; 32], Problem> {
     Ok(k)
 }
 
+/// The most an Argon2id key envelope may ask for: 1 GiB of memory, 16
+/// passes, 16 lanes. The cost is read from storage before anything is
+/// authenticated, so a planted envelope must not hang or exhaust every
+/// process that opens the repository.
+pub const KDF_MAX: (u32, u32, u32) = (1 << 20, 16, 16);
+
+fn check_cost(m_kib: u32, t: u32, lanes: u32) -> Result<(), Problem> {
+    let (m_max, t_max, p_max) = KDF_MAX;
+    if m_kib > m_max || t > t_max || lanes > p_max {
+        return Err(Problem::new(
+            "repo.config_invalid",
+            format!(
+                "key envelope asks for argon2id m={m_kib} KiB, t={t}, p={lanes}; \
+                 at most m={m_max}, t={t_max}, p={p_max} is accepted"
+            ),
+        )
+        .suggest(
+            "The key envelope may have been tampered with: restore keys/ from a trusted copy",
+            None,
+        ));
+    }
+    Ok(())
+}
+
 fn wrap_aad(key_id: &str) -> Vec<u8> {
     format!("pg_hardstorage key v1:{key_id}").into_bytes()
 }
@@ -294,6 +319,7 @@ fn default_kdf() -> Result<Kdf, Problem> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(19 * 1024);
+    check_cost(m_kib, 2, 1)?;
     Ok(Kdf::Argon2id {
         m_kib,
         t: 2,
@@ -349,4 +375,35 @@ pub fn unwrap(env: &KeyEnvelope, source: &KeySource) -> Result<Keys, Problem> {
     let mut m = [0u8; 32];
     m.copy_from_slice(&master);
     Ok(Keys::derive(env.key_id.clone(), &m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_planted_key_envelope_cannot_ask_for_unbounded_work() {
+        let source = KeySource::Passphrase("unit test".into());
+        let salt = hex::encode([7u8; 16]);
+        let kdf = |m_kib, t, p| Kdf::Argon2id {
+            m_kib,
+            t,
+            p,
+            salt: salt.clone(),
+        };
+        let t0 = std::time::Instant::now();
+        for bad in [
+            kdf(8, 4_000_000_000, 1),
+            kdf(4 << 20, 2, 1),
+            kdf(64, 2, 1000),
+        ] {
+            let e = kek(&source, &bad).expect_err("refused");
+            assert_eq!(e.code, "repo.config_invalid", "{e}");
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(1),
+            "refused before any work"
+        );
+        kek(&source, &kdf(64, 2, 1)).expect("a bounded cost is derived");
+    }
 }

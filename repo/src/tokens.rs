@@ -137,6 +137,9 @@ pub fn name_of(presented: &str) -> Option<&str> {
         .strip_prefix("phs.")?
         .rsplit_once('.')
         .map(|(n, _)| n)
+        // Only a name a token could have (1-63 of [A-Za-z0-9_-]): what a
+        // caller remembers of presented names stays small.
+        .filter(|n| validate_name(n).is_ok())
 }
 
 pub fn list(repo: &Repository) -> Result<Vec<Token>, Problem> {
@@ -181,6 +184,15 @@ pub fn authenticate<'a>(tokens: &'a [Token], presented: &str) -> Option<&'a Toke
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_possible_token_name_is_taken_from_a_presented_token() {
+        assert_eq!(name_of("phs.ci-1.secret"), Some("ci-1"));
+        let long = format!("phs.{}.secret", "a".repeat(5000));
+        assert_eq!(name_of(&long), None, "longer than any token name");
+        assert_eq!(name_of("phs.../x.secret"), None);
+        assert_eq!(name_of("phs..secret"), None);
+    }
 
     #[test]
     fn tokens_authenticate_only_with_their_secret() {

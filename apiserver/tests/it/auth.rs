@@ -357,3 +357,54 @@ fn connections_over_the_cap_are_answered_busy_at_once() {
         .and_then(|v| v.trim().parse::<u64>().ok());
     assert!(refused.is_some_and(|n| n >= 1), "{m}");
 }
+
+/// Request heads are bounded (hyper's default buffered about 400 KiB per
+/// unauthenticated connection): a 100 KiB header is refused with 431.
+#[test]
+fn an_oversized_request_head_is_refused() {
+    let s = TestServer::start();
+    let big = format!("Bearer phs.{}.x", "a".repeat(100 << 10));
+    let r = s
+        .client()
+        .request(
+            "GET",
+            "/v1/deployments",
+            &[("authorization", big.as_str())],
+            None,
+        )
+        .expect("an answer");
+    assert_eq!(r.status, 431, "{}", r.text());
+    // Within the bound, the same route answers as usual.
+    let r = s.admin().get("/v1/deployments");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// A deployment's tenant is an RBAC scope: an empty, path-like or huge one
+/// is refused on create, not stored.
+#[test]
+fn a_deployment_tenant_must_be_a_valid_name() {
+    let s = TestServer::start();
+    let long = "t".repeat(5000);
+    for bad in ["", "../x", long.as_str()] {
+        let body = serde_json::json!({
+            "name": "d1",
+            "path": s.tmp.path().display().to_string(),
+            "tenant": bad,
+        });
+        let r = s.admin().post("/v1/deployments", &body.to_string());
+        let e = error_of(&r, 400, "deployment.invalid");
+        assert!(
+            r.text().len() < 2000,
+            "the refusal does not echo it all: {e}"
+        );
+    }
+    let body = serde_json::json!({
+        "name": "d1",
+        "path": s.tmp.path().display().to_string(),
+        "tenant": "acme",
+    });
+    body_of(
+        &s.admin().post("/v1/deployments", &body.to_string()),
+        "deployments.create",
+    );
+}
