@@ -54,24 +54,13 @@ impl Deployment {
     pub fn public(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(pg) = &self.pg {
-            v["pg"] = serde_json::Value::String(redact(pg));
+            v["pg"] = serde_json::Value::String(phs_pg::conninfo::redact(pg));
         }
         v
     }
 }
 
 pub const DEFAULT_TENANT: &str = "default";
-
-fn redact(conninfo: &str) -> String {
-    conninfo
-        .split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 pub fn validate_name(name: &str) -> Result<(), Problem> {
     let ok = !name.is_empty()

@@ -408,3 +408,31 @@ fn a_deployment_tenant_must_be_a_valid_name() {
         "deployments.create",
     );
 }
+
+/// A URI's password never comes back: not in the create response, the
+/// deployment, or the listing (a read-only token sees all three).
+#[test]
+fn connection_passwords_are_redacted_in_every_form() {
+    let s = TestServer::start();
+    let reader = s
+        .client()
+        .with_token(&s.token("ro", &["backup:read"], None));
+    for (name, pg) in [
+        (
+            "uri",
+            "postgresql://app:UriSecret1@127.0.0.1:1/prod?password=QuerySecret2",
+        ),
+        ("kv", "host=127.0.0.1 port=1 password='Kv Secret3' user=app"),
+    ] {
+        let body = serde_json::json!({"name": name, "pg": pg});
+        let created = s.admin().post("/v1/deployments", &body.to_string());
+        let shown = reader.get(&format!("/v1/deployments/{name}"));
+        let listed = reader.get("/v1/deployments");
+        for r in [&created, &shown, &listed] {
+            assert_eq!(r.status, 200, "{}", r.text());
+            for secret in ["UriSecret1", "QuerySecret2", "Secret3"] {
+                assert!(!r.text().contains(secret), "{secret} leaked: {}", r.text());
+            }
+        }
+    }
+}

@@ -20,6 +20,131 @@ fn bad(m: String) -> Problem {
     )
 }
 
+/// `key = value` pairs as libpq reads them: spaces around `=` allowed; a
+/// value may be single-quoted (to hold spaces or be empty), and `\'` and
+/// `\\` escape a quote and a backslash. Errors never quote the string (it
+/// may hold a password).
+pub fn keyword_pairs(s: &str) -> Result<Vec<(String, String)>, Problem> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    let skip_space = |c: &mut std::iter::Peekable<std::str::Chars>| {
+        while c.peek().is_some_and(|x| x.is_whitespace()) {
+            c.next();
+        }
+    };
+    loop {
+        skip_space(&mut chars);
+        if chars.peek().is_none() {
+            return Ok(out);
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        skip_space(&mut chars);
+        if key.is_empty() || chars.next() != Some('=') {
+            return Err(bad(format!(
+                "connection parameter {} is not key=value",
+                out.len() + 1
+            )));
+        }
+        skip_space(&mut chars);
+        let value = keyword_value(&mut chars)?;
+        out.push((key, value));
+    }
+}
+
+/// One value, unquoted and unescaped, consumed from `chars`.
+fn keyword_value(chars: &mut std::iter::Peekable<std::str::Chars>) -> Result<String, Problem> {
+    let mut v = String::new();
+    let quoted = chars.peek() == Some(&'\'');
+    if quoted {
+        chars.next();
+    }
+    loop {
+        match chars.next() {
+            Some('\\') => match chars.next() {
+                Some(n) => v.push(n),
+                None => v.push('\\'),
+            },
+            Some('\'') if quoted => return Ok(v),
+            Some(c) if !quoted && c.is_whitespace() => return Ok(v),
+            Some(c) => v.push(c),
+            None if quoted => {
+                return Err(bad("a quoted connection parameter is not closed".into()))
+            }
+            None => return Ok(v),
+        }
+    }
+}
+
+/// A value written so [`keyword_pairs`] reads it back.
+fn quote_value(v: &str) -> String {
+    if !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\') {
+        return v.to_string();
+    }
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// The connection string with every password replaced by `***`: a URI's
+/// `user:password@` and `password=` query parameter, a keyword/value
+/// string's `password=` (quoted or not); one that does not parse is `***`
+/// whole (nothing of it is shown).
+pub fn redact(conninfo: &str) -> String {
+    let s = conninfo.trim();
+    let uri = ["postgresql://", "postgres://"]
+        .into_iter()
+        .find(|p| s.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p)));
+    if let Some(scheme) = uri {
+        return redact_uri(scheme.len(), s);
+    }
+    match keyword_pairs(s) {
+        Ok(pairs) => pairs
+            .iter()
+            .map(|(k, v)| match k.eq_ignore_ascii_case("password") {
+                true => format!("{k}=***"),
+                false => format!("{k}={}", quote_value(v)),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        Err(_) => "***".into(),
+    }
+}
+
+fn redact_uri(scheme: usize, s: &str) -> String {
+    let (head, rest) = s.split_at(scheme);
+    // As `ConnInfo::parse` reads it: the userinfo ends at the last '@'.
+    let (userinfo, after) = match rest.rsplit_once('@') {
+        Some((u, r)) => (Some(u), r),
+        None => (None, rest),
+    };
+    let mut out = head.to_string();
+    if let Some(u) = userinfo {
+        match u.split_once(':') {
+            Some((user, _)) => out.push_str(&format!("{user}:***@")),
+            None => out.push_str(&format!("{u}@")),
+        }
+    }
+    match after.split_once('?') {
+        Some((hostpath, q)) => {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            out.push_str(&format!("{hostpath}?{}", params.join("&")));
+        }
+        None => out.push_str(after),
+    }
+    out
+}
+
 impl ConnInfo {
     pub fn parse(s: &str) -> Result<Self, Problem> {
         let mut c = ConnInfo {
@@ -59,12 +184,8 @@ impl ConnInfo {
             }
             return Ok(c);
         }
-        for kv in s.split_whitespace() {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| bad(format!("{kv:?} is not key=value")))?;
-            let v = v.trim_matches('\'').to_string();
-            match k {
+        for (k, v) in keyword_pairs(s)? {
+            match k.as_str() {
                 "host" | "hostaddr" => c.host = v,
                 "port" => c.port = v.parse().map_err(|_| bad(format!("bad port {v:?}")))?,
                 "user" => c.user = v,
@@ -101,5 +222,53 @@ mod tests {
         assert_eq!(b.dbname, "orders");
         assert!(ConnInfo::parse("port=abc").is_err());
         assert!(ConnInfo::parse("bogus").is_err());
+    }
+
+    #[test]
+    fn every_form_of_password_is_redacted() {
+        for (given, want) in [
+            (
+                "postgresql://app:s3cret@db.example:5432/prod",
+                "postgresql://app:***@db.example:5432/prod",
+            ),
+            (
+                "postgres://app:s3@cr@t@db/prod?sslmode=require&password=x2",
+                "postgres://app:***@db/prod?sslmode=require&password=***",
+            ),
+            ("postgresql://app@db/prod", "postgresql://app@db/prod"),
+            (
+                "host=db user=app password=s3cret dbname=prod",
+                "host=db user=app password=*** dbname=prod",
+            ),
+            (
+                "host=db password = 'it\\'s a \\\\ secret' user=app",
+                "host=db password=*** user=app",
+            ),
+            ("PASSWORD=x host=db", "PASSWORD=*** host=db"),
+        ] {
+            let got = redact(given);
+            assert_eq!(got, want, "{given}");
+            for secret in ["s3cret", "s3@cr@t", "x2", "secret"] {
+                assert!(!got.contains(secret), "{given} leaked {secret}: {got}");
+            }
+        }
+    }
+
+    #[test]
+    fn quoted_values_parse_as_libpq_reads_them() {
+        let c = ConnInfo::parse("host = /tmp password='a b\\'c' user=''").expect("parse");
+        assert_eq!(c.password.as_deref(), Some("a b'c"));
+        assert_eq!(c.user, "");
+        let e = ConnInfo::parse("host=/tmp password='Secret9").expect_err("open quote");
+        assert!(!e.message.contains("Secret9"), "{e}");
+        let e = ConnInfo::parse("host=/tmp password Secret9").expect_err("no =");
+        assert!(!e.message.contains("Secret9"), "{e}");
+        assert_eq!(redact("host=/tmp password Secret9"), "***");
+        // What redact writes parses back to the same settings.
+        let r = redact("host='/a dir' user=it\\'s");
+        assert_eq!(
+            keyword_pairs(&r).expect("reparse"),
+            keyword_pairs("host='/a dir' user=it\\'s").expect("parse")
+        );
     }
 }
