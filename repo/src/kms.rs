@@ -126,9 +126,11 @@ pub fn shred(repo: &Repository, confirm: &str, by: &str) -> Result<Value, Proble
             "usage.invalid_argument",
             "kms shred makes every backup in this repository unrecoverable: confirm with the repository id",
         )
+        // The id is not echoed: a caller that could read it here could
+        // shred without ever having looked it up.
         .suggest(
-            format!("Pass --confirm {} if you mean it", repo.config.repo_id),
-            None,
+            "Pass --confirm with the repository id (`repo show` prints it) if you mean it",
+            Some("pg_hardstorage repo show".into()),
         ));
     }
     let marker = json!({

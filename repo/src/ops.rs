@@ -411,7 +411,10 @@ pub fn restores_initiate(
 /// A restore's record.
 pub fn restores_status(repo: &Repository, deployment: &str, id: &str) -> Result<Value, Problem> {
     deployment::validate_name(deployment)?;
+    // Bounded like every id we make (a longer one made the record's path
+    // too long for the file system: a 500 naming the repository's path).
     let valid = !id.is_empty()
+        && id.len() <= 128
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));

@@ -436,3 +436,17 @@ fn connection_passwords_are_redacted_in_every_form() {
         }
     }
 }
+
+/// An over-long restore id (5,000 characters: the file name is too long)
+/// is a plain 404, never a 500 carrying the
+/// repository's host path.
+#[test]
+fn a_long_restore_id_is_not_found_without_host_paths() {
+    let s = TestServer::start();
+    s.path_deployment("d", None);
+    let id = "r".repeat(5000);
+    let r = s.admin().get(&format!("/v1/deployments/d/restores/{id}"));
+    error_of(&r, 404, "restore.not_found");
+    let repo_path = s.tmp.path().display().to_string();
+    assert!(!r.text().contains(&repo_path), "{}", r.text());
+}

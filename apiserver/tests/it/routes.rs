@@ -635,15 +635,17 @@ fn kms_routes_rotate_the_kek_and_shred_stops_the_server_decrypting() {
     let shredder = s
         .client()
         .with_token(&s.token("shred", &["kms:shred"], None));
-    error_of(
-        &shredder.post("/v1/kms/shred", r#"{"confirm":"no"}"#),
-        400,
-        "usage.invalid_argument",
-    );
+    let refused = shredder.post("/v1/kms/shred", r#"{"confirm":"no"}"#);
+    error_of(&refused, 400, "usage.invalid_argument");
     let id = body_of(&c.get("/v1/repos/default"), "repos.show")["repo_id"]
         .as_str()
         .expect("id")
         .to_string();
+    assert!(
+        !refused.text().contains(&id),
+        "a refused shred must not tell the id it wants: {}",
+        refused.text()
+    );
     let done = body_of(
         &shredder.post("/v1/kms/shred", &json!({"confirm": id}).to_string()),
         "kms.shred",
