@@ -183,16 +183,21 @@ pub fn parse_query(q: &str) -> Result<Query, Problem> {
 /// RFC 3339, or compact relative: `30m`, `12h`, `7d` (that long ago).
 fn when(v: &str) -> Result<OffsetDateTime, Problem> {
     let (n, unit) = v.split_at(v.len().saturating_sub(1));
-    let secs = match (n.parse::<i64>(), unit) {
-        (Ok(n), "s") => Some(n),
-        (Ok(n), "m") => Some(n * 60),
-        (Ok(n), "h") => Some(n * 3600),
-        (Ok(n), "d") => Some(n * 86400),
-        _ => None,
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => 0,
     };
-    match secs {
-        Some(s) => Ok(OffsetDateTime::now_utc() - time::Duration::seconds(s)),
-        None => crate::pitr::parse_when(v),
+    match n.parse::<i64>() {
+        Ok(n) if unit > 0 => crate::pitr::ago(n, unit).ok_or_else(|| {
+            Problem::new("usage.invalid_time", format!("{v:?} is too long ago")).suggest(
+                "Use a time after year 1, e.g. 7d or 2026-11-27T10:20:18Z",
+                None,
+            )
+        }),
+        _ => crate::pitr::parse_when(v),
     }
 }
 
@@ -252,6 +257,15 @@ pub fn search(repo: &Repository, q: &Query, tenant: Option<&str>) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_relative_time_in_a_query_is_a_usage_error() {
+        for q in ["since:9223372036854775807d", "until:106751991167300d"] {
+            let e = parse_query(q).expect_err(q);
+            assert_eq!(e.code, "usage.invalid_time", "{q}: {e}");
+        }
+        assert!(parse_query("since:7d").is_ok());
+    }
 
     #[test]
     fn colons_outside_field_names_are_words_and_typos_are_refused() {

@@ -31,9 +31,16 @@ pub fn parse_when(s: &str) -> Result<time::OffsetDateTime, Problem> {
         if n < 0 {
             return Err(bad());
         }
-        return Ok(time::OffsetDateTime::now_utc() - time::Duration::seconds(n * secs));
+        return ago(n, secs).ok_or_else(bad);
     }
     Err(bad())
+}
+
+/// `n × unit` seconds before now; `None` past the representable times
+/// (a huge `n` must be a usage error, never an overflow).
+pub fn ago(n: i64, unit: i64) -> Option<time::OffsetDateTime> {
+    let secs = n.checked_mul(unit)?;
+    time::OffsetDateTime::now_utc().checked_sub(time::Duration::seconds(secs))
 }
 
 pub fn recovery_target(
@@ -292,6 +299,19 @@ fn lsn(m: &Manifest, field: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_relative_time_is_a_usage_error() {
+        for s in [
+            "9223372036854775807 days ago",
+            "106751991167300 days ago",
+            "-1 days ago",
+        ] {
+            let e = parse_when(s).expect_err(s);
+            assert_eq!(e.code, "usage.invalid_time", "{s}: {e}");
+        }
+        assert!(parse_when("2 days ago").is_ok());
+    }
 
     #[test]
     fn the_staged_window_keeps_history_and_the_first_segments() {
