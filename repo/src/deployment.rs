@@ -119,6 +119,9 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
         if existing.same_settings(&d) {
             return Ok((existing, false));
         }
+        if existing.tenant() != d.tenant() {
+            return Err(taken(&d.name));
+        }
         return Err(Problem::new(
             "deployment.conflict",
             format!("deployment {:?} exists with different settings", d.name),
@@ -133,15 +136,7 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
         let old: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
         let owner = old["tenant"].as_str().unwrap_or(DEFAULT_TENANT);
         if owner != d.tenant() {
-            return Err(Problem::new(
-                "deployment.conflict",
-                format!(
-                    "the name {:?} belonged to another tenant, whose backups are kept under it",
-                    d.name
-                ),
-            )
-            .with("deployment", d.name.clone())
-            .suggest("Choose another name", None));
+            return Err(taken(&d.name));
         }
     }
     let body = serde_json::to_vec(&d).map_err(|e| Problem::internal(e.to_string()))?;
@@ -154,6 +149,18 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
         return create(repo, d);
     }
     Ok((d, true))
+}
+
+/// A name another tenant holds (live, or deleted with its backups kept):
+/// one answer for both, saying nothing of the holder or its settings, so a
+/// create cannot be used to learn what another tenant has.
+fn taken(name: &str) -> Problem {
+    Problem::new(
+        "deployment.conflict",
+        format!("the deployment name {name:?} is not available"),
+    )
+    .with("deployment", name)
+    .suggest("Choose another name", None)
 }
 
 pub fn get_opt(repo: &Repository, name: &str) -> Result<Option<Deployment>, Problem> {

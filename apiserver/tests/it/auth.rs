@@ -450,3 +450,37 @@ fn a_long_restore_id_is_not_found_without_host_paths() {
     let repo_path = s.tmp.path().display().to_string();
     assert!(!r.text().contains(&repo_path), "{}", r.text());
 }
+
+/// Another tenant's deployment name answers a create the same whether the
+/// deployment is live or deleted, and says nothing of its settings.
+#[test]
+fn a_create_does_not_tell_another_tenants_deployment_apart() {
+    let s = TestServer::start();
+    s.path_deployment("live", Some("acme"));
+    s.path_deployment("gone", Some("acme"));
+    let acme = s
+        .client()
+        .with_token(&s.token("acme-adm", &["admin:*"], Some("acme")));
+    body_of(
+        &acme
+            .request("DELETE", "/v1/deployments/gone", &[], None)
+            .expect("delete"),
+        "deployments.delete",
+    );
+    let globex = s
+        .client()
+        .with_token(&s.token("globex-adm", &["admin:*"], Some("globex")));
+    let answer = |name: &str| {
+        let body = format!(r#"{{"name":"{name}","path":"{}"}}"#, s.tmp.path().display());
+        let r = globex.post("/v1/deployments", &body);
+        let e = error_of(&r, 409, "deployment.conflict");
+        let m = e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .replace(name, "NAME");
+        assert!(!m.contains("settings") && !m.contains("tenant"), "{m}");
+        m
+    };
+    assert_eq!(answer("live"), answer("gone"));
+    assert_eq!(globex.get("/v1/deployments/live").status, 404);
+}
