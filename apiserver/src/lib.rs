@@ -61,6 +61,15 @@ pub struct ServerConfig {
     /// Connections served at once (0: [`default_max_connections`]). One
     /// more is answered 503 `api.busy` with `Retry-After` and closed.
     pub max_connections: usize,
+    /// Operations (backups, restores, verifies, ...) run at once for API
+    /// callers (0: [`default_max_operations`]); one more is answered 503
+    /// `api.busy` with `Retry-After`.
+    pub max_operations: usize,
+}
+
+/// Two operations per core, at least four.
+pub fn default_max_operations() -> usize {
+    (2 * pg_hardstorage_engine::pipeline::default_workers()).max(4)
 }
 
 /// Half the descriptors the process may open (the rest stay for the
@@ -152,6 +161,8 @@ pub struct State {
     /// Summaries of committed manifests (immutable once written), by key.
     summaries: Mutex<HashMap<String, BackupSummary>>,
     launcher: Launcher,
+    /// Slots of the operations API callers may run at once.
+    pub operations: Arc<tokio::sync::Semaphore>,
     pub kms_dir: Option<std::path::PathBuf>,
     /// Set once `kms shred` ran here: the keys this process still holds in
     /// memory must not decrypt anything any more.
@@ -478,6 +489,10 @@ impl Server {
                 listings: Mutex::new(HashMap::new()),
                 shredded: std::sync::atomic::AtomicBool::new(false),
                 kms_dir: cfg.kms_dir,
+                operations: Arc::new(tokio::sync::Semaphore::new(match cfg.max_operations {
+                    0 => default_max_operations(),
+                    n => n,
+                })),
             }),
             grace: cfg.shutdown_grace,
             wal_streams: cfg.wal_streams,

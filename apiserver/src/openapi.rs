@@ -155,7 +155,7 @@ fn operation(route: &Route) -> Value {
         ("404", "Unknown route, deployment, backup or restore."),
         ("405", "The path does not take this method."),
         ("500", "Internal error."),
-        ("503", "The repository (or KMS) is unreachable."),
+        ("503", "The repository (or KMS) is unreachable, or the server is at its connection or operation limit (`api.busy`, with `Retry-After`)."),
     ];
     if route.access != Access::Open {
         errors.push((

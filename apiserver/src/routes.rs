@@ -455,11 +455,25 @@ fn stream(
 ) -> impl std::future::Future<Output = Response<Body>> {
     let st = st.clone();
     async move {
+        // One slot per operation: past the server's limit a request is
+        // refused at once rather than queued behind the running ones.
+        let Ok(slot) = st.operations.clone().try_acquire_owned() else {
+            let p = Problem::new(
+                "api.busy",
+                "the server is running as many operations as it allows",
+            )
+            .suggest("Retry later, or raise serve --max-operations", None);
+            let mut r = error(&p);
+            r.headers_mut()
+                .insert("retry-after", hyper::header::HeaderValue::from_static("5"));
+            return r;
+        };
         let bus = EventBus::new();
         let drops = st.attach_sinks(&bus);
         if mode == Mode::Json {
             let r = st
                 .launch(move || {
+                    let _slot = slot;
                     let r = work(&bus);
                     report_drops(&bus, &drops);
                     bus.close();
@@ -477,6 +491,7 @@ fn stream(
         let state = writer.state.clone();
         bus.add_sink(NdjsonSink::new(writer));
         drop(st.launch(move || {
+            let _slot = slot;
             let r = work(&bus);
             report_drops(&bus, &drops);
             bus.close();
@@ -531,14 +546,18 @@ pub struct UpdateDeployment {
     pub path: Option<String>,
 }
 
+/// The most queue memory a backup over the API may ask for (its default
+/// is 64 MiB).
+pub const MAX_QUEUE_BYTES: u64 = 256 << 20;
+
 /// `POST /v1/deployments/{d}/backups` (an empty body is fine).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TakeBackup {
-    /// Worker threads (default: one per core).
+    /// Worker threads (default and most: one per core).
     #[serde(default)]
     pub workers: Option<usize>,
-    /// Byte budget of each pipeline edge.
+    /// Byte budget of the pipeline's queues (1 MiB to 256 MiB).
     #[serde(default)]
     pub queue_bytes: Option<u64>,
 }
@@ -848,11 +867,13 @@ pub async fn dispatch(
                 let b: TakeBackup = parse(&body)?;
                 blocking(check).await?;
                 let mut pipeline = pg_hardstorage_engine::pipeline::PipelineConfig::default();
+                // What one caller may ask of the machine: no more workers
+                // than cores, no more than MAX_QUEUE_BYTES of queues.
                 if let Some(w) = b.workers {
-                    pipeline.workers = w.clamp(1, 256);
+                    pipeline.workers = w.clamp(1, pg_hardstorage_engine::pipeline::default_workers());
                 }
                 if let Some(q) = b.queue_bytes {
-                    pipeline.queue_bytes = q.clamp(1 << 20, 4 << 30);
+                    pipeline.queue_bytes = q.clamp(1 << 20, MAX_QUEUE_BYTES);
                 }
                 let opts = BackupOptions {
                     pipeline,

@@ -201,6 +201,10 @@ pub struct ServeArgs {
     /// (default: half the descriptors the process may open, 16..4096)
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     pub max_connections: usize,
+    /// Operations (backups, restores, verifies, ...) run at once for API
+    /// callers; one more is answered 503 (default: two per core, at least 4)
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    pub max_operations: usize,
 }
 
 #[derive(Subcommand, Debug)]

@@ -36,6 +36,7 @@ pub fn serve(cli: &Cli, out: &mut Out, a: &ServeArgs) -> Result<(), Problem> {
         wal_streams: a.wal_stream.clone(),
         kms_dir: a.kms_dir.clone(),
         max_connections: a.max_connections,
+        max_operations: a.max_operations,
     };
     let _agent = pg_hardstorage_repo::fleet::register(&cfg.repo, "server", a.wal_stream.clone())?;
     let rt = pg_hardstorage_apiserver::runtime()?;

@@ -37,6 +37,8 @@ pub struct Options {
     pub put_delay: Option<Duration>,
     /// `ServerConfig::max_connections` (0: the default).
     pub max_connections: usize,
+    /// `ServerConfig::max_operations` (0: the default).
+    pub max_operations: usize,
 }
 
 impl TestServer {
@@ -79,6 +81,7 @@ impl TestServer {
                 wal_streams: Vec::new(),
                 kms_dir: Some(tmp.path().to_path_buf()),
                 max_connections: o.max_connections,
+                max_operations: o.max_operations,
             },
         )
         .expect("bind");

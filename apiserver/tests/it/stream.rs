@@ -220,3 +220,73 @@ fn a_client_that_disconnects_mid_stream_leaves_a_whole_backup() {
     );
     crate::body_of(&r.expect("verify"), "backups.verify");
 }
+
+/// What one caller may ask of the server is bounded: a backup gets at most
+/// one worker per core, and past `max_operations` running operations a new
+/// one is refused at once (503 `api.busy`, `Retry-After`) instead of piling
+/// up; once the running one ends, the next is accepted.
+#[test]
+fn operations_are_bounded_in_number_and_in_workers() {
+    use std::io::{BufRead, BufReader, Write};
+    let s = TestServer::start_with(Options {
+        put_delay: Some(Duration::from_millis(100)),
+        max_operations: 1,
+        ..Default::default()
+    });
+    s.path_deployment("p", None);
+    let mut tcp = std::net::TcpStream::connect(s.addr).expect("connect");
+    write!(
+        tcp,
+        "POST /v1/deployments/p/backups HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 15\r\n\r\n{{\"workers\":256}}",
+        s.admin
+    )
+    .expect("send");
+    let mut r = BufReader::new(tcp.try_clone().expect("clone"));
+    let mut line = String::new();
+    while !line.contains("backup_started") {
+        line.clear();
+        assert!(
+            r.read_line(&mut line).expect("read") > 0,
+            "stream ended early"
+        );
+    }
+    let started: serde_json::Value = serde_json::from_str(line.trim()).expect("event");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert!(
+        started["body"]["workers"]
+            .as_u64()
+            .is_some_and(|w| w <= cores),
+        "{started}"
+    );
+    let busy = s.admin().post("/v1/deployments/p/backups", "");
+    crate::error_of(&busy, 503, "api.busy");
+    assert_eq!(busy.header("retry-after"), Some("5"));
+    // The running backup ends; then a new operation is accepted.
+    while !line.contains("backup_completed") {
+        line.clear();
+        assert!(
+            r.read_line(&mut line).expect("read") > 0,
+            "stream ended early"
+        );
+    }
+    drop(tcp);
+    let t0 = Instant::now();
+    loop {
+        let r = s.admin().request(
+            "POST",
+            "/v1/deployments/p/backups",
+            &[("accept", "application/json")],
+            Some(b""),
+        );
+        match r.expect("answer").status {
+            200 => break,
+            503 => assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "never accepted again"
+            ),
+            other => panic!("status {other}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
