@@ -57,6 +57,22 @@ pub fn give_to_postgres(p: &Path) {
     );
 }
 
+/// Gives `p` (a local repository) to PostgreSQL's group, as an operator
+/// does so that `restore_command`, run as that user, can read it: the
+/// repository's setgid directories pass the group to what is written later.
+pub fn share_with_postgres_group(p: &Path) {
+    let o = Command::new("chgrp")
+        .args(["-R", "postgres"])
+        .arg(p)
+        .output()
+        .expect("chgrp");
+    assert!(
+        o.status.success(),
+        "chgrp: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 pub struct PgCluster {
     _tmp: Option<tempfile::TempDir>,
     pub data: PathBuf,

@@ -282,3 +282,42 @@ fn a_failing_stream_ends_with_an_error_frame_and_no_newline() {
     assert_eq!(last["severity_name"], "error");
     assert_eq!(last["error"]["code"], "backup.source_unreadable");
 }
+
+/// `find REPO -perm /o=rwx` prints nothing on a fresh repository with one
+/// backup: other users read nothing (with `--encryption none` they would
+/// read the backed-up files; the key envelope invites offline guessing).
+/// The repository's group may read, and its setgid root passes the group on.
+#[test]
+fn a_new_repository_is_closed_to_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    env.ok(&["repo", "init", "--encryption", "none"]);
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("secret"), b"0600 data").expect("write");
+    let s = src.to_str().expect("utf8");
+    env.ok(&["deployment", "create", "p", "--path", s]);
+    env.ok(&["backup", "run", "p"]);
+    let out = std::process::Command::new("find")
+        .arg(env.repo())
+        .args(["-perm", "/o=rwx"])
+        .output()
+        .expect("find");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "open to other users"
+    );
+    let root = std::fs::metadata(env.repo())
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(root & 0o2000, 0o2000, "setgid root: {root:o}");
+    let files = std::process::Command::new("find")
+        .arg(env.repo())
+        .args(["-type", "f", "-perm", "/o=rwx,g=wx,u=x"])
+        .output()
+        .expect("find");
+    assert_eq!(String::from_utf8_lossy(&files.stdout), "", "files are 0640");
+}

@@ -4,7 +4,7 @@
 //! restore_command.
 
 use crate::Env;
-use pg_hardstorage_testkit::pg::{give_to_postgres, PgCluster};
+use pg_hardstorage_testkit::pg::{give_to_postgres, share_with_postgres_group, PgCluster};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -377,6 +377,8 @@ impl Setup {
             kargs,
         };
         s.env.ok(&s.args(&["repo", "init"]));
+        // restore_command runs as postgres: the repository's group.
+        share_with_postgres_group(&s.env.repo());
         s.src.psql("postgres", "CREATE TABLE t (v text)");
         let conninfo = s.src.conninfo();
         s.env

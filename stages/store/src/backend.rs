@@ -111,6 +111,7 @@ pub fn open_store_with(
         std::fs::create_dir_all(&root).map_err(|e| {
             Problem::io("io.write_failed", format!("create {}", root.display()), &e)
         })?;
+        make_private_root(&root)?;
     }
     if !root.is_dir() {
         return Err(Problem::new(
@@ -128,6 +129,27 @@ pub fn open_store_with(
         prefix: String::new(),
         describe: root.display().to_string(),
     }))
+}
+
+/// The modes the local store gives what it creates: nothing for other
+/// users (with `--encryption none` a backed-up 0600 file would otherwise be
+/// readable by anyone), read access for the repository directory's group
+/// (so `restore_command`, run as PostgreSQL's user, can read it when the
+/// operator gives the repository to that user's group), and the setgid bit
+/// on the root, which every directory beneath inherits with the group.
+const ROOT_MODE: u32 = 0o2750;
+const DIR_MODE: u32 = 0o750;
+const FILE_MODE: u32 = 0o640;
+
+/// A repository root being initialised loses every permission of other
+/// users and gains the setgid bit (group bits are kept as they are).
+fn make_private_root(root: &std::path::Path) -> Result<(), Problem> {
+    use std::os::unix::fs::PermissionsExt;
+    let werr =
+        |e: std::io::Error| Problem::io("io.write_failed", format!("chmod {}", root.display()), &e);
+    let mode = std::fs::metadata(root).map_err(werr)?.permissions().mode();
+    let private = (mode & 0o770) | (ROOT_MODE & 0o7000) | 0o700;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(private)).map_err(werr)
 }
 
 fn map_err(key: &str, e: object_store::Error) -> Problem {
@@ -151,13 +173,37 @@ impl ObjectStoreBackend {
         }
     }
 
+    /// Creates the directories a local put needs, private ([`DIR_MODE`]),
+    /// before the store would create them with the umask's modes.
+    fn prepare_local(&self, key: &str) -> Result<(), Problem> {
+        use std::os::unix::fs::DirBuilderExt;
+        let Some(dir) = self
+            .local_root
+            .as_ref()
+            .and_then(|r| r.join(key).parent().map(|p| p.to_path_buf()))
+        else {
+            return Ok(());
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&dir)
+            .map_err(|e| Problem::io("io.write_failed", format!("create {}", dir.display()), &e))
+    }
+
     fn sync_local(&self, key: &str) -> Result<(), Problem> {
+        use std::os::unix::fs::PermissionsExt;
         let Some(root) = &self.local_root else {
             return Ok(());
         };
         let file = root.join(key);
-        let sync =
-            |p: &std::path::Path| -> std::io::Result<()> { std::fs::File::open(p)?.sync_all() };
+        let sync = |p: &std::path::Path| -> std::io::Result<()> {
+            let f = std::fs::File::open(p)?;
+            if f.metadata()?.is_file() {
+                f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+            }
+            f.sync_all()
+        };
         sync(&file)
             .map_err(|e| Problem::io("io.write_failed", format!("fsync {}", file.display()), &e))?;
         if let Some(dir) = file.parent() {
@@ -169,6 +215,7 @@ impl ObjectStoreBackend {
     }
 
     fn put_mode(&self, key: &str, data: PutPayload, mode: PutMode) -> Result<bool, Problem> {
+        self.prepare_local(key)?;
         let path = self.path(key);
         let opts = PutOptions {
             mode,
