@@ -895,11 +895,15 @@ fn audit_cmd(cli: &Cli, out: &mut Out, c: &AuditCmd) -> R {
 }
 
 /// Who a CLI change is recorded as: `cli:<user>`.
+/// Who the audit log says ran a CLI command: `$USER` can be set to
+/// anything, so the effective uid the kernel reports is recorded beside it.
 fn cli_actor() -> String {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| format!("uid{}", unsafe { libc::geteuid() }));
-    format!("cli:{user}")
+        .unwrap_or_else(|_| format!("uid{uid}"));
+    format!("cli:{user}(uid={uid})")
 }
 
 fn token_cmd(cli: &Cli, out: &mut Out, c: &TokenCmd) -> R {

@@ -367,9 +367,15 @@ fn cli_operations_are_audited_and_verify_chain_exits_9_on_tampering() {
         actions,
         ["deployment.create", "backup.take", "token.create"]
     );
-    assert!(ev[0]["actor"]
-        .as_str()
-        .is_some_and(|a| a.starts_with("cli:")));
+    // The kernel's uid beside $USER, which anyone can set.
+    let uid = unsafe { libc::geteuid() };
+    assert!(
+        ev[0]["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("cli:") && a.ends_with(&format!("(uid={uid})"))),
+        "{}",
+        ev[0]
+    );
     assert_eq!(
         env.ok(&[
             "audit",
