@@ -5,6 +5,7 @@
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::tokens::{self, Token};
 use pg_hardstorage_repo::Repository;
+use serde_json::{json, Map, Value};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -165,4 +166,70 @@ pub fn denied(who: &Identity, verb: &str) -> Problem {
             "pg_hardstorage token create --name NAME --verbs {verb}"
         )),
     )
+}
+
+/// Failed authentications and denials reach the audit log at most this
+/// often, as one record of the counts since the last one: a flood of bad
+/// tokens costs no more storage writes than that.
+pub const AUDIT_FAILURES_EVERY: Duration = Duration::from_secs(60);
+
+/// Counts of refused requests since the last audit record of them.
+#[derive(Default)]
+pub struct Failures(Mutex<FailState>);
+
+#[derive(Default)]
+struct FailState {
+    unauthenticated: u64,
+    denied: u64,
+    written: Option<Instant>,
+}
+
+impl Failures {
+    /// Counts one refusal of `route` (`denied`: authenticated but not
+    /// allowed); returns the audit subject to write now, when one is due.
+    pub fn record(&self, denied: bool, route: &str) -> Option<Map<String, Value>> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match denied {
+            true => s.denied += 1,
+            false => s.unauthenticated += 1,
+        }
+        if s.written
+            .is_some_and(|t| t.elapsed() < AUDIT_FAILURES_EVERY)
+        {
+            return None;
+        }
+        let subject = json!({
+            "unauthenticated": s.unauthenticated,
+            "denied": s.denied,
+            "last_route": route,
+        });
+        (s.unauthenticated, s.denied, s.written) = (0, 0, Some(Instant::now()));
+        subject.as_object().cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_written_at_most_once_a_minute_with_their_counts() {
+        let f = Failures::default();
+        let first = f
+            .record(false, "/v1/deployments")
+            .expect("the first is written");
+        assert_eq!(first["unauthenticated"], 1);
+        for _ in 0..1000 {
+            assert!(f.record(true, "/v1/kms/shred").is_none(), "rate-limited");
+        }
+        let mut s = f.0.lock().expect("lock");
+        assert_eq!((s.unauthenticated, s.denied), (0, 1000));
+        s.written = Instant::now().checked_sub(AUDIT_FAILURES_EVERY);
+        drop(s);
+        let next = f.record(false, "/v1/x").expect("due again");
+        assert_eq!(
+            (next["unauthenticated"].as_u64(), next["denied"].as_u64()),
+            (Some(1), Some(1000))
+        );
+    }
 }

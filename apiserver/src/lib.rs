@@ -167,6 +167,8 @@ pub struct State {
     /// Set once `kms shred` ran here: the keys this process still holds in
     /// memory must not decrypt anything any more.
     pub shredded: std::sync::atomic::AtomicBool,
+    /// Refused requests not yet in the audit log.
+    pub failures: auth::Failures,
     /// Recent backup listings: `deployment → (when, its tenant, body)`.
     listings: Mutex<HashMap<String, (Instant, String, Value)>>,
 }
@@ -214,6 +216,30 @@ impl State {
         });
         let _ = self.launcher.tx.send(job);
         rx
+    }
+
+    /// Counts a refused request (`denied`: authenticated, not allowed) and,
+    /// at most once a minute, writes the counts to the audit log before the
+    /// refusal is answered (the wait is once a minute, so a flood gains
+    /// nothing from it).
+    pub async fn refused(&self, denied: bool, route: &str) {
+        self.metrics.auth_refused(denied);
+        let Some(subject) = self.failures.record(denied, route) else {
+            return;
+        };
+        let repo = self.repo.clone();
+        let code = match denied {
+            true => "authz.denied",
+            false => "auth.token_required",
+        };
+        let _ = routes::blocking(move || {
+            let why = Problem::new(
+                code,
+                "requests refused since the last record (counts in the subject)",
+            );
+            pg_hardstorage_repo::audit::append(&repo, "server", "auth.refused", subject, Err(&why))
+        })
+        .await;
     }
 
     /// Adds the webhooks and the metrics counter to an operation's bus;
@@ -366,6 +392,7 @@ async fn serve_route(
             match who {
                 Ok(i) => Some(i),
                 Err(p) => {
+                    st.refused(false, route.path).await;
                     let mut r = error(&p);
                     if let Ok(v) = "Bearer realm=\"pg_hardstorage\"".parse() {
                         r.headers_mut().insert("www-authenticate", v);
@@ -377,6 +404,7 @@ async fn serve_route(
     };
     if let (Access::Verb(v), Some(w)) = (route.access, &who) {
         if !w.grants(v) {
+            st.refused(true, route.path).await;
             return error(&auth::denied(w, v));
         }
     }
@@ -384,6 +412,7 @@ async fn serve_route(
     // metrics of every deployment) are for callers bound to no tenant.
     if let (true, Some(w)) = (route.global, &who) {
         if let Some(t) = &w.token.tenant {
+            st.refused(true, route.path).await;
             return error(
                 &Problem::new(
                     "authz.denied",
@@ -488,6 +517,7 @@ impl Server {
                 launcher: Launcher::start(),
                 listings: Mutex::new(HashMap::new()),
                 shredded: std::sync::atomic::AtomicBool::new(false),
+                failures: auth::Failures::default(),
                 kms_dir: cfg.kms_dir,
                 operations: Arc::new(tokio::sync::Semaphore::new(match cfg.max_operations {
                     0 => default_max_operations(),

@@ -16,6 +16,8 @@ struct Inner {
     backpressure_events: u64,
     sink_dropped: u64,
     connections_refused: u64,
+    /// Requests refused: `[unauthenticated, denied]`.
+    auth_refused: [u64; 2],
 }
 
 /// The method label of a request: one of HTTP's methods, or `OTHER` (each
@@ -57,6 +59,11 @@ impl Metrics {
                 .entry((route.to_string(), method_label(method).to_string(), status))
                 .or_default() += 1
         });
+    }
+
+    /// A request refused for want of credentials (401) or of a verb (403).
+    pub fn auth_refused(&self, denied: bool) {
+        self.with(|m| m.auth_refused[usize::from(denied)] += 1);
     }
 
     /// A connection over the cap, answered 503 and closed.
@@ -215,6 +222,10 @@ impl Metrics {
             }
             family(&mut s, "pg_hardstorage_sink_dropped_events_total", "counter", "sink_dropped warnings' counts, as operations reported them.");
             let _ = writeln!(s, "pg_hardstorage_sink_dropped_events_total {}", m.sink_dropped);
+            family(&mut s, "pg_hardstorage_auth_refused_total", "counter", "Requests refused: without valid credentials (unauthenticated) or without the verb or scope (denied).");
+            for (i, reason) in ["unauthenticated", "denied"].into_iter().enumerate() {
+                let _ = writeln!(s, "pg_hardstorage_auth_refused_total{{reason=\"{reason}\"}} {}", m.auth_refused[i]);
+            }
             family(&mut s, "pg_hardstorage_connections_refused_total", "counter", "Connections over serve --max-connections, answered 503 and closed.");
             let _ = writeln!(s, "pg_hardstorage_connections_refused_total {}", m.connections_refused);
             family(&mut s, "pg_hardstorage_http_requests_total", "counter", "HTTP requests by route, method and status.");

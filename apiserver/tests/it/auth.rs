@@ -280,12 +280,24 @@ fn tenant_bound_tokens_get_no_repository_wide_route_and_only_their_own_events() 
         .map(|d| d["name"].clone())
         .collect();
     assert_eq!(names, [serde_json::json!("a1")]);
-    // The unscoped admin still sees everything.
+    // The unscoped admin still sees everything (the refusals above are one
+    // `auth.refused` record of its own).
+    let all = body_of(&s.admin().get("/v1/audit"), "audit.search");
+    let actions: Vec<_> = all
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["action"].as_str().unwrap_or("").to_string())
+        .collect();
     assert_eq!(
-        body_of(&s.admin().get("/v1/audit"), "audit.search")
-            .as_array()
-            .map(|a| a.len()),
-        Some(2)
+        actions.iter().filter(|a| *a != "auth.refused").count(),
+        2,
+        "{actions:?}"
+    );
+    assert_eq!(
+        actions.iter().filter(|a| *a == "auth.refused").count(),
+        1,
+        "{actions:?}"
     );
 }
 
@@ -483,4 +495,59 @@ fn a_create_does_not_tell_another_tenants_deployment_apart() {
     };
     assert_eq!(answer("live"), answer("gone"));
     assert_eq!(globex.get("/v1/deployments/live").status, 404);
+}
+
+/// Refused requests are counted in /metrics and reach the audit log,
+/// rate-limited: a burst of them is one audit record, not one each.
+#[test]
+fn refused_requests_are_counted_and_audited_once_a_minute() {
+    let s = TestServer::start();
+    let reader = s
+        .client()
+        .with_token(&s.token("ro", &["backup:read"], None));
+    for i in 0..5 {
+        let bad = s.client().with_token(&format!("phs.nobody{i}.secret"));
+        assert_eq!(bad.get("/v1/deployments").status, 401);
+    }
+    assert_eq!(
+        reader.post("/v1/kms/shred", r#"{"confirm":"x"}"#).status,
+        403
+    );
+    let t0 = std::time::Instant::now();
+    let refused = loop {
+        let ev = body_of(&s.admin().get("/v1/audit"), "audit.search");
+        let refused: Vec<_> = ev
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| e["action"] == "auth.refused")
+            .cloned()
+            .collect();
+        if !refused.is_empty() {
+            break refused;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "never audited: {ev}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(refused.len(), 1, "one record for the burst: {refused:?}");
+    assert_eq!(
+        refused[0]["subject"]["unauthenticated"], 1,
+        "{}",
+        refused[0]
+    );
+    let m = s.admin().get("/metrics").text();
+    let count = |reason: &str| {
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "pg_hardstorage_auth_refused_total{{reason=\"{reason}\"}} "
+                ))
+            })
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    assert_eq!(count("unauthenticated"), Some(5), "{m}");
+    assert_eq!(count("denied"), Some(1), "{m}");
 }

@@ -446,9 +446,10 @@ fn mutating_operations_are_audited_in_a_chain_that_detects_tampering() {
         &auditor.post("/v1/audit/verify-chain", ""),
         "audit.verify_chain",
     );
+    // Four operations and the `auth.refused` record of the 403 above.
     assert_eq!(
         (v["records"].clone(), v["intact"].clone()),
-        (json!(4), json!(true))
+        (json!(5), json!(true))
     );
     // One byte of record 1 edited: the chain breaks there.
     let key = "audit/00000000000000000001";
