@@ -446,6 +446,22 @@ fn report_drops(bus: &EventBus, drops: &[(String, Arc<std::sync::atomic::AtomicU
     }
 }
 
+/// A `sink_dropped` warning (to metrics and webhooks) when the client of
+/// the stream stopped reading and was abandoned.
+fn report_abandoned(bus: &EventBus, state: &std::sync::Mutex<crate::body::StreamState>) {
+    let _ = bus.settle("ndjson", std::time::Duration::from_secs(5));
+    let s = *state.lock().unwrap_or_else(|e| e.into_inner());
+    if s.abandoned {
+        bus.publish(
+            Event::new(pg_hardstorage_engine::Severity::Warning, "sink_dropped").body(json!({
+                "sink": "ndjson",
+                "dropped": s.dropped,
+                "reason": "the client stopped reading: the stream was abandoned, the operation ran on",
+            })),
+        );
+    }
+}
+
 /// Runs `work` with a bus whose events stream to the client as NDJSON.
 fn stream(
     st: &Arc<State>,
@@ -494,6 +510,7 @@ fn stream(
             let _slot = slot;
             let r = work(&bus);
             report_drops(&bus, &drops);
+            report_abandoned(&bus, &state);
             bus.close();
             if let Err(p) = r {
                 let s = *state.lock().unwrap_or_else(|e| e.into_inner());
@@ -501,7 +518,7 @@ fn stream(
                 if !s.wrote || s.ended_with_newline {
                     let line = Event::failure(format!("{}_failed", command.replace('.', "_")), &p)
                         .to_line();
-                    let _ = tx.blocking_send(Bytes::from(line));
+                    ChannelWriter::send(&tx, &state, Bytes::from(line));
                 }
             }
         }));
