@@ -45,6 +45,63 @@ fn proto(m: impl std::fmt::Display) -> Problem {
     Problem::new("pg.protocol", format!("PostgreSQL protocol: {m}"))
 }
 
+/// The largest frame the client buffers. PostgreSQL's own messages stay
+/// far below it (WAL comes in frames of at most 128 KiB); a server that
+/// claims more is refused, not waited for until memory runs out.
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// The length (after the tag) the frame at the front of `buf` claims, once
+/// its header has arrived; refused when under 4 or over [`MAX_FRAME`].
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, Problem> {
+    let Some(h) = buf.get(1..5) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    if len < 4 {
+        return Err(proto("bad frame length"));
+    }
+    if len > MAX_FRAME {
+        return Err(proto(format!(
+            "a frame of {len} bytes is over the {MAX_FRAME}-byte bound"
+        )));
+    }
+    Ok(Some(len))
+}
+
+/// The whole raw frame at the front of `buf` (tag, body), taken off it;
+/// `None` until all of it has arrived.
+pub fn take_frame(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, Problem> {
+    match frame_len(buf)? {
+        Some(len) if buf.len() > len => {
+            let frame = buf.split_to(len + 1).freeze();
+            Ok(Some((frame[0], frame.slice(5..))))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A replication stream's CopyData body: XLogData or a keepalive.
+pub fn parse_replication_copy(body: Bytes) -> Result<ReplMsg, Problem> {
+    match body.first() {
+        Some(b'w') => {
+            let start = be_u64(&body[1..])?;
+            if body.len() < 25 {
+                return Err(proto("short XLogData"));
+            }
+            Ok(ReplMsg::XLogData {
+                start,
+                data: body.slice(25..),
+            })
+        }
+        Some(b'k') => {
+            let end = be_u64(&body[1..])?;
+            let reply = body.get(17).copied().unwrap_or(0) != 0;
+            Ok(ReplMsg::Keepalive { end, reply })
+        }
+        _ => Err(proto("unknown replication CopyData")),
+    }
+}
+
 fn io_err(e: std::io::Error) -> Problem {
     Problem::new("pg.unreachable", format!("PostgreSQL connection: {e}")).suggest(
         "Check that the server runs and the deployment's --pg connection string",
@@ -168,6 +225,8 @@ impl Conn {
 
     fn recv(&mut self) -> Result<Message, Problem> {
         loop {
+            // Bounded before postgres-protocol waits for the whole frame.
+            frame_len(&self.buf)?;
             if let Some(m) = Message::parse(&mut self.buf).map_err(proto)? {
                 return Ok(m);
             }
@@ -504,16 +563,8 @@ impl Conn {
         limit: Option<std::time::Duration>,
     ) -> Result<Option<(u8, Bytes)>, Problem> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if len < 4 {
-                    return Err(proto("bad frame length"));
-                }
-                if self.buf.len() > len {
-                    let frame = self.buf.split_to(len + 1).freeze();
-                    return Ok(Some((frame[0], frame.slice(5..))));
-                }
+            if let Some(frame) = take_frame(&mut self.buf)? {
+                return Ok(Some(frame));
             }
             if !self.fill_within(1 << 20, limit)? {
                 return Ok(None);
@@ -529,24 +580,7 @@ impl Conn {
                 return Ok(ReplMsg::Idle);
             };
             match tag {
-                b'd' => match body.first() {
-                    Some(b'w') => {
-                        let start = be_u64(&body[1..])?;
-                        if body.len() < 25 {
-                            return Err(proto("short XLogData"));
-                        }
-                        return Ok(ReplMsg::XLogData {
-                            start,
-                            data: body.slice(25..),
-                        });
-                    }
-                    Some(b'k') => {
-                        let end = be_u64(&body[1..])?;
-                        let reply = body.get(17).copied().unwrap_or(0) != 0;
-                        return Ok(ReplMsg::Keepalive { end, reply });
-                    }
-                    _ => return Err(proto("unknown replication CopyData")),
-                },
+                b'd' => return parse_replication_copy(body),
                 b'c' => return Ok(ReplMsg::End),
                 b'E' => return Err(self.raw_error(body)),
                 _ => {}
@@ -575,5 +609,45 @@ impl Drop for Conn {
         let mut b = BytesMut::new();
         frontend::terminate(&mut b);
         let _ = self.send(&b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_longer_than_the_bound_is_refused_before_it_is_buffered() {
+        let mut buf = BytesMut::from(&b"d\x7f\xff\xff\xffxx"[..]);
+        let e = take_frame(&mut buf).expect_err("2 GiB claimed");
+        assert_eq!(e.code, "pg.protocol", "{e}");
+        let mut buf = BytesMut::from(&b"d\x00\x00\x00\x02"[..]);
+        assert!(take_frame(&mut buf).is_err(), "under 4");
+        let mut buf = BytesMut::from(&b"d\x00\x00\x00\x06ab"[..]);
+        let (tag, body) = take_frame(&mut buf).expect("ok").expect("whole");
+        assert_eq!((tag, &body[..]), (b'd', &b"ab"[..]));
+        let mut part = BytesMut::from(&b"d\x00\x00\x00\x06a"[..]);
+        assert!(
+            take_frame(&mut part).expect("ok").is_none(),
+            "not all there yet"
+        );
+    }
+
+    #[test]
+    fn replication_copy_data_is_parsed_without_trusting_its_length() {
+        for bad in [&b""[..], b"w", b"w1234567", b"k", b"x"] {
+            assert!(
+                parse_replication_copy(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+        let mut w = vec![b'w'];
+        w.extend_from_slice(&7u64.to_be_bytes());
+        w.extend_from_slice(&[0; 16]);
+        w.extend_from_slice(b"wal");
+        match parse_replication_copy(Bytes::from(w)).expect("XLogData") {
+            ReplMsg::XLogData { start, data } => assert_eq!((start, &data[..]), (7, &b"wal"[..])),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -102,7 +102,8 @@ pub fn redact(conninfo: &str) -> String {
     if let Some(scheme) = uri {
         return redact_uri(scheme.len(), s);
     }
-    match keyword_pairs(s) {
+    // Parsed as given: trimming could cut what a trailing backslash escapes.
+    match keyword_pairs(conninfo) {
         Ok(pairs) => pairs
             .iter()
             .map(|(k, v)| match k.eq_ignore_ascii_case("password") {
@@ -264,6 +265,12 @@ mod tests {
         let e = ConnInfo::parse("host=/tmp password Secret9").expect_err("no =");
         assert!(!e.message.contains("Secret9"), "{e}");
         assert_eq!(redact("host=/tmp password Secret9"), "***");
+        // Found by the pg_frames fuzz target: a trailing escaped newline.
+        let s = "k=\\\n";
+        assert_eq!(
+            keyword_pairs(&redact(s)).expect("reparse"),
+            keyword_pairs(s).expect("parse")
+        );
         // What redact writes parses back to the same settings.
         let r = redact("host='/a dir' user=it\\'s");
         assert_eq!(
