@@ -344,6 +344,7 @@ fn components() -> Value {
                     "code": {"type": "string", "description": "Stable code (docs/specs/errors.md)."},
                     "message": {"type": "string"},
                     "subject": {"type": "object"},
+                    "retryable": {"type": "boolean", "description": "Whether the same request may succeed when repeated unchanged (docs/specs/errors.md)."},
                     "suggestion": {
                         "type": "object",
                         "required": ["human", "doc_url"],

@@ -235,6 +235,9 @@ impl Problem {
         error.insert("code".into(), Value::String(self.code.to_string()));
         error.insert("message".into(), Value::String(self.message.clone()));
         error.insert("subject".into(), Value::Object(self.subject.clone()));
+        // Whether the same request may succeed when repeated unchanged (the
+        // code's entry in the one table): what a scripted caller retries.
+        error.insert("retryable".into(), Value::Bool(self.retryable()));
         // Every error carries a suggestion (the contract's shape): the
         // specific one when the code path gave one, else the class's advice
         // and the code's runbook.
@@ -286,6 +289,15 @@ pub type Result<T, E = Problem> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_error_json_says_whether_to_retry() {
+        let j = |code: &'static str| Problem::new(code, "m").to_json();
+        assert_eq!(j("storage.unreachable")["retryable"], true);
+        assert_eq!(j("repo.locked")["retryable"], true);
+        assert_eq!(j("verify.checksum_mismatch")["retryable"], false);
+        assert_eq!(j("usage.invalid_argument")["retryable"], false);
+    }
 
     #[test]
     fn contract_table_maps_status_and_exit() {
