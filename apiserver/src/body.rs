@@ -90,12 +90,14 @@ impl ChannelWriter {
     /// only while the stream's wait budget lasts.
     pub fn send(tx: &mpsc::Sender<Bytes>, state: &std::sync::Mutex<StreamState>, data: Bytes) {
         let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
-        if lock().abandoned {
-            lock().dropped += 1;
-            return;
-        }
         let mut data = data;
         loop {
+            let mut s = lock();
+            if s.abandoned {
+                s.dropped += 1;
+                return;
+            }
+            drop(s);
             match tx.try_send(data) {
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
                 Err(mpsc::error::TrySendError::Full(d)) => data = d,

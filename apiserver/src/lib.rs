@@ -645,6 +645,15 @@ impl Server {
     }
 }
 
+/// `api.busy`: the server runs as many `what` as `serve FLAG` allows.
+pub(crate) fn busy(what: &str, flag: &str) -> Problem {
+    Problem::new(
+        "api.busy",
+        format!("the server is running as many {what} as it allows"),
+    )
+    .suggest(format!("Retry later, or raise serve {flag}"), None)
+}
+
 /// The pause after a failed `accept`: 10 ms, doubling to 1 s.
 #[derive(Default)]
 struct Backoff(u32);
@@ -665,14 +674,7 @@ async fn refuse_busy(mut stream: tokio::net::TcpStream, tls: bool) {
     if tls {
         return;
     }
-    let p = Problem::new(
-        "api.busy",
-        "the server is serving as many connections as it allows",
-    )
-    .suggest(
-        "Retry after a second, or raise serve --max-connections",
-        None,
-    );
+    let p = busy("connections", "--max-connections");
     let mut body =
         serde_json::to_vec(&pg_hardstorage_engine::event::error_envelope(&p)).unwrap_or_default();
     body.push(b'\n');

@@ -474,12 +474,7 @@ fn stream(
         // One slot per operation: past the server's limit a request is
         // refused at once rather than queued behind the running ones.
         let Ok(slot) = st.operations.clone().try_acquire_owned() else {
-            let p = Problem::new(
-                "api.busy",
-                "the server is running as many operations as it allows",
-            )
-            .suggest("Retry later, or raise serve --max-operations", None);
-            let mut r = error(&p);
+            let mut r = error(&crate::busy("operations", "--max-operations"));
             r.headers_mut()
                 .insert("retry-after", hyper::header::HeaderValue::from_static("5"));
             return r;

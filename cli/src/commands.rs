@@ -894,7 +894,6 @@ fn audit_cmd(cli: &Cli, out: &mut Out, c: &AuditCmd) -> R {
     Ok(())
 }
 
-/// Who a CLI change is recorded as: `cli:<user>`.
 /// Who the audit log says ran a CLI command: `$USER` can be set to
 /// anything, so the effective uid the kernel reports is recorded beside it.
 fn cli_actor() -> String {

@@ -184,14 +184,14 @@ pub fn parse_query(q: &str) -> Result<Query, Problem> {
 fn when(v: &str) -> Result<OffsetDateTime, Problem> {
     let (n, unit) = v.split_at(v.len().saturating_sub(1));
     let unit = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => 0,
+        "s" => Some(1),
+        "m" => Some(60),
+        "h" => Some(3600),
+        "d" => Some(86400),
+        _ => None,
     };
-    match n.parse::<i64>() {
-        Ok(n) if unit > 0 => crate::pitr::ago(n, unit).ok_or_else(|| {
+    match (n.parse::<i64>(), unit) {
+        (Ok(n), Some(unit)) => crate::pitr::ago(n, unit).ok_or_else(|| {
             Problem::new("usage.invalid_time", format!("{v:?} is too long ago")).suggest(
                 "Use a time after year 1, e.g. 7d or 2026-11-27T10:20:18Z",
                 None,

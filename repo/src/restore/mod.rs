@@ -17,7 +17,7 @@ mod preflight;
 mod recovery;
 pub mod spool;
 
-pub use recovery::{command_word, Recovery, RecoveryTarget, DEFAULT_PREFETCH, SPOOL};
+pub use recovery::{command_word, Recovery, RecoveryTarget, DEFAULT_PREFETCH};
 
 use crate::index::RepoIndex;
 use crate::Repository;

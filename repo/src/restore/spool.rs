@@ -72,10 +72,11 @@ pub fn fill(
         if spool.join(&name).exists() {
             continue;
         }
-        if crate::wal::record(repo, deployment, &name)?.is_none() {
-            break;
-        }
-        let data = crate::wal::read_with(repo, &index, deployment, &name)?;
+        let data = match crate::wal::read_with(repo, &index, deployment, &name) {
+            Ok(d) => d,
+            Err(p) if p.code == "wal.segment_not_found" => break,
+            Err(p) => return Err(p),
+        };
         put(spool, &name, &data)?;
         fetched += 1;
     }

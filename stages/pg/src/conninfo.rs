@@ -95,12 +95,8 @@ fn quote_value(v: &str) -> String {
 /// string's `password=` (quoted or not); one that does not parse is `***`
 /// whole (nothing of it is shown).
 pub fn redact(conninfo: &str) -> String {
-    let s = conninfo.trim();
-    let uri = ["postgresql://", "postgres://"]
-        .into_iter()
-        .find(|p| s.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p)));
-    if let Some(scheme) = uri {
-        return redact_uri(scheme.len(), s);
+    if let Some(u) = split_uri(conninfo) {
+        return redact_uri(&u);
     }
     // Parsed as given: trimming could cut what a trailing backslash escapes.
     match keyword_pairs(conninfo) {
@@ -116,32 +112,59 @@ pub fn redact(conninfo: &str) -> String {
     }
 }
 
-fn redact_uri(scheme: usize, s: &str) -> String {
-    let (head, rest) = s.split_at(scheme);
-    // As `ConnInfo::parse` reads it: the userinfo ends at the last '@'.
+/// A URI connection string in the parts both [`ConnInfo::parse`] and
+/// [`redact`] read, so the two never disagree on where a password is.
+struct Uri<'a> {
+    scheme: &'a str,
+    /// Up to the last '@' (a password may hold one).
+    userinfo: Option<&'a str>,
+    /// `host[:port][/dbname]`.
+    hostpath: &'a str,
+    query: Option<&'a str>,
+}
+
+/// `None` for a keyword/value string. The scheme is matched without
+/// regard to case.
+fn split_uri(s: &str) -> Option<Uri<'_>> {
+    let s = s.trim_start();
+    let scheme = ["postgresql://", "postgres://"]
+        .into_iter()
+        .find(|p| s.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p)))?;
+    let (scheme, rest) = s.split_at(scheme.len());
     let (userinfo, after) = match rest.rsplit_once('@') {
         Some((u, r)) => (Some(u), r),
         None => (None, rest),
     };
-    let mut out = head.to_string();
-    if let Some(u) = userinfo {
-        match u.split_once(':') {
+    let (hostpath, query) = match after.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (after, None),
+    };
+    Some(Uri {
+        scheme,
+        userinfo,
+        hostpath,
+        query,
+    })
+}
+
+fn redact_uri(u: &Uri) -> String {
+    let mut out = u.scheme.to_string();
+    if let Some(info) = u.userinfo {
+        match info.split_once(':') {
             Some((user, _)) => out.push_str(&format!("{user}:***@")),
-            None => out.push_str(&format!("{u}@")),
+            None => out.push_str(&format!("{info}@")),
         }
     }
-    match after.split_once('?') {
-        Some((hostpath, q)) => {
-            let params: Vec<String> = q
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                    _ => kv.to_string(),
-                })
-                .collect();
-            out.push_str(&format!("{hostpath}?{}", params.join("&")));
-        }
-        None => out.push_str(after),
+    out.push_str(u.hostpath);
+    if let Some(q) = u.query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out.push_str(&format!("?{}", params.join("&")));
     }
     out
 }
@@ -155,31 +178,24 @@ impl ConnInfo {
             password: std::env::var("PGPASSWORD").ok(),
             dbname: "postgres".into(),
         };
-        if let Some(rest) = s
-            .strip_prefix("postgresql://")
-            .or_else(|| s.strip_prefix("postgres://"))
-        {
-            let (auth, rest) = match rest.rsplit_once('@') {
-                Some((a, r)) => (Some(a), r),
-                None => (None, rest),
-            };
-            if let Some(a) = auth {
+        if let Some(u) = split_uri(s) {
+            if let Some(a) = u.userinfo {
                 match a.split_once(':') {
-                    Some((u, p)) => {
-                        c.user = u.to_string();
+                    Some((user, p)) => {
+                        c.user = user.to_string();
                         c.password = Some(p.to_string());
                     }
                     None => c.user = a.to_string(),
                 }
             }
-            let (hostport, db) = rest.split_once('/').unwrap_or((rest, ""));
-            let db = db.split('?').next().unwrap_or("");
+            let (hostport, db) = u.hostpath.split_once('/').unwrap_or((u.hostpath, ""));
             if !db.is_empty() {
                 c.dbname = db.to_string();
             }
             if let Some((h, p)) = hostport.rsplit_once(':') {
                 c.host = h.to_string();
-                c.port = p.parse().map_err(|_| bad(format!("bad port in {s:?}")))?;
+                // The port alone: the string may hold a password.
+                c.port = p.parse().map_err(|_| bad(format!("bad port {p:?}")))?;
             } else if !hostport.is_empty() {
                 c.host = hostport.to_string();
             }
@@ -264,6 +280,19 @@ mod tests {
         assert!(!e.message.contains("Secret9"), "{e}");
         let e = ConnInfo::parse("host=/tmp password Secret9").expect_err("no =");
         assert!(!e.message.contains("Secret9"), "{e}");
+        let e = ConnInfo::parse("postgresql://u:Secret9@h:x/db").expect_err("bad port");
+        assert!(!e.message.contains("Secret9"), "{e}");
+        // One reading of a URI for both: the scheme in any case.
+        assert_eq!(
+            redact("POSTGRESQL://u:Secret9@h/db"),
+            "POSTGRESQL://u:***@h/db"
+        );
+        assert_eq!(
+            ConnInfo::parse("POSTGRESQL://u:Secret9@h/db")
+                .expect("uri")
+                .host,
+            "h"
+        );
         assert_eq!(redact("host=/tmp password Secret9"), "***");
         // Found by the pg_frames fuzz target: a trailing escaped newline.
         let s = "k=\\\n";

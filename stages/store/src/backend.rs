@@ -137,9 +137,9 @@ pub fn open_store_with(
 /// (so `restore_command`, run as PostgreSQL's user, can read it when the
 /// operator gives the repository to that user's group), and the setgid bit
 /// on the root, which every directory beneath inherits with the group.
-const ROOT_MODE: u32 = 0o2750;
 const DIR_MODE: u32 = 0o750;
 const FILE_MODE: u32 = 0o640;
+const SETGID: u32 = 0o2000;
 
 /// A repository root being initialised loses every permission of other
 /// users and gains the setgid bit (group bits are kept as they are).
@@ -148,7 +148,7 @@ fn make_private_root(root: &std::path::Path) -> Result<(), Problem> {
     let werr =
         |e: std::io::Error| Problem::io("io.write_failed", format!("chmod {}", root.display()), &e);
     let mode = std::fs::metadata(root).map_err(werr)?.permissions().mode();
-    let private = (mode & 0o770) | (ROOT_MODE & 0o7000) | 0o700;
+    let private = (mode & 0o770) | 0o700 | SETGID;
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(private)).map_err(werr)
 }
 
@@ -197,14 +197,10 @@ impl ObjectStoreBackend {
             return Ok(());
         };
         let file = root.join(key);
-        let sync = |p: &std::path::Path| -> std::io::Result<()> {
-            let f = std::fs::File::open(p)?;
-            if f.metadata()?.is_file() {
-                f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
-            }
-            f.sync_all()
-        };
-        sync(&file)
+        let sync =
+            |p: &std::path::Path| -> std::io::Result<()> { std::fs::File::open(p)?.sync_all() };
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE))
+            .and_then(|()| sync(&file))
             .map_err(|e| Problem::io("io.write_failed", format!("fsync {}", file.display()), &e))?;
         if let Some(dir) = file.parent() {
             sync(dir).map_err(|e| {
