@@ -173,7 +173,7 @@ fn a_stalled_webhook_drops_and_counts_but_never_holds_a_backup() {
 /// backup runs to its commit, and what is committed verifies.
 #[test]
 fn a_client_that_disconnects_mid_stream_leaves_a_whole_backup() {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufReader, Write};
     let s = TestServer::start_with(Options {
         put_delay: Some(Duration::from_millis(100)),
         ..Default::default()
@@ -188,14 +188,7 @@ fn a_client_that_disconnects_mid_stream_leaves_a_whole_backup() {
     )
     .expect("send");
     let mut r = BufReader::new(tcp.try_clone().expect("clone"));
-    let mut line = String::new();
-    while !line.contains("backup_started") {
-        line.clear();
-        assert!(
-            r.read_line(&mut line).expect("read") > 0,
-            "stream ended early"
-        );
-    }
+    read_until(&mut r, "backup_started");
     drop(r);
     tcp.shutdown(std::net::Shutdown::Both).expect("shutdown");
     drop(tcp);
@@ -227,7 +220,7 @@ fn a_client_that_disconnects_mid_stream_leaves_a_whole_backup() {
 /// up; once the running one ends, the next is accepted.
 #[test]
 fn operations_are_bounded_in_number_and_in_workers() {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufReader, Write};
     let s = TestServer::start_with(Options {
         put_delay: Some(Duration::from_millis(100)),
         max_operations: 1,
@@ -243,14 +236,7 @@ fn operations_are_bounded_in_number_and_in_workers() {
     )
     .expect("send");
     let mut r = BufReader::new(tcp.try_clone().expect("clone"));
-    let mut line = String::new();
-    while !line.contains("backup_started") {
-        line.clear();
-        assert!(
-            r.read_line(&mut line).expect("read") > 0,
-            "stream ended early"
-        );
-    }
+    let line = read_until(&mut r, "backup_started");
     let started: serde_json::Value = serde_json::from_str(line.trim()).expect("event");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     assert!(
@@ -263,13 +249,7 @@ fn operations_are_bounded_in_number_and_in_workers() {
     crate::error_of(&busy, 503, "api.busy");
     assert_eq!(busy.header("retry-after"), Some("5"));
     // The running backup ends; then a new operation is accepted.
-    while !line.contains("backup_completed") {
-        line.clear();
-        assert!(
-            r.read_line(&mut line).expect("read") > 0,
-            "stream ended early"
-        );
-    }
+    read_until(&mut r, "backup_completed");
     drop(tcp);
     let t0 = Instant::now();
     loop {
@@ -289,4 +269,17 @@ fn operations_are_bounded_in_number_and_in_workers() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Reads NDJSON lines until one contains `op`; returns it.
+fn read_until(r: &mut impl std::io::BufRead, op: &str) -> String {
+    let mut line = String::new();
+    while !line.contains(op) {
+        line.clear();
+        assert!(
+            r.read_line(&mut line).expect("read") > 0,
+            "stream ended before {op}"
+        );
+    }
+    line
 }

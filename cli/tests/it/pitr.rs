@@ -35,6 +35,14 @@ fn wait_promoted(pg: &PgCluster) {
     }
 }
 
+/// The server's clock now, in UTC, as `--to` takes it.
+fn now_utc(pg: &PgCluster) -> String {
+    pg.psql(
+        "postgres",
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    )
+}
+
 /// The rows of the test table, sorted and joined.
 fn rows(pg: &PgCluster) -> String {
     pg.psql("postgres", "SELECT string_agg(v, ',' ORDER BY v) FROM t")
@@ -51,10 +59,7 @@ fn pitr_to_time_lsn_and_restore_point() {
     src.psql("postgres", "INSERT INTO t VALUES ('A')");
     let at_lsn = src.psql("postgres", "SELECT pg_current_wal_insert_lsn()");
     src.psql("postgres", "SELECT pg_create_restore_point('before_b')");
-    let t = src.psql(
-        "postgres",
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    );
+    let t = now_utc(src);
     std::thread::sleep(Duration::from_millis(1100));
     src.psql("postgres", "INSERT INTO t VALUES ('B')");
     setup.archive_now();
@@ -164,10 +169,7 @@ fn pitr_with_the_passphrase_only_in_the_environment_replays_staged_wal() {
     let _streamer = s.streamer();
     std::thread::sleep(Duration::from_millis(500));
     s.src.psql("postgres", "INSERT INTO t VALUES ('A')");
-    let t = s.src.psql(
-        "postgres",
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    );
+    let t = now_utc(&s.src);
     std::thread::sleep(Duration::from_millis(1100));
     s.src.psql("postgres", "INSERT INTO t VALUES ('B')");
     s.archive_now();
@@ -205,10 +207,7 @@ fn pitr_past_a_bounded_staged_window_prefetches_the_rest() {
     for _ in 0..4 {
         listing = s.archive_now();
     }
-    let t = s.src.psql(
-        "postgres",
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    );
+    let t = now_utc(&s.src);
     std::thread::sleep(Duration::from_millis(1100));
     s.src.psql("postgres", "INSERT INTO t VALUES ('B')");
     s.archive_now();
@@ -503,10 +502,7 @@ fn refusals_and_missing_wal() {
     s.src.psql("postgres", "INSERT INTO t VALUES ('A')");
     std::thread::sleep(Duration::from_millis(1100));
     s.src.psql("postgres", "INSERT INTO t VALUES ('B')");
-    let after_b = s.src.psql(
-        "postgres",
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'utc', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    );
+    let after_b = now_utc(&s.src);
     let listing = s.archive_now();
 
     for (target, args, code) in [
