@@ -3,6 +3,7 @@
 //! Nothing here mocks: a helper that cannot start what it needs fails with
 //! a message saying what is missing.
 
+pub mod ca;
 pub mod http;
 pub mod observed;
 pub mod pg;

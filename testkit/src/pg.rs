@@ -78,6 +78,8 @@ pub struct PgCluster {
     pub data: PathBuf,
     pub sock: PathBuf,
     pub port: u16,
+    /// `listen_addresses`: `''` (Unix socket only) unless TLS is set up.
+    listen: String,
     running: bool,
 }
 
@@ -94,6 +96,11 @@ fn scratch() -> tempfile::TempDir {
 impl PgCluster {
     /// initdb + start.
     pub fn start() -> PgCluster {
+        Self::initdb().started()
+    }
+
+    /// An initialised, configured cluster, not started.
+    pub fn initdb() -> PgCluster {
         let tmp = scratch();
         let data = tmp.path().join("data");
         let sock = tmp.path().join("sock");
@@ -120,6 +127,7 @@ impl PgCluster {
             data,
             sock,
             _tmp: Some(tmp),
+            listen: "''".into(),
             running: false,
         };
         c.configure(&[
@@ -129,7 +137,52 @@ impl PgCluster {
             "fsync = off",
             "full_page_writes = on",
         ]);
-        c.started()
+        c
+    }
+
+    /// Listens on 127.0.0.1 too, with `ssl = on` and this certificate and
+    /// key (PEM); `client_ca`, when given, is the CA client certificates
+    /// are checked against.
+    pub fn with_tls(self, cert_pem: &str, key_pem: &str, client_ca: Option<&str>) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let put = |name: &str, text: &str| {
+            let p = self.data.join(name);
+            std::fs::write(&p, text).expect("write tls file");
+            give_to_postgres(&p);
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        };
+        put("server.crt", cert_pem);
+        put("server.key", key_pem);
+        let mut conf = vec!["ssl = on"];
+        if let Some(ca) = client_ca {
+            put("client_ca.crt", ca);
+            conf.push("ssl_ca_file = 'client_ca.crt'");
+        }
+        self.configure(&conf);
+        self.listen_on_tcp()
+    }
+
+    /// Listens on 127.0.0.1 as well as the Unix socket.
+    pub fn listen_on_tcp(mut self) -> Self {
+        self.listen = "'127.0.0.1'".into();
+        self
+    }
+
+    /// Puts `lines` at the top of pg_hba.conf (so they win over initdb's
+    /// trust lines); takes effect at start, or after `reload`.
+    pub fn hba_first(&self, lines: &[&str]) {
+        let p = self.data.join("pg_hba.conf");
+        let old = std::fs::read_to_string(&p).expect("pg_hba.conf");
+        std::fs::write(&p, format!("{}\n{old}", lines.join("\n"))).expect("write pg_hba.conf");
+    }
+
+    /// A TCP connection string to `host` (which must reach 127.0.0.1),
+    /// followed by `extra` keyword/value settings.
+    pub fn tcp_conninfo(&self, host: &str, extra: &str) -> String {
+        format!(
+            "host={host} port={} user=postgres dbname=postgres {extra}",
+            self.port
+        )
     }
 
     /// A cluster over an existing (restored) data directory, on a new port.
@@ -146,6 +199,7 @@ impl PgCluster {
             data: data.to_path_buf(),
             sock,
             port: crate::s3::free_port(),
+            listen: "''".into(),
             running: false,
         }
     }
@@ -171,8 +225,9 @@ impl PgCluster {
     /// Starts the server; on failure returns pg_ctl's error and the server log.
     pub fn try_started(mut self) -> Result<PgCluster, String> {
         let opts = format!(
-            "-p {} -c listen_addresses='' -c unix_socket_directories='{}'",
+            "-p {} -c listen_addresses={} -c unix_socket_directories='{}'",
             self.port,
+            self.listen,
             self.sock.display()
         );
         let log = self.sock.join("postgres.log");

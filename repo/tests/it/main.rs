@@ -7,6 +7,7 @@ mod delta;
 mod gc;
 mod integrity;
 mod pagededup;
+mod pgtls;
 mod postgres;
 mod restore_safety;
 mod roundtrip;

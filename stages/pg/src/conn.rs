@@ -5,7 +5,7 @@
 //! so this speaks the protocol with `postgres-protocol`'s codec over a tokio
 //! socket, driven by a private current-thread runtime.
 
-use crate::conninfo::ConnInfo;
+use crate::conninfo::{ChannelBinding as Binding, ConnInfo};
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use pg_hardstorage_engine::Problem;
@@ -17,6 +17,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+/// Whether one connection attempt speaks TLS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    Off,
+    /// Asked for; a server that declines is spoken to in clear (`prefer`).
+    Try,
+    /// Asked for; a server that declines is refused.
+    Must,
 }
 
 pub struct Conn {
@@ -24,6 +35,8 @@ pub struct Conn {
     stream: Stream,
     buf: BytesMut,
     pub server_version: String,
+    /// RFC 5929 `tls-server-end-point` of the server's certificate, on TLS.
+    end_point: Option<Vec<u8>>,
 }
 
 /// What `IDENTIFY_SYSTEM` answers.
@@ -140,34 +153,209 @@ fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -
         .suggest(hint, None)
 }
 
+/// PostgreSQL's SSLRequest: length 8, code 1234.5679.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+fn runtime() -> Result<tokio::runtime::Runtime, Problem> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Problem::internal(format!("tokio: {e}")))
+}
+
+async fn open_tcp(ci: &ConnInfo) -> Result<tokio::net::TcpStream, Problem> {
+    let host = ci.hostaddr.as_deref().unwrap_or(&ci.host);
+    let connect = tokio::net::TcpStream::connect((host, ci.port));
+    let r = match ci.connect_timeout {
+        Some(d) => tokio::time::timeout(d, connect).await.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect_timeout of {} s passed", d.as_secs()),
+            ))
+        }),
+        None => connect.await,
+    };
+    let tcp = r.map_err(|e| io_err(e).with("host", ci.host.clone()))?;
+    tcp.set_nodelay(true).map_err(io_err)?;
+    Ok(tcp)
+}
+
+/// The socket for one attempt: Unix (never TLS, as in libpq), TCP in
+/// clear, or TCP with TLS negotiated by SSLRequest or, with
+/// `sslnegotiation=direct`, from the first byte.
+async fn open_stream(ci: &ConnInfo, tls: Tls) -> Result<Stream, Problem> {
+    if ci.is_unix() {
+        let path = format!("{}/.s.PGSQL.{}", ci.host, ci.port);
+        return tokio::net::UnixStream::connect(path)
+            .await
+            .map(Stream::Unix)
+            .map_err(|e| io_err(e).with("host", ci.host.clone()));
+    }
+    let mut tcp = open_tcp(ci).await?;
+    if tls == Tls::Off {
+        return Ok(Stream::Tcp(tcp));
+    }
+    let plan = crate::tls::plan(ci)?;
+    if !ci.tls.direct {
+        tcp.write_all(&SSL_REQUEST).await.map_err(io_err)?;
+        // Exactly one byte: nothing sent in clear after it is ever read as
+        // part of the session (CVE-2021-23222); rustls reads the rest.
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.map_err(io_err)?;
+        match (answer[0], tls) {
+            (b'S', _) => {}
+            (b'N', Tls::Try) => return Ok(Stream::Tcp(tcp)),
+            (b'N', _) => {
+                return Err(Problem::new(
+                    "pg.tls_unavailable",
+                    "the server does not offer TLS and the connection requires it",
+                )
+                .suggest(
+                    "Turn ssl = on in the server's postgresql.conf, or relax sslmode",
+                    None,
+                ))
+            }
+            _ => return Err(proto("unexpected answer to SSLRequest")),
+        }
+    }
+    let s = tokio_rustls::TlsConnector::from(plan.config)
+        .connect(plan.server_name, tcp)
+        .await
+        .map_err(crate::tls::handshake_error)?;
+    if ci.tls.direct && s.get_ref().1.alpn_protocol() != Some(b"postgresql") {
+        return Err(Problem::new(
+            "pg.tls_failed",
+            "the server did not accept the postgresql ALPN protocol on direct TLS",
+        )
+        .suggest(
+            "Direct TLS needs PostgreSQL 17 or later: use sslnegotiation=postgres",
+            None,
+        ));
+    }
+    Ok(Stream::Tls(Box::new(s)))
+}
+
+fn refused(m: impl Into<String>) -> Problem {
+    Problem::new("pg.auth_method_refused", m.into()).suggest(
+        "The server's pg_hba.conf asks for a method this connection's require_auth (or channel_binding=require) refuses: change one of them",
+        None,
+    )
+}
+
+/// The password to answer a challenge with: the connection string's (or
+/// `PGPASSWORD`), else the password file's.
+fn password(ci: &ConnInfo, replication: bool) -> Result<String, Problem> {
+    if let Some(p) = &ci.password {
+        return Ok(p.clone());
+    }
+    ci.passfile_password(replication)?.ok_or_else(|| {
+        Problem::new(
+            "pg.auth_failed",
+            "the server asks for a password and none was given",
+        )
+        .suggest(
+            "Put the password in ~/.pgpass (or passfile=...), or set PGPASSWORD",
+            None,
+        )
+    })
+}
+
+/// What the startup exchange has seen, to hold the server to the
+/// connection's `require_auth` and `channel_binding`.
+#[derive(Default)]
+struct Auth {
+    scram: Option<ScramSha256>,
+    scram_done: bool,
+    asked: bool,
+}
+
+impl Auth {
+    fn check(&mut self, ci: &ConnInfo, msg: &Message) -> Result<(), Problem> {
+        use crate::conninfo::AuthMethod as M;
+        let method = match msg {
+            Message::AuthenticationCleartextPassword => M::Password,
+            Message::AuthenticationMd5Password(_) => M::Md5,
+            Message::AuthenticationSasl(_) => M::ScramSha256,
+            Message::AuthenticationOk if self.scram.is_some() && !self.scram_done => {
+                return Err(refused(
+                    "the server ended SCRAM authentication before proving it knows the password",
+                ));
+            }
+            Message::AuthenticationOk if !self.asked => M::None,
+            _ => return Ok(()),
+        };
+        self.asked = true;
+        if !ci.require_auth.permits(method) {
+            return Err(refused(format!(
+                "the server asks for {} authentication, which require_auth refuses",
+                method.name()
+            )));
+        }
+        if ci.tls.channel_binding == Binding::Require && method != M::ScramSha256 {
+            return Err(refused(format!(
+                "the server asks for {} authentication, which channel_binding=require refuses",
+                method.name()
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Conn {
     /// Connects and authenticates; `replication` opens a physical walsender.
+    /// TLS follows `sslmode` as libpq does: `allow` tries clear first and
+    /// TLS when the server refuses it; `prefer` tries TLS first and clear
+    /// when the server declines or the handshake fails; `require` and the
+    /// `verify-*` modes never speak in clear.
     pub fn connect(ci: &ConnInfo, replication: bool) -> Result<Conn, Problem> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Problem::internal(format!("tokio: {e}")))?;
-        let stream = rt.block_on(async {
-            if ci.is_unix() {
-                let path = format!("{}/.s.PGSQL.{}", ci.host, ci.port);
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(Stream::Unix)
-            } else {
-                tokio::net::TcpStream::connect((ci.host.as_str(), ci.port))
-                    .await
-                    .map(Stream::Tcp)
-            }
-        });
-        let stream = stream.map_err(|e| io_err(e).with("host", ci.host.clone()))?;
+        use crate::conninfo::SslMode;
+        if ci.is_unix() {
+            return Self::attempt(ci, replication, Tls::Off);
+        }
+        match ci.tls.mode {
+            SslMode::Disable => Self::attempt(ci, replication, Tls::Off),
+            SslMode::Allow => Self::attempt(ci, replication, Tls::Off).or_else(|p| {
+                match matches!(p.code.as_ref(), "pg.auth_failed" | "pg.server_error") {
+                    true => Self::attempt(ci, replication, Tls::Must),
+                    false => Err(p),
+                }
+            }),
+            SslMode::Prefer => Self::attempt(ci, replication, Tls::Try).or_else(|p| {
+                match p.code == "pg.tls_failed" {
+                    true => Self::attempt(ci, replication, Tls::Off),
+                    false => Err(p),
+                }
+            }),
+            _ => Self::attempt(ci, replication, Tls::Must),
+        }
+    }
+
+    fn attempt(ci: &ConnInfo, replication: bool, tls: Tls) -> Result<Conn, Problem> {
+        let rt = runtime()?;
+        let stream = rt.block_on(open_stream(ci, tls))?;
+        let end_point = match &stream {
+            Stream::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| crate::tls::server_end_point(c)),
+            _ => None,
+        };
         let mut c = Conn {
             rt,
             stream,
             buf: BytesMut::with_capacity(1 << 16),
             server_version: String::new(),
+            end_point,
         };
         c.startup(ci, replication)?;
         Ok(c)
+    }
+
+    /// Whether the session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.stream, Stream::Tls(_))
     }
 
     fn send(&mut self, msg: &[u8]) -> Result<(), Problem> {
@@ -176,6 +364,7 @@ impl Conn {
             match stream {
                 Stream::Tcp(s) => s.write_all(msg).await,
                 Stream::Unix(s) => s.write_all(msg).await,
+                Stream::Tls(s) => s.write_all(msg).await,
             }
         })
         .map_err(io_err)
@@ -204,6 +393,7 @@ impl Conn {
             match stream {
                 Stream::Tcp(s) => s.read_buf(buf).await,
                 Stream::Unix(s) => s.read_buf(buf).await,
+                Stream::Tls(s) => s.read_buf(buf).await,
             }
         };
         let n = match limit {
@@ -247,45 +437,42 @@ impl Conn {
         let mut b = BytesMut::new();
         frontend::startup_message(params, &mut b).map_err(proto)?;
         self.send(&b)?;
-        let password = || {
-            ci.password.clone().ok_or_else(|| {
-                Problem::new(
-                    "pg.auth_failed",
-                    "the server asks for a password and none was given",
-                )
-                .suggest(
-                    "Put password=... in the connection string, or set PGPASSWORD",
-                    None,
-                )
-            })
-        };
-        let mut scram: Option<ScramSha256> = None;
+        let mut auth = Auth::default();
         loop {
+            let msg = self.recv()?;
+            auth.check(ci, &msg)?;
             let mut b = BytesMut::new();
-            match self.recv()? {
+            match msg {
                 Message::AuthenticationOk => {}
                 Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(password()?.as_bytes(), &mut b).map_err(proto)?;
+                    frontend::password_message(password(ci, replication)?.as_bytes(), &mut b)
+                        .map_err(proto)?;
                     self.send(&b)?;
                 }
                 Message::AuthenticationMd5Password(body) => {
                     let h = postgres_protocol::authentication::md5_hash(
                         ci.user.as_bytes(),
-                        password()?.as_bytes(),
+                        password(ci, replication)?.as_bytes(),
                         body.salt(),
                     );
                     frontend::password_message(h.as_bytes(), &mut b).map_err(proto)?;
                     self.send(&b)?;
                 }
-                Message::AuthenticationSasl(_) => {
-                    let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut b)
+                Message::AuthenticationSasl(body) => {
+                    let plus = body
+                        .mechanisms()
+                        .any(|m| Ok(m == "SCRAM-SHA-256-PLUS"))
                         .map_err(proto)?;
+                    let (mech, binding) = self.channel_binding(ci, plus)?;
+                    let pw = password(ci, replication)?;
+                    let s = ScramSha256::new(pw.as_bytes(), binding);
+                    frontend::sasl_initial_response(mech, s.message(), &mut b).map_err(proto)?;
                     self.send(&b)?;
-                    scram = Some(s);
+                    auth.scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram
+                    let s = auth
+                        .scram
                         .as_mut()
                         .ok_or_else(|| proto("SASL continue without start"))?;
                     s.update(body.data())
@@ -294,11 +481,14 @@ impl Conn {
                     self.send(&b)?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let s = scram
+                    let s = auth
+                        .scram
                         .as_mut()
                         .ok_or_else(|| proto("SASL final without start"))?;
+                    // Checks the server's signature: it knew the password.
                     s.finish(body.data())
                         .map_err(|e| Problem::new("pg.auth_failed", e.to_string()))?;
+                    auth.scram_done = true;
                 }
                 Message::ParameterStatus(p) => {
                     if p.name().map_err(proto)? == "server_version" {
@@ -310,6 +500,27 @@ impl Conn {
                 Message::ErrorResponse(e) => return Err(server_error(&e)),
                 _ => return Err(proto("unexpected message during startup")),
             }
+        }
+    }
+
+    /// The SASL mechanism and channel binding to use: SCRAM-SHA-256-PLUS
+    /// bound to the server's certificate when on TLS and offered.
+    fn channel_binding(
+        &self,
+        ci: &ConnInfo,
+        offered: bool,
+    ) -> Result<(&'static str, ChannelBinding), Problem> {
+        let mode = ci.tls.channel_binding;
+        match (&self.end_point, offered) {
+            (Some(ep), true) if mode != Binding::Disable => Ok((
+                "SCRAM-SHA-256-PLUS",
+                ChannelBinding::tls_server_end_point(ep.clone()),
+            )),
+            _ if mode == Binding::Require => Err(refused(
+                "the server does not offer SCRAM channel binding and channel_binding=require",
+            )),
+            (Some(_), false) => Ok(("SCRAM-SHA-256", ChannelBinding::unrequested())),
+            _ => Ok(("SCRAM-SHA-256", ChannelBinding::unsupported())),
         }
     }
 
@@ -615,6 +826,69 @@ impl Drop for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+
+    /// A one-connection server on 127.0.0.1 that runs `script`.
+    fn fake_server(script: impl FnOnce(std::net::TcpStream) + Send + 'static) -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            if let Ok((s, _)) = l.accept() {
+                script(s);
+            }
+        });
+        port
+    }
+
+    fn backend(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Reads one frontend message: the untagged startup one, or a tagged one.
+    fn read_message(s: &mut std::net::TcpStream, tagged: bool) {
+        let mut head = vec![0u8; if tagged { 5 } else { 4 }];
+        s.read_exact(&mut head).expect("head");
+        let len = u32::from_be_bytes(head[head.len() - 4..].try_into().expect("4")) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).expect("body");
+    }
+
+    fn connect_to(port: u16, extra: &str) -> Result<Conn, Problem> {
+        let s = format!("host=127.0.0.1 port={port} password=x {extra}");
+        Conn::connect(&ConnInfo::parse_with(&s, &|_| None)?, false)
+    }
+
+    #[test]
+    fn a_server_that_skips_the_scram_proof_is_refused() {
+        let port = fake_server(|mut s| {
+            read_message(&mut s, false);
+            let _ = s.write_all(&backend(b'R', b"\0\0\0\x0aSCRAM-SHA-256\0\0"));
+            read_message(&mut s, true);
+            let _ = s.write_all(&backend(b'R', &[0; 4]));
+            let _ = s.write_all(&backend(b'Z', b"I"));
+        });
+        let e = connect_to(port, "sslmode=disable").err().expect("refused");
+        assert_eq!(e.code, "pg.auth_method_refused", "{e}");
+    }
+
+    #[test]
+    fn clear_bytes_after_the_ssl_answer_never_join_the_session() {
+        let port = fake_server(|mut s| {
+            let mut req = [0u8; 8];
+            s.read_exact(&mut req).expect("SSLRequest");
+            assert_eq!(req, SSL_REQUEST);
+            let mut w = b"S".to_vec();
+            w.extend(backend(b'E', b"SFATAL\0C28000\0Minjected\0\0"));
+            let _ = s.write_all(&w);
+            let _ = s.read(&mut [0u8; 512]);
+        });
+        let e = connect_to(port, "sslmode=require").err().expect("refused");
+        assert_eq!(e.code, "pg.tls_failed", "{e}");
+        assert!(!e.message.contains("injected"), "{e}");
+    }
 
     #[test]
     fn a_frame_longer_than_the_bound_is_refused_before_it_is_buffered() {

@@ -7,6 +7,7 @@ pub mod conn;
 pub mod conninfo;
 pub mod source;
 pub mod tar;
+pub mod tls;
 
 pub use conn::{format_lsn, parse_lsn, Conn, ReplMsg, SystemInfo};
 pub use conninfo::ConnInfo;
