@@ -3,6 +3,7 @@
 mod api;
 mod crash;
 mod envelopes;
+mod formats;
 mod maintenance;
 mod pitr;
 
