@@ -129,23 +129,82 @@ pub const TAG_LEN: usize = 16;
 /// Largest plaintext a chunk may claim (the chunker's hard maximum).
 pub const MAX_CHUNK: u32 = 16 << 20;
 
-/// A parsed chunk envelope: `ENVELOPE_V1 | flags | raw_len u32le | nonce? | body`.
+/// Length of the subkey salt that precedes the nonce under `SUBKEY_SALT`.
+pub const SALT_LEN: usize = 16;
+
+/// How an encrypted body is keyed: the subkey salt (absent in envelopes
+/// written before subkeys, which use the data key itself) and the nonce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sealing {
+    pub salt: Option<[u8; SALT_LEN]>,
+    pub nonce: [u8; NONCE_LEN],
+}
+
+impl Sealing {
+    fn write(&self, out: &mut Vec<u8>) {
+        if let Some(s) = &self.salt {
+            out.extend_from_slice(s);
+        }
+        out.extend_from_slice(&self.nonce);
+    }
+
+    /// Reads `salt? | nonce` as `flags` say, leaving at least a tag's bytes.
+    fn read<'a>(
+        flags: u8,
+        what: &str,
+        rest: &'a [u8],
+    ) -> Result<(Option<Sealing>, &'a [u8]), Problem> {
+        use crate::stage::flags::*;
+        let salted = flags & SUBKEY_SALT != 0;
+        if flags & ENCRYPTED_AES256GCM == 0 {
+            if salted {
+                return Err(Problem::new(
+                    "verify.malformed",
+                    format!("{what}: a subkey salt without encryption"),
+                ));
+            }
+            return Ok((None, rest));
+        }
+        let salt_len = if salted { SALT_LEN } else { 0 };
+        if rest.len() < salt_len + NONCE_LEN + TAG_LEN {
+            return Err(Problem::new(
+                "verify.truncated",
+                format!("{what}: truncated salt, nonce or tag"),
+            ));
+        }
+        let (salt_bytes, rest) = rest.split_at(salt_len);
+        let (nonce_bytes, rest) = rest.split_at(NONCE_LEN);
+        let salt = salted.then(|| {
+            let mut s = [0u8; SALT_LEN];
+            s.copy_from_slice(salt_bytes);
+            s
+        });
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(nonce_bytes);
+        Ok((Some(Sealing { salt, nonce }), rest))
+    }
+}
+
+/// A parsed chunk envelope:
+/// `ENVELOPE_V1 | flags | raw_len u32le | [salt[16]] | [nonce[12]] | body`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct EnvelopeView<'a> {
     pub flags: u8,
     pub raw_len: u32,
-    pub nonce: Option<[u8; NONCE_LEN]>,
+    pub sealing: Option<Sealing>,
     /// Ciphertext + tag when encrypted, else the (compressed) plaintext.
     pub body: &'a [u8],
 }
 
-pub fn envelope_header(flags: u8, raw_len: u32, nonce: Option<&[u8; NONCE_LEN]>) -> Vec<u8> {
-    let mut h = Vec::with_capacity(6 + NONCE_LEN);
+/// The header of a chunk envelope; `sealing` is written as `flags` must
+/// describe it (`ENCRYPTED_AES256GCM`, and `SUBKEY_SALT` with a salt).
+pub fn envelope_header(flags: u8, raw_len: u32, sealing: Option<&Sealing>) -> Vec<u8> {
+    let mut h = Vec::with_capacity(6 + SALT_LEN + NONCE_LEN);
     h.push(ENVELOPE_V1);
     h.push(flags);
     h.extend_from_slice(&raw_len.to_le_bytes());
-    if let Some(n) = nonce {
-        h.extend_from_slice(n);
+    if let Some(s) = sealing {
+        s.write(&mut h);
     }
     h
 }
@@ -174,29 +233,15 @@ pub fn parse_envelope(bytes: &[u8]) -> Result<EnvelopeView<'_>, Problem> {
         return Err(bad("unknown envelope version"));
     }
     let flags = bytes[1];
-    if flags & !(COMPRESSED_ZSTD | ENCRYPTED_AES256GCM) != 0 {
+    if flags & !KNOWN != 0 {
         return Err(bad("unknown flags"));
     }
     let raw_len = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
     if raw_len > MAX_CHUNK {
         return Err(bad("plaintext length over the 16 MiB maximum"));
     }
-    let mut rest = &bytes[6..];
-    let nonce = if flags & ENCRYPTED_AES256GCM != 0 {
-        if rest.len() < NONCE_LEN + TAG_LEN {
-            return Err(Problem::new(
-                "verify.truncated",
-                "chunk envelope: truncated nonce or tag",
-            ));
-        }
-        let mut n = [0u8; NONCE_LEN];
-        n.copy_from_slice(&rest[..NONCE_LEN]);
-        rest = &rest[NONCE_LEN..];
-        Some(n)
-    } else {
-        None
-    };
-    if flags & COMPRESSED_ZSTD == 0 && nonce.is_none() && rest.len() != raw_len as usize {
+    let (sealing, rest) = Sealing::read(flags, "chunk envelope", &bytes[6..])?;
+    if flags & COMPRESSED_ZSTD == 0 && sealing.is_none() && rest.len() != raw_len as usize {
         return Err(Problem::new(
             "verify.truncated",
             "chunk envelope: raw body length mismatch",
@@ -205,7 +250,7 @@ pub fn parse_envelope(bytes: &[u8]) -> Result<EnvelopeView<'_>, Problem> {
     Ok(EnvelopeView {
         flags,
         raw_len,
-        nonce,
+        sealing,
         body: rest,
     })
 }
@@ -360,7 +405,7 @@ pub fn parse_pack(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
 // ---------------------------------------------------------------- sealed objects
 
 /// Manifests, index objects and other metadata are "sealed":
-/// `magic[8] | flags u8 | nonce[12]? | body | mac[32]` where `mac` is keyed
+/// `magic[8] | flags u8 | salt[16]? | nonce[12]? | body | mac[32]` where `mac` is keyed
 /// BLAKE3 over everything before it plus the object's key, and `body` is the
 /// (zstd-compressed, maybe encrypted) JSON or binary payload.
 pub const MANIFEST_MAGIC: &[u8; 8] = b"PHSMANI\x01";
@@ -377,11 +422,21 @@ pub const MAC_LEN: usize = 32;
 #[derive(Debug, PartialEq, Eq)]
 pub struct SealedView<'a> {
     pub flags: u8,
-    pub nonce: Option<[u8; NONCE_LEN]>,
+    pub sealing: Option<Sealing>,
     pub body: &'a [u8],
     /// Bytes the MAC covers (everything before it).
     pub signed: &'a [u8],
     pub mac: [u8; MAC_LEN],
+}
+
+/// The header of a sealed object: `magic | flags | [salt] | [nonce]`.
+pub fn sealed_header(magic: &[u8; 8], flags: u8, sealing: Option<&Sealing>) -> Vec<u8> {
+    let mut h = magic.to_vec();
+    h.push(flags);
+    if let Some(s) = sealing {
+        s.write(&mut h);
+    }
+    h
 }
 
 pub fn parse_sealed<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<SealedView<'a>, Problem> {
@@ -399,30 +454,16 @@ pub fn parse_sealed<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<SealedView<'
     let mut mac = [0u8; MAC_LEN];
     mac.copy_from_slice(mac_bytes);
     let flags = signed[8];
-    if flags & !(COMPRESSED_ZSTD | ENCRYPTED_AES256GCM) != 0 {
+    if flags & !KNOWN != 0 {
         return Err(Problem::new(
             "verify.malformed",
             "sealed object: unknown flags",
         ));
     }
-    let mut body = &signed[9..];
-    let nonce = if flags & ENCRYPTED_AES256GCM != 0 {
-        if body.len() < NONCE_LEN + TAG_LEN {
-            return Err(Problem::new(
-                "verify.truncated",
-                "sealed object: truncated nonce",
-            ));
-        }
-        let mut n = [0u8; NONCE_LEN];
-        n.copy_from_slice(&body[..NONCE_LEN]);
-        body = &body[NONCE_LEN..];
-        Some(n)
-    } else {
-        None
-    };
+    let (sealing, body) = Sealing::read(flags, "sealed object", &signed[9..])?;
     Ok(SealedView {
         flags,
-        nonce,
+        sealing,
         body,
         signed,
         mac,

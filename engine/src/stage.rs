@@ -62,6 +62,12 @@ pub struct Block {
 pub mod flags {
     pub const COMPRESSED_ZSTD: u8 = 0b0000_0001;
     pub const ENCRYPTED_AES256GCM: u8 = 0b0000_0010;
+    /// With `ENCRYPTED_AES256GCM`: a 16-byte salt precedes the nonce and the
+    /// AEAD key is a subkey derived from the data key and that salt
+    /// (docs/specs/format.md §4, "Nonce budget").
+    pub const SUBKEY_SALT: u8 = 0b0000_0100;
+    /// Every flag bit a reader of this format knows.
+    pub const KNOWN: u8 = COMPRESSED_ZSTD | ENCRYPTED_AES256GCM | SUBKEY_SALT;
 }
 
 /// A content-defined chunk on its way through the pipeline.

@@ -3,12 +3,13 @@
 use crate::keys::{self, KeySource, Keys};
 use bytes::Bytes;
 use pg_hardstorage_engine::format::{
-    parse_sealed, ChunkerParams, CompressionParams, KeyEnvelope, RepoConfig, FORMAT_VERSION,
+    parse_sealed, sealed_header, ChunkerParams, CompressionParams, KeyEnvelope, RepoConfig,
+    Sealing, FORMAT_VERSION,
 };
 use pg_hardstorage_engine::stage::flags;
 use pg_hardstorage_engine::store::DynStore;
 use pg_hardstorage_engine::Problem;
-use phs_encrypt::{random_nonce, Aead};
+use phs_encrypt::{random_nonce, random_salt, Aead, Domain};
 use serde::{Deserialize, Serialize};
 
 pub const CONFIG_KEY: &str = "config";
@@ -201,20 +202,33 @@ impl Repository {
     pub fn seal(&self, magic: &[u8; 8], key: &str, payload: &[u8]) -> Result<Vec<u8>, Problem> {
         let mut body = (payload.len() as u64).to_le_bytes().to_vec();
         body.extend_from_slice(&phs_compress::compress(payload, 3)?);
-        let mut out = magic.to_vec();
         let mut f = flags::COMPRESSED_ZSTD;
-        if let Some(aead) = self.aead() {
-            f |= flags::ENCRYPTED_AES256GCM;
-            out.push(f);
-            let nonce = random_nonce()?;
-            out.extend_from_slice(&nonce);
-            let start = out.len();
-            out.extend_from_slice(&body);
-            aead.seal_in_place(&nonce, &sealed_aad(magic, key), &mut out, start)?;
-        } else {
-            out.push(f);
-            out.extend_from_slice(&body);
-        }
+        let mut out = match self.aead() {
+            Some(data) => {
+                // One fresh subkey per object (format.md §10): the data key
+                // itself never encrypts.
+                f |= flags::ENCRYPTED_AES256GCM | flags::SUBKEY_SALT;
+                let sealing = Sealing {
+                    salt: Some(random_salt()?),
+                    nonce: random_nonce()?,
+                };
+                let mut out = sealed_header(magic, f, Some(&sealing));
+                let start = out.len();
+                out.extend_from_slice(&body);
+                data.for_sealing(Domain::Sealed, &sealing)?.seal_in_place(
+                    &sealing.nonce,
+                    &sealed_aad(magic, key),
+                    &mut out,
+                    start,
+                )?;
+                out
+            }
+            None => {
+                let mut out = sealed_header(magic, f, None);
+                out.extend_from_slice(&body);
+                out
+            }
+        };
         let m = mac(&self.keys.mac, &[&out, key.as_bytes()]);
         out.extend_from_slice(&m);
         Ok(out)
@@ -236,8 +250,12 @@ impl Repository {
             )
             .with("object", key));
         }
-        let body = match (v.nonce, self.aead()) {
-            (Some(n), Some(aead)) => aead.open(&n, &sealed_aad(magic, key), v.body)?,
+        let body = match (v.sealing, self.aead()) {
+            (Some(s), Some(data)) => data.for_sealing(Domain::Sealed, &s)?.open(
+                &s.nonce,
+                &sealed_aad(magic, key),
+                v.body,
+            )?,
             (None, _) => v.body.to_vec(),
             (Some(_), None) => {
                 return Err(Problem::new(

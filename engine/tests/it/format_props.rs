@@ -49,19 +49,25 @@ fn arb_entry() -> impl Strategy<Value = Entry> {
 
 proptest! {
     #[test]
-    fn envelope_header_round_trips(f in 0u8..4, raw_len in 0u32..MAX_CHUNK, nonce in any::<[u8; 12]>(), body in prop::collection::vec(any::<u8>(), 16..64)) {
+    fn envelope_header_round_trips(f in 0u8..8, raw_len in 0u32..MAX_CHUNK, salt in any::<[u8; 16]>(), nonce in any::<[u8; 12]>(), body in prop::collection::vec(any::<u8>(), 16..64)) {
         let enc = f & flags::ENCRYPTED_AES256GCM != 0;
-        let mut env = envelope_header(f, raw_len, enc.then_some(&nonce));
+        let salted = f & flags::SUBKEY_SALT != 0;
+        let sealing = Sealing { salt: salted.then_some(salt), nonce };
+        let mut env = envelope_header(f, raw_len, enc.then_some(&sealing));
         env.extend_from_slice(&body);
         match parse_envelope(&env) {
             Ok(v) => {
+                prop_assert!(enc || !salted, "a salt without encryption parsed");
                 prop_assert_eq!(v.flags, f);
                 prop_assert_eq!(v.raw_len, raw_len);
-                prop_assert_eq!(v.nonce, enc.then_some(nonce));
+                prop_assert_eq!(v.sealing, enc.then_some(sealing));
                 prop_assert_eq!(v.body, &body[..]);
             }
-            // Only a plain, uncompressed envelope must match its length.
-            Err(_) => prop_assert!(f == 0 && body.len() != raw_len as usize),
+            // A salt needs encryption; a plain, uncompressed envelope must
+            // match its length.
+            Err(_) => prop_assert!(
+                (salted && !enc) || (f == 0 && body.len() != raw_len as usize)
+            ),
         }
     }
 
