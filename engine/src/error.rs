@@ -121,6 +121,7 @@ pub const CODES: &[(&str, Class, bool)] = &[
     ("kms.unavailable", Class::Unavailable, true),
     ("kms.key_destroyed", Class::AuthDenied, false),
     ("storage.io", Class::Internal, true),
+    ("storage.auth", Class::AuthDenied, false),
     ("io.read_failed", Class::Internal, false),
     ("io.write_failed", Class::Internal, false),
     ("pipeline.aborted", Class::Internal, false),

@@ -17,14 +17,35 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The keys and region every S3 test uses (always the same values, so
+/// tests setting them side by side agree).
+pub fn test_credentials() {
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    std::env::set_var("AWS_REGION", "us-east-1");
+}
+
 impl Moto {
     /// Starts moto; panics with what is missing if it cannot.
     pub fn start() -> Moto {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-        std::env::set_var("AWS_REGION", "us-east-1");
+        Moto::spawn(false)
+    }
+
+    /// Starts moto checking every request's signature and access key (its
+    /// `INITIAL_NO_AUTH_ACTION_COUNT=0`): the test keys are unknown to it,
+    /// so every request is refused with 403 `InvalidAccessKeyId`.
+    pub fn start_refusing_credentials() -> Moto {
+        Moto::spawn(true)
+    }
+
+    fn spawn(check_auth: bool) -> Moto {
+        test_credentials();
         let port = free_port();
-        let child = Command::new("moto_server")
+        let mut cmd = Command::new("moto_server");
+        if check_auth {
+            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", "0");
+        }
+        let child = cmd
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

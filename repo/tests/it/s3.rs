@@ -122,3 +122,48 @@ fn s3_restore_gets_are_bounded_by_the_packs_it_touches() {
         "the test needs many chunks per pack"
     );
 }
+
+fn s3_store_at(endpoint: String, bucket: &str) -> pg_hardstorage_engine::store::DynStore {
+    phs_store::open_store_with(
+        &format!("s3://{bucket}/repo"),
+        false,
+        &phs_store::StoreOptions {
+            s3_endpoint: Some(endpoint),
+        },
+    )
+    .expect("s3 store")
+}
+
+/// Credentials the store refuses are `storage.auth`, exit 3, not retried:
+/// classified by the error's variant, not its text (a retried `storage.io`
+/// would have an operator wait for nothing).
+#[test]
+fn s3_refused_credentials_are_storage_auth_and_exit_3() {
+    let moto = Moto::start_refusing_credentials();
+    let store = s3_store_at(moto.endpoint(), "phs-auth");
+    let failures = [
+        store.get("config").expect_err("get with refused keys"),
+        store
+            .put_if_absent("config", Bytes::from_static(b"x"))
+            .expect_err("put with refused keys"),
+        store.head("config").expect_err("head with refused keys"),
+    ];
+    for e in failures {
+        assert_eq!(e.code, "storage.auth", "{e}");
+        assert_eq!(e.exit_code(), 3, "{e}");
+        assert!(!e.retryable(), "{e}");
+        assert!(e.suggestion.is_some(), "{e}: no suggestion");
+    }
+}
+
+/// Nothing listening at the endpoint is `storage.unreachable` (exit 8,
+/// retryable), found from the transport error in the source chain.
+#[test]
+fn s3_nothing_listening_is_storage_unreachable() {
+    pg_hardstorage_testkit::s3::test_credentials();
+    let port = pg_hardstorage_testkit::s3::free_port();
+    let store = s3_store_at(format!("http://127.0.0.1:{port}"), "phs-none");
+    let e = store.get("config").expect_err("nobody there");
+    assert_eq!(e.code, "storage.unreachable", "{e}");
+    assert_eq!(e.exit_code(), 8);
+}

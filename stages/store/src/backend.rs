@@ -152,19 +152,57 @@ fn make_private_root(root: &std::path::Path) -> Result<(), Problem> {
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(private)).map_err(werr)
 }
 
-fn map_err(key: &str, e: object_store::Error) -> Problem {
-    let text = e.to_string();
-    let unreachable = matches!(e, object_store::Error::Generic { .. })
-        && (text.contains("connect") || text.contains("timed out") || text.contains("dns"));
-    let code = if unreachable {
-        "storage.unreachable"
-    } else {
-        "storage.io"
-    };
-    Problem::new(code, format!("{key}: {text}")).with("object", key)
+/// What a store error means, by its `object_store` variant and, for a
+/// `Generic` one, the transport failure in its source chain; never by its
+/// text. Refused credentials are `storage.auth` (exit 3, not retried): a
+/// retry cannot fix them.
+fn classify(e: &object_store::Error) -> &'static str {
+    use object_store::client::HttpErrorKind as K;
+    use object_store::Error as E;
+    match e {
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => "storage.auth",
+        E::Generic { .. } => match transport_failure(e) {
+            Some(K::Connect | K::Timeout) => "storage.unreachable",
+            _ => "storage.io",
+        },
+        _ => "storage.io",
+    }
+}
+
+/// The kind of the first HTTP transport error in `e`'s source chain.
+fn transport_failure(e: &object_store::Error) -> Option<object_store::client::HttpErrorKind> {
+    let mut cur: &(dyn std::error::Error + 'static) = e;
+    loop {
+        if let Some(h) = cur.downcast_ref::<object_store::client::HttpError>() {
+            return Some(h.kind());
+        }
+        cur = cur.source()?;
+    }
+}
+
+fn storage_problem(key: &str, e: object_store::Error, root: Option<&std::path::Path>) -> Problem {
+    let code = classify(&e);
+    let mut text = e.to_string();
+    // A local store's errors name host paths; a tenant sees only the key.
+    if let Some(root) = root {
+        text = text.replace(&*root.to_string_lossy(), "<repository>");
+    }
+    let p = Problem::new(code, format!("{key}: {text}")).with("object", key);
+    match code {
+        "storage.auth" => p.suggest(
+            "The store refused these credentials: check AWS_ACCESS_KEY_ID / \
+             AWS_SECRET_ACCESS_KEY (or the instance role) and the bucket policy",
+            None,
+        ),
+        _ => p,
+    }
 }
 
 impl ObjectStoreBackend {
+    fn problem(&self, key: &str, e: object_store::Error) -> Problem {
+        storage_problem(key, e, self.local_root.as_deref())
+    }
+
     fn path(&self, key: &str) -> OsPath {
         if self.prefix.is_empty() {
             OsPath::from(key)
@@ -188,7 +226,13 @@ impl ObjectStoreBackend {
             .recursive(true)
             .mode(DIR_MODE)
             .create(&dir)
-            .map_err(|e| Problem::io("io.write_failed", format!("create {}", dir.display()), &e))
+            .map_err(|e| {
+                Problem::io(
+                    "io.write_failed",
+                    format!("create the directory of {key}"),
+                    &e,
+                )
+            })
     }
 
     fn sync_local(&self, key: &str) -> Result<(), Problem> {
@@ -201,10 +245,14 @@ impl ObjectStoreBackend {
             |p: &std::path::Path| -> std::io::Result<()> { std::fs::File::open(p)?.sync_all() };
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE))
             .and_then(|()| sync(&file))
-            .map_err(|e| Problem::io("io.write_failed", format!("fsync {}", file.display()), &e))?;
+            .map_err(|e| Problem::io("io.write_failed", format!("fsync {key}"), &e))?;
         if let Some(dir) = file.parent() {
             sync(dir).map_err(|e| {
-                Problem::io("io.write_failed", format!("fsync {}", dir.display()), &e)
+                Problem::io(
+                    "io.write_failed",
+                    format!("fsync the directory of {key}"),
+                    &e,
+                )
             })?;
         }
         Ok(())
@@ -224,7 +272,7 @@ impl ObjectStoreBackend {
                 Ok(true)
             }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(map_err(key, e)),
+            Err(e) => Err(self.problem(key, e)),
         }
     }
 }
@@ -256,7 +304,7 @@ impl Store for ObjectStoreBackend {
         match r {
             Ok(b) => Ok(Some(b)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(map_err(key, e)),
+            Err(e) => Err(self.problem(key, e)),
         }
     }
 
@@ -283,7 +331,7 @@ impl Store for ObjectStoreBackend {
                     Err(Problem::new("verify.truncated", format!("{key}: {text}"))
                         .with("object", key))
                 } else {
-                    Err(map_err(key, e))
+                    Err(self.problem(key, e))
                 }
             }
         }
@@ -293,7 +341,7 @@ impl Store for ObjectStoreBackend {
         match self.rt.block_on(self.inner.head(&self.path(key))) {
             Ok(m) => Ok(Some(m.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(map_err(key, e)),
+            Err(e) => Err(self.problem(key, e)),
         }
     }
 
@@ -326,14 +374,14 @@ impl Store for ObjectStoreBackend {
                 Ok(out)
             }
             Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
-            Err(e) => Err(map_err(prefix, e)),
+            Err(e) => Err(self.problem(prefix, e)),
         }
     }
 
     fn delete(&self, key: &str) -> Result<(), Problem> {
         match self.rt.block_on(self.inner.delete(&self.path(key))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(map_err(key, e)),
+            Err(e) => Err(self.problem(key, e)),
         }
     }
 }
@@ -372,5 +420,52 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         exercise(&*open_store(dir.path().to_str().expect("utf8"), false).expect("local"));
         exercise(&*open_store("memory://", false).expect("memory"));
+    }
+
+    /// A local store's errors name the object, never the host path of the
+    /// repository (tenant tokens see these messages).
+    #[test]
+    fn local_errors_do_not_show_the_repository_path() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = dir.path().to_str().expect("utf8");
+        let store = open_store(root, false).expect("local");
+        // A directory where the object should go, and a file where its
+        // directory should be.
+        std::fs::create_dir_all(dir.path().join("snapshots/d/x")).expect("mkdir");
+        std::fs::write(dir.path().join("wal"), b"").expect("file");
+        let onto_dir = store.put("snapshots/d/x", Bytes::from_static(b"x"));
+        let under_file = store.put("wal/d/y", Bytes::from_static(b"x"));
+        // A symlink loop where an object is: opening it fails (ELOOP).
+        std::os::unix::fs::symlink("loop", dir.path().join("snapshots/d/loop")).expect("ln");
+        let looped = store.get("snapshots/d/loop").map(|_| ());
+        for (key, r) in [
+            ("snapshots/d/x", onto_dir),
+            ("wal/d/y", under_file),
+            ("snapshots/d/loop", looped),
+        ] {
+            let e = r.expect_err("the put must fail");
+            assert!(!e.message.contains(root), "{}", e.message);
+            assert!(e.message.contains(key), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn refused_credentials_are_classified_by_variant() {
+        let denied = object_store::Error::PermissionDenied {
+            path: "p".into(),
+            source: "403".into(),
+        };
+        let anon = object_store::Error::Unauthenticated {
+            path: "p".into(),
+            source: "401".into(),
+        };
+        // Text that the old text match took for an outage.
+        let generic = object_store::Error::Generic {
+            store: "S3",
+            source: "could not connect: timed out".into(),
+        };
+        assert_eq!(classify(&denied), "storage.auth");
+        assert_eq!(classify(&anon), "storage.auth");
+        assert_eq!(classify(&generic), "storage.io");
     }
 }
