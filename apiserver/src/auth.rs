@@ -31,6 +31,9 @@ impl Identity {
 pub struct TokenCache {
     ttl: Duration,
     cached: Mutex<Option<(Instant, Arc<Vec<Token>>)>>,
+    /// Revoked secret hashes; the audit chain is read on from where the
+    /// last refresh stopped.
+    revoked: Mutex<tokens::Revoked>,
     /// Names looked up and not found, and when: not looked up again within
     /// the TTL (a flood of made-up names costs no storage reads).
     misses: Mutex<std::collections::HashMap<String, Instant>>,
@@ -41,6 +44,7 @@ impl TokenCache {
         TokenCache {
             ttl,
             cached: Mutex::new(None),
+            revoked: Mutex::new(tokens::Revoked::default()),
             misses: Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -54,7 +58,11 @@ impl TokenCache {
                 }
             }
         }
-        let fresh = Arc::new(tokens::list(repo)?);
+        let fresh = {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            revoked.refresh(repo)?;
+            Arc::new(revoked.tokens(repo)?)
+        };
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((Instant::now(), fresh.clone()));
         Ok(fresh)
@@ -79,7 +87,17 @@ impl TokenCache {
                 m.clear();
             }
         }
-        let Some(t) = tokens::get(repo, name)? else {
+        let record = tokens::get(repo, name)?;
+        let revoked = |t: &Token| -> Result<bool, Problem> {
+            let mut r = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            r.refresh(repo)?;
+            Ok(r.contains(t))
+        };
+        let live = match record {
+            Some(t) if !revoked(&t)? => Some(t),
+            _ => None,
+        };
+        let Some(t) = live else {
             self.misses
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

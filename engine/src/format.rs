@@ -412,6 +412,7 @@ pub const MANIFEST_MAGIC: &[u8; 8] = b"PHSMANI\x01";
 pub const INDEX_MAGIC: &[u8; 8] = b"PHSINDX\x01";
 pub const DEPLOYMENT_MAGIC: &[u8; 8] = b"PHSDEPL\x01";
 pub const TOKEN_MAGIC: &[u8; 8] = b"PHSTOKN\x01";
+pub const REVOCATION_MAGIC: &[u8; 8] = b"PHSREVK\x01";
 pub const RESTORE_MAGIC: &[u8; 8] = b"PHSREST\x01";
 pub const HOLD_MAGIC: &[u8; 8] = b"PHSHOLD\x01";
 pub const TOMBSTONE_MAGIC: &[u8; 8] = b"PHSTOMB\x01";

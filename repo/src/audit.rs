@@ -131,6 +131,22 @@ pub fn append(
     ))
 }
 
+/// The records from position `first` on that open, oldest first, and the
+/// position after the last one present: what a reader that has seen the
+/// log up to `first` reads next. Records that fail to open are skipped
+/// (`verify_chain` reports them).
+pub fn read_from(repo: &Repository, first: u64) -> Result<(Vec<AuditEvent>, u64), Problem> {
+    let seqs: Vec<u64> = seqs(repo)?.into_iter().filter(|s| *s >= first).collect();
+    let next = seqs.last().map_or(first, |s| s + 1);
+    let mut out = Vec::with_capacity(seqs.len());
+    for seq in seqs {
+        if let Ok(Some(ev)) = read(repo, seq) {
+            out.push(ev);
+        }
+    }
+    Ok((out, next))
+}
+
 /// What `audit search` filters on.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {

@@ -492,13 +492,18 @@ pub fn tokens_list(repo: &Repository) -> Result<Value, Problem> {
 }
 
 pub fn tokens_revoke(repo: &Repository, actor: &str, name: &str) -> Result<Value, Problem> {
-    let r = crate::tokens::revoke(repo, name).map(|t| {
+    let r = crate::tokens::revoke(repo, name);
+    let mut subj = Map::new();
+    subj.insert("token".into(), json!(name));
+    if let Ok(t) = &r {
+        // The audit chain's copy of the revocation (tokens.rs).
+        subj.insert("secret_hash".into(), json!(t.secret_hash));
+    }
+    let r = r.map(|t| {
         let mut body = t.public();
         body["revoked"] = json!(true);
         body
     });
-    let mut subj = Map::new();
-    subj.insert("token".into(), json!(name));
     audited(repo, actor, "token.revoke", subj, r, None)
 }
 

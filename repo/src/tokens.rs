@@ -1,9 +1,17 @@
 //! API bearer tokens. A token is `phs.<name>.<64 hex>`; the repository keeps
 //! only the BLAKE3 hash of its secret part (sealed, under `tokens/<name>`),
 //! so the token itself is shown once, at creation, and never again.
+//!
+//! A revoke deletes the record, but deleting is not enough: an old copy of
+//! the record put back (a storage rollback, a restored bucket version)
+//! would revive the token. So a revoke first writes a revocation record,
+//! `revocations/<secret_hash>` (sealed, conditional create, never deleted),
+//! and its audit record names the same hash. A token whose hash either
+//! names is refused whatever records exist; removing both needs a hole in
+//! the audit chain, which `audit verify` reports.
 
 use crate::Repository;
-use pg_hardstorage_engine::format::TOKEN_MAGIC;
+use pg_hardstorage_engine::format::{REVOCATION_MAGIC, TOKEN_MAGIC};
 use pg_hardstorage_engine::Problem;
 use serde::{Deserialize, Serialize};
 
@@ -142,7 +150,8 @@ pub fn name_of(presented: &str) -> Option<&str> {
         .filter(|n| validate_name(n).is_ok())
 }
 
-pub fn list(repo: &Repository) -> Result<Vec<Token>, Problem> {
+/// Every token record, revoked or not (what storage holds).
+fn records(repo: &Repository) -> Result<Vec<Token>, Problem> {
     let mut out = Vec::new();
     for o in repo.store.list("tokens/")? {
         let name = o.key.trim_start_matches("tokens/");
@@ -157,6 +166,68 @@ pub fn list(repo: &Repository) -> Result<Vec<Token>, Problem> {
     Ok(out)
 }
 
+/// The tokens that authenticate: every record not revoked.
+pub fn list(repo: &Repository) -> Result<Vec<Token>, Problem> {
+    let revoked = Revoked::load(repo)?;
+    Ok(revoked.filter(records(repo)?))
+}
+
+/// The secret hashes of revoked tokens, from the revocation records and
+/// from the audit chain's `token.revoke` records, read up to `audit_next`.
+#[derive(Clone, Debug, Default)]
+pub struct Revoked {
+    hashes: std::collections::HashSet<String>,
+    audit_next: u64,
+}
+
+fn revocation_key(secret_hash: &str) -> String {
+    format!("revocations/{secret_hash}")
+}
+
+impl Revoked {
+    pub fn load(repo: &Repository) -> Result<Self, Problem> {
+        let mut r = Revoked::default();
+        r.refresh(repo)?;
+        Ok(r)
+    }
+
+    /// Re-lists the revocation records and reads the audit records appended
+    /// since the last call (a server calls this on every token refresh).
+    pub fn refresh(&mut self, repo: &Repository) -> Result<(), Problem> {
+        for o in repo.store.list("revocations/")? {
+            self.hashes
+                .insert(o.key.trim_start_matches("revocations/").to_string());
+        }
+        let (events, next) = crate::audit::read_from(repo, self.audit_next)?;
+        for ev in events {
+            if ev.action == "token.revoke" && ev.result == "ok" {
+                if let Some(h) = ev.subject.get("secret_hash").and_then(|v| v.as_str()) {
+                    self.hashes.insert(h.to_string());
+                }
+            }
+        }
+        self.audit_next = next;
+        Ok(())
+    }
+
+    pub fn contains(&self, t: &Token) -> bool {
+        self.hashes.contains(&t.secret_hash)
+    }
+
+    /// `tokens` without the revoked ones.
+    pub fn filter(&self, tokens: Vec<Token>) -> Vec<Token> {
+        tokens.into_iter().filter(|t| !self.contains(t)).collect()
+    }
+
+    /// All of a repository's token records, less the revoked ones.
+    pub fn tokens(&self, repo: &Repository) -> Result<Vec<Token>, Problem> {
+        Ok(self.filter(records(repo)?))
+    }
+}
+
+/// Revokes a token: writes its revocation record (durable before anything
+/// else), then deletes its record. Returns the revoked token; its
+/// `secret_hash` goes into the audit record.
 pub fn revoke(repo: &Repository, name: &str) -> Result<Token, Problem> {
     validate_name(name)?;
     let t = list(repo)?
@@ -166,6 +237,15 @@ pub fn revoke(repo: &Repository, name: &str) -> Result<Token, Problem> {
             Problem::new("token.not_found", format!("no token named {name:?}"))
                 .suggest("List the tokens", Some("pg_hardstorage token list".into()))
         })?;
+    let rec = serde_json::json!({
+        "name": t.name,
+        "secret_hash": t.secret_hash,
+        "revoked_at": pg_hardstorage_engine::event::now_rfc3339(),
+    });
+    let k = revocation_key(&t.secret_hash);
+    let sealed = repo.seal(REVOCATION_MAGIC, &k, rec.to_string().as_bytes())?;
+    // Already there (a revoke retried after a crash) is as good.
+    repo.store.put_if_absent(&k, bytes::Bytes::from(sealed))?;
     repo.store.delete(&key(name))?;
     Ok(t)
 }
@@ -228,5 +308,39 @@ mod tests {
             revoke(&repo, "ci").expect_err("gone").code.as_ref(),
             "token.not_found"
         );
+    }
+
+    /// Finding 7: an old token record put back (a storage rollback) does
+    /// not revive a revoked token, and the audit chain still knows the
+    /// revocation when the revocation record is gone as well.
+    #[test]
+    fn a_rolled_back_token_record_does_not_revive_a_revoked_token() {
+        let repo = crate::testing::memory_repo();
+        let made = crate::ops::tokens_create(&repo, "cli:t", "ci", &["backup:read".into()], None)
+            .expect("create");
+        let secret = made["token"].as_str().expect("secret").to_string();
+        let mut seen = Revoked::load(&repo).expect("revoked");
+        let old = repo.store.get("tokens/ci").expect("get").expect("record");
+        crate::ops::tokens_revoke(&repo, "cli:t", "ci").expect("revoke");
+        repo.store.put("tokens/ci", old).expect("roll back");
+        assert!(
+            get(&repo, "ci").expect("get").is_some(),
+            "the record is back"
+        );
+        assert!(authenticate(&list(&repo).expect("list"), &secret).is_none());
+        // A reader that had read the log before the revoke learns it.
+        seen.refresh(&repo).expect("refresh");
+        assert!(authenticate(&seen.tokens(&repo).expect("tokens"), &secret).is_none());
+        // Without the revocation record, the audit chain still says so.
+        let revocations = repo.store.list("revocations/").expect("list");
+        assert_eq!(revocations.len(), 1);
+        for o in revocations {
+            repo.store.delete(&o.key).expect("delete");
+        }
+        assert!(authenticate(&list(&repo).expect("list"), &secret).is_none());
+        // A new token of the same name, once the old record is gone, works.
+        repo.store.delete("tokens/ci").expect("delete");
+        let (_, again) = create(&repo, "ci", &["backup:read".into()], None).expect("again");
+        assert!(authenticate(&list(&repo).expect("list"), &again).is_some());
     }
 }

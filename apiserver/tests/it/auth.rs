@@ -551,3 +551,22 @@ fn refused_requests_are_counted_and_audited_once_a_minute() {
     assert_eq!(count("unauthenticated"), Some(5), "{m}");
     assert_eq!(count("denied"), Some(1), "{m}");
 }
+
+/// Finding 7: a revoked token's old record put back (a storage rollback)
+/// must not revive it.
+#[test]
+fn a_revoked_token_stays_revoked_when_its_old_record_is_put_back() {
+    let s = TestServer::start();
+    let t = s.token("ci", &["backup:read"], None);
+    let c = s.client().with_token(&t);
+    body_of(&c.get("/v1/deployments"), "deployments.list");
+    let old = s.repo.store.get("tokens/ci").expect("get").expect("record");
+    pg_hardstorage_repo::ops::tokens_revoke(&s.repo, "cli:test", "ci").expect("revoke");
+    s.repo.store.put("tokens/ci", old).expect("roll back");
+    // Past the token cache's TTL (2 s): the listing sees the old record
+    // and leaves it out, and the name it does not know is then looked up
+    // alone (the path a just-created token takes): both must refuse it.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    error_of(&c.get("/v1/deployments"), 401, "auth.token_required");
+    error_of(&c.get("/v1/deployments"), 401, "auth.token_required");
+}
