@@ -140,7 +140,7 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
         }
     }
     let body = serde_json::to_vec(&d).map_err(|e| Problem::internal(e.to_string()))?;
-    let sealed = repo.seal(DEPLOYMENT_MAGIC, &key(&d.name), &body)?;
+    let sealed = repo.seal_private(DEPLOYMENT_MAGIC, &key(&d.name), &body)?;
     if !repo
         .store
         .put_if_absent(&key(&d.name), bytes::Bytes::from(sealed))?
@@ -200,7 +200,8 @@ pub fn list(repo: &Repository) -> Result<Vec<Deployment>, Problem> {
 
 fn store(repo: &Repository, d: &Deployment) -> Result<(), Problem> {
     let body = serde_json::to_vec(d).map_err(|e| Problem::internal(e.to_string()))?;
-    repo.put_sealed(DEPLOYMENT_MAGIC, &key(&d.name), &body)
+    let sealed = repo.seal_private(DEPLOYMENT_MAGIC, &key(&d.name), &body)?;
+    repo.store.put(&key(&d.name), bytes::Bytes::from(sealed))
 }
 
 /// Changes a deployment's source settings (`None` keeps a field).

@@ -200,10 +200,33 @@ impl Repository {
     /// Seals a metadata payload: compressed, encrypted when the repository
     /// is, and signed with a MAC bound to the object's key.
     pub fn seal(&self, magic: &[u8; 8], key: &str, payload: &[u8]) -> Result<Vec<u8>, Problem> {
+        self.seal_with(magic, key, payload, self.aead())
+    }
+
+    /// Seals a payload that holds secrets (a deployment's connection
+    /// string): encrypted under the repository's encryption key even with
+    /// `--encryption none`, which leaves backed-up data in clear but never
+    /// the credentials to the database.
+    pub fn seal_private(
+        &self,
+        magic: &[u8; 8],
+        key: &str,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, Problem> {
+        self.seal_with(magic, key, payload, Some(Aead::new(&self.keys.enc)))
+    }
+
+    fn seal_with(
+        &self,
+        magic: &[u8; 8],
+        key: &str,
+        payload: &[u8],
+        aead: Option<Aead>,
+    ) -> Result<Vec<u8>, Problem> {
         let mut body = (payload.len() as u64).to_le_bytes().to_vec();
         body.extend_from_slice(&phs_compress::compress(payload, 3)?);
         let mut f = flags::COMPRESSED_ZSTD;
-        let mut out = match self.aead() {
+        let mut out = match aead {
             Some(data) => {
                 // One fresh subkey per object (format.md §10): the data key
                 // itself never encrypts.
@@ -250,19 +273,13 @@ impl Repository {
             )
             .with("object", key));
         }
-        let body = match (v.sealing, self.aead()) {
-            (Some(s), Some(data)) => data.for_sealing(Domain::Sealed, &s)?.open(
-                &s.nonce,
-                &sealed_aad(magic, key),
-                v.body,
-            )?,
-            (None, _) => v.body.to_vec(),
-            (Some(_), None) => {
-                return Err(Problem::new(
-                    "verify.malformed",
-                    format!("{key}: unexpected encryption"),
-                ))
-            }
+        // An encrypted object opens under the encryption key whatever the
+        // repository's setting: `seal_private` encrypts in every repository.
+        let body = match v.sealing {
+            Some(s) => Aead::new(&self.keys.enc)
+                .for_sealing(Domain::Sealed, &s)?
+                .open(&s.nonce, &sealed_aad(magic, key), v.body)?,
+            None => v.body.to_vec(),
         };
         if body.len() < 8 {
             return Err(Problem::new(
