@@ -187,6 +187,13 @@ impl State {
         (at.elapsed() < LISTING_TTL && visible).then(|| body.clone())
     }
 
+    /// The tenant of a deployment whose listing is cached and fresh.
+    fn cached_tenant(&self, deployment: &str) -> Option<String> {
+        let g = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, tenant, _) = g.get(deployment)?;
+        (at.elapsed() < LISTING_TTL).then(|| tenant.clone())
+    }
+
     fn remember_listing(&self, deployment: &str, tenant: &str, body: &Value) {
         self.listings
             .lock()
@@ -410,20 +417,9 @@ async fn serve_route(
     }
     // Routes over the whole repository (its keys, its GC, every agent, the
     // metrics of every deployment) are for callers bound to no tenant.
-    if let (true, Some(w)) = (route.global, &who) {
-        if let Some(t) = &w.token.tenant {
-            st.refused(true, route.path).await;
-            return error(
-                &Problem::new(
-                    "authz.denied",
-                    format!(
-                        "{} {} acts on the whole repository; {} {:?} is bound to tenant {t:?}",
-                        route.method, route.path, w.via, w.name
-                    ),
-                )
-                .suggest("Use a token created without --tenant", None),
-            );
-        }
+    if let Err(p) = routes::scope_admits(route, who.as_ref()) {
+        st.refused(true, route.path).await;
+        return error(&p);
     }
     let query = req.uri().query().unwrap_or("").to_string();
     let accept = header(&req, "accept").unwrap_or("").to_ascii_lowercase();
@@ -459,7 +455,8 @@ async fn serve_route(
             return error(&p);
         }
     };
-    routes::dispatch(st.clone(), route, params, query, who, body, mode).await
+    let ctx = routes::Ctx::new(st.clone(), route, params, query, who, body, mode);
+    routes::dispatch(ctx).await
 }
 
 /// Bytes of a request's line and headers the server buffers: more is

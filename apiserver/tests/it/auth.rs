@@ -570,3 +570,63 @@ fn a_revoked_token_stays_revoked_when_its_old_record_is_put_back() {
     error_of(&c.get("/v1/deployments"), 401, "auth.token_required");
     error_of(&c.get("/v1/deployments"), 401, "auth.token_required");
 }
+
+/// The router resolves every route's scope before its handler runs (so no
+/// handler can forget it): over the whole table, a tenant-bound token with
+/// every verb gets for another tenant's deployment exactly the answer it
+/// gets for one that does not exist — before any body is read — and every
+/// repository-wide route is refused to it.
+#[test]
+fn every_scoped_route_hides_another_tenants_deployment_and_refuses_repository_routes() {
+    use pg_hardstorage_apiserver::routes::Scope;
+    let s = TestServer::start();
+    s.path_deployment("b1", Some("globex"));
+    let id = s.backup("b1");
+    let acme = s
+        .client()
+        .with_token(&s.token("acme-root", &["admin:*"], Some("acme")));
+    let json = [("Accept", "application/json")];
+    let path_for = |route: &str, d: &str| {
+        route
+            .replace("{d}", d)
+            .replace("{deployment}", d)
+            .replace("{id}", &id.replacen("b1", d, 1))
+            .replace("{seg}", "000000010000000000000001")
+            .replace("{r}", "default")
+    };
+    let (mut scoped, mut global) = (0, 0);
+    for route in ROUTES {
+        match route.scope {
+            Scope::Deployment(_) | Scope::Backup => {
+                let theirs = acme
+                    .request(route.method, &path_for(route.path, "b1"), &json, None)
+                    .expect("req");
+                let missing = acme
+                    .request(route.method, &path_for(route.path, "nope"), &json, None)
+                    .expect("req");
+                let a = error_of(&theirs, 404, "deployment.not_found");
+                let b = error_of(&missing, 404, "deployment.not_found");
+                assert_eq!(
+                    a["message"].as_str().map(|m| m.replace("b1", "nope")),
+                    b["message"].as_str().map(str::to_string),
+                    "{} {}",
+                    route.method,
+                    route.path
+                );
+                scoped += 1;
+            }
+            Scope::Repository => {
+                let r = acme
+                    .request(route.method, &path_for(route.path, "b1"), &json, None)
+                    .expect("req");
+                error_of(&r, 403, "authz.denied");
+                global += 1;
+            }
+            Scope::Open | Scope::Tenant => {}
+        }
+    }
+    assert!(
+        scoped >= 17 && global >= 10,
+        "{scoped} scoped, {global} global"
+    );
+}

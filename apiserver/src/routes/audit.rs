@@ -1,0 +1,38 @@
+//! `/v1/audit…`: the audit log.
+
+use super::{blocking, Ctx, Reply};
+use pg_hardstorage_repo::ops;
+use serde::Deserialize;
+
+/// `GET /v1/audit`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// RFC 3339 or relative ("2 hours ago").
+    since: Option<String>,
+    action: Option<String>,
+    deployment: Option<String>,
+}
+
+/// The events the caller's tenant may see.
+pub fn search(c: Ctx) -> Reply {
+    Box::pin(async move {
+        let q: AuditQuery = c.query()?;
+        let f = pg_hardstorage_repo::audit::Filter {
+            since: q.since,
+            action: q.action,
+            deployment: q.deployment,
+        };
+        let (st, tenant) = (c.st.clone(), c.tenant());
+        let body = blocking(move || ops::audit_search_for(&st.repo, &f, tenant.as_deref())).await?;
+        c.ok(body)
+    })
+}
+
+pub fn verify_chain(c: Ctx) -> Reply {
+    Box::pin(async move {
+        let st = c.st.clone();
+        let body = blocking(move || ops::audit_verify_chain(&st.repo)).await?;
+        c.ok(body)
+    })
+}
