@@ -2,6 +2,7 @@
 //! names a token record (the certificate proves the identity; the record
 //! gives its verbs and tenant). Default-deny.
 
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::tokens::{self, Token};
 use pg_hardstorage_repo::Repository;
@@ -128,7 +129,7 @@ pub fn bearer(h: &str) -> Option<&str> {
 
 pub fn required() -> Problem {
     Problem::new(
-        "auth.token_required",
+        Code::AuthTokenRequired,
         "this route needs a bearer token or a client certificate",
     )
     .suggest(
@@ -174,7 +175,7 @@ pub fn authenticate(
 
 pub fn denied(who: &Identity, verb: &str) -> Problem {
     Problem::new(
-        "authz.denied",
+        Code::AuthzDenied,
         format!("{} {:?} lacks the verb {verb}", who.via, who.name),
     )
     .with("verb", verb)

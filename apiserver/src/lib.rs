@@ -9,6 +9,7 @@
 //! pipeline on its own pinned threads.
 #![deny(clippy::unwrap_used)]
 
+use pg_hardstorage_engine::Code;
 pub mod auth;
 pub mod body;
 pub mod metrics;
@@ -236,8 +237,8 @@ impl State {
         };
         let repo = self.repo.clone();
         let code = match denied {
-            true => "authz.denied",
-            false => "auth.token_required",
+            true => pg_hardstorage_engine::Code::AuthzDenied,
+            false => pg_hardstorage_engine::Code::AuthTokenRequired,
         };
         let _ = routes::blocking(move || {
             let why = Problem::new(
@@ -270,7 +271,7 @@ impl State {
         let config = self.repo.store.head("config")?.is_some();
         if !config {
             return Err(Problem::new(
-                "storage.unreachable",
+                Code::StorageUnreachable,
                 "the repository's config object is missing",
             ));
         }
@@ -338,13 +339,13 @@ async fn handle(
         Found::None => (
             "unmatched",
             error(
-                &Problem::new("api.route_not_found", format!("no route {path}"))
+                &Problem::new(Code::ApiRouteNotFound, format!("no route {path}"))
                     .suggest("The routes are listed in /v1/openapi.yaml", None),
             ),
         ),
         Found::WrongMethod(allowed) => {
             let mut r = error(&Problem::new(
-                "api.method_not_allowed",
+                Code::ApiMethodNotAllowed,
                 format!(
                     "{path} does not take {method}; it takes {}",
                     allowed.join(", ")
@@ -433,7 +434,7 @@ async fn serve_route(
         Ok(r) => r,
         Err(_) => {
             return error(&Problem::new(
-                "api.bad_request",
+                Code::ApiBadRequest,
                 "the request body did not arrive within 60 s",
             ))
         }
@@ -446,11 +447,14 @@ async fn serve_route(
                 .is_some();
             let p = if too_large {
                 Problem::new(
-                    "api.body_too_large",
+                    Code::ApiBodyTooLarge,
                     format!("request body over {} bytes", st.body_limit),
                 )
             } else {
-                Problem::new("api.bad_request", format!("reading the request body: {e}"))
+                Problem::new(
+                    Code::ApiBadRequest,
+                    format!("reading the request body: {e}"),
+                )
             };
             return error(&p);
         }
@@ -495,7 +499,7 @@ impl Server {
             .block_on(tokio::net::TcpListener::bind(cfg.listen))
             .map_err(|e| {
                 Problem::new(
-                    "usage.invalid_argument",
+                    Code::UsageInvalidArgument,
                     format!("cannot listen on {}: {e}", cfg.listen),
                 )
                 .suggest("Pick a free address, e.g. --listen 127.0.0.1:8432", None)
@@ -645,7 +649,7 @@ impl Server {
 /// `api.busy`: the server runs as many `what` as `serve FLAG` allows.
 pub(crate) fn busy(what: &str, flag: &str) -> Problem {
     Problem::new(
-        "api.busy",
+        Code::ApiBusy,
         format!("the server is running as many {what} as it allows"),
     )
     .suggest(format!("Retry later, or raise serve {flag}"), None)

@@ -2,6 +2,7 @@
 //! and with a client CA, mutual TLS: a client certificate is optional, but
 //! one that is presented must chain to the CA or the handshake fails.
 
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -17,7 +18,7 @@ pub struct TlsFiles {
 
 fn bad(what: &str, p: &Path, e: impl std::fmt::Display) -> Problem {
     Problem::new(
-        "usage.invalid_argument",
+        Code::UsageInvalidArgument,
         format!("{what} {}: {e}", p.display()),
     )
     .suggest(

@@ -9,6 +9,7 @@
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use pg_hardstorage_engine::event::{Event, EventSink};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -40,7 +41,11 @@ impl Target {
 
 pub fn parse(url: &str) -> Result<Target, Problem> {
     let bad = |why: &str| {
-        Problem::new("usage.invalid_argument", format!("webhook {url:?}: {why}")).suggest(
+        Problem::new(
+            Code::UsageInvalidArgument,
+            format!("webhook {url:?}: {why}"),
+        )
+        .suggest(
             "Give an http:// URL, e.g. http://127.0.0.1:9000/hooks/backups",
             None,
         )

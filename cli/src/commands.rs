@@ -9,6 +9,7 @@ use clap::CommandFactory;
 use pg_hardstorage_engine::format::ChunkerParams;
 use pg_hardstorage_engine::pipeline::PipelineConfig;
 use pg_hardstorage_engine::store::{DynStore, OutageWhile, Throttled};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::backup::BackupOptions;
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
@@ -46,14 +47,14 @@ fn config(cli: &Cli) -> Result<ConfigFile, Problem> {
     };
     let raw = std::fs::read(path).map_err(|e| {
         Problem::io(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("--config {}", path.display()),
             &e,
         )
     })?;
     serde_json::from_slice(&raw).map_err(|e| {
         Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("--config {}: {e}", path.display()),
         )
     })
@@ -62,7 +63,7 @@ fn config(cli: &Cli) -> Result<ConfigFile, Problem> {
 fn store(cli: &Cli, create: bool) -> Result<DynStore, Problem> {
     let cfg = config(cli)?;
     let url = cli.repo.clone().or(cfg.repo).ok_or_else(|| {
-        Problem::new("usage.invalid_argument", "no repository given").suggest(
+        Problem::new(Code::UsageInvalidArgument, "no repository given").suggest(
             "Pass --repo or set PG_HARDSTORAGE_REPO",
             Some("export PG_HARDSTORAGE_REPO=/var/lib/pg_hardstorage".into()),
         )
@@ -202,7 +203,7 @@ fn parse_duration(s: &str) -> Result<u64, Problem> {
     let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
     let n: u64 = num.parse().map_err(|_| {
         Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("duration {s:?}: want e.g. 6h, 30m, 0s"),
         )
     })?;
@@ -213,7 +214,7 @@ fn parse_duration(s: &str) -> Result<u64, Problem> {
         "d" => 86400,
         _ => {
             return Err(Problem::new(
-                "usage.invalid_argument",
+                Code::UsageInvalidArgument,
                 format!("duration {s:?}: unit must be s, m, h or d"),
             ))
         }
@@ -233,7 +234,7 @@ fn parse_size(s: &str) -> Result<u64, Problem> {
                 "B" => 1,
                 _ => {
                     return Err(Problem::new(
-                        "usage.invalid_argument",
+                        Code::UsageInvalidArgument,
                         format!("bad size {s:?}"),
                     ))
                 }
@@ -249,7 +250,7 @@ fn parse_size(s: &str) -> Result<u64, Problem> {
         .map(|n| (n * mult as f64) as u64)
         .ok_or_else(|| {
             Problem::new(
-                "usage.invalid_argument",
+                Code::UsageInvalidArgument,
                 format!("bad size {s:?} (e.g. 2G, 512M, 1048576)"),
             )
         })
@@ -273,7 +274,7 @@ fn repo(cli: &Cli, out: &mut Out, c: &RepoCmd) -> R {
                     Some(l) if (1..=22).contains(&l) => Some(l),
                     _ => {
                         return Err(Problem::new(
-                            "usage.invalid_argument",
+                            Code::UsageInvalidArgument,
                             format!("--compression {other:?}: use zstd, zstd:LEVEL (1-22) or none"),
                         ))
                     }
@@ -288,7 +289,7 @@ fn repo(cli: &Cli, out: &mut Out, c: &RepoCmd) -> R {
                     .collect();
                 let [min, avg, max] = v.as_slice() else {
                     return Err(Problem::new(
-                        "usage.invalid_argument",
+                        Code::UsageInvalidArgument,
                         format!("--chunk-size {cs:?}: want MIN,AVG,MAX"),
                     ));
                 };
@@ -705,7 +706,7 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
 fn bench_cmd(out: &mut Out, a: &BenchArgs) -> R {
     if !(0.0..=1.0).contains(&a.compressibility) {
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             "--compressibility must be within 0..1",
         ));
     }
@@ -721,7 +722,7 @@ fn bench_cmd(out: &mut Out, a: &BenchArgs) -> R {
     if a.restore {
         if opts.dir.is_some() {
             return Err(Problem::new(
-                "usage.invalid_argument",
+                Code::UsageInvalidArgument,
                 "--restore measures generated data; --dir is for backup benches",
             ));
         }
@@ -787,7 +788,7 @@ pub fn restore_command_base(cli: &Cli) -> Result<String, Problem> {
         format!("--passphrase-file {}", word(&abs(p)))
     } else {
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             "archive recovery needs key material PostgreSQL can read: pass --key-file or --passphrase-file",
         )
         .suggest("Put the passphrase in a file readable by the postgres user and pass --passphrase-file", None));
@@ -829,7 +830,7 @@ fn kms_cmd(cli: &Cli, out: &mut Out, c: &KmsCmd) -> R {
                 (_, _, Some(c)) => KeySource::Command(c.clone()),
                 _ => {
                     return Err(Problem::new(
-                        "usage.invalid_argument",
+                        Code::UsageInvalidArgument,
                         "kms rotate needs the new KEK: --new-key-file, --new-passphrase-file or --new-kms-command",
                     ))
                 }

@@ -5,6 +5,7 @@ use crate::output::Out;
 use crate::{Cli, ServeArgs};
 use pg_hardstorage_apiserver::{tls::TlsFiles, Server, ServerConfig};
 use pg_hardstorage_engine::event::{Event, Severity};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde_json::json;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ pub fn serve(cli: &Cli, out: &mut Out, a: &ServeArgs) -> Result<(), Problem> {
     let repo = open(cli)?;
     let listen = a.listen.parse().map_err(|e| {
         Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("--listen {:?}: {e}", a.listen),
         )
         .suggest("Give HOST:PORT, e.g. 127.0.0.1:8432", None)

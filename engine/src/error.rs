@@ -7,7 +7,6 @@
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use std::borrow::Cow;
 use std::fmt;
 
 /// The contract's error classes: one HTTP status and one CLI exit code each.
@@ -59,83 +58,170 @@ impl Class {
     }
 }
 
-/// Every code the library emits: `(code, class, retryable)`.
-/// Documented in `docs/specs/errors.md`; a test keeps the two in step.
-pub const CODES: &[(&str, Class, bool)] = &[
-    ("usage.invalid_argument", Class::Misuse, false),
-    ("usage.invalid_time", Class::Misuse, false),
-    ("auth.key_required", Class::AuthRequired, false),
-    ("auth.bad_key", Class::AuthDenied, false),
-    ("authz.denied", Class::AuthDenied, false),
-    ("auth.token_required", Class::AuthRequired, false),
-    ("token.not_found", Class::NotFound, false),
-    ("token.conflict", Class::Conflict, false),
-    ("api.route_not_found", Class::NotFound, false),
-    ("api.method_not_allowed", Class::MethodNotAllowed, false),
-    ("api.bad_request", Class::Misuse, false),
-    ("api.body_too_large", Class::Misuse, false),
-    ("api.busy", Class::Unavailable, true),
-    ("restore.not_found", Class::NotFound, false),
-    ("doctor.unhealthy", Class::Preflight, false),
-    ("repo.not_found", Class::NotFound, false),
-    ("repo.already_exists", Class::Conflict, false),
-    ("repo.locked", Class::Conflict, true),
-    ("repo.format_unsupported", Class::Misuse, false),
-    ("repo.config_invalid", Class::Verify, false),
-    ("deployment.not_found", Class::NotFound, false),
-    ("deployment.conflict", Class::Conflict, false),
-    ("deployment.invalid", Class::Misuse, false),
-    ("backup.not_found", Class::NotFound, false),
-    ("backup.deleted", Class::NotFound, false),
-    ("backup.held", Class::Conflict, false),
-    ("hold.not_found", Class::NotFound, false),
-    ("backup.source_unreadable", Class::Preflight, false),
-    ("wal.segment_not_found", Class::NotFound, false),
-    ("restore.target_not_empty", Class::Preflight, false),
-    ("restore.target_invalid", Class::Preflight, false),
-    ("restore.postmaster_running", Class::Preflight, false),
-    ("restore.target_outside_archive", Class::Preflight, false),
-    ("restore.foreign_system", Class::Preflight, false),
-    ("restore.wal_missing", Class::Preflight, false),
-    ("verify.checksum_mismatch", Class::Verify, false),
-    ("verify.decrypt_failed", Class::Verify, false),
-    ("verify.malformed", Class::Verify, false),
-    ("verify.truncated", Class::Verify, false),
-    ("verify.missing_object", Class::Verify, false),
-    ("verify.signature_invalid", Class::Verify, false),
-    ("verify.pg_verifybackup_failed", Class::Verify, false),
-    ("verify.audit_chain_broken", Class::Verify, false),
-    ("verify.repository_damaged", Class::Verify, false),
-    ("verify.scrub_failed", Class::Verify, false),
-    ("restore.verify_unavailable", Class::Internal, false),
-    ("pg.unreachable", Class::Unavailable, true),
-    ("pg.auth_failed", Class::AuthDenied, false),
-    ("pg.auth_method_refused", Class::AuthDenied, false),
-    ("pg.tls_failed", Class::AuthDenied, false),
-    ("pg.tls_unavailable", Class::Preflight, false),
-    ("pg.replication_denied", Class::Preflight, false),
-    ("pg.system_mismatch", Class::Preflight, false),
-    ("pg.server_error", Class::Internal, false),
-    ("pg.protocol", Class::Internal, false),
-    ("storage.unreachable", Class::Unavailable, true),
-    ("kms.unavailable", Class::Unavailable, true),
-    ("kms.key_destroyed", Class::AuthDenied, false),
-    ("storage.io", Class::Internal, true),
-    ("storage.auth", Class::AuthDenied, false),
-    ("io.read_failed", Class::Internal, false),
-    ("io.write_failed", Class::Internal, false),
-    ("pipeline.aborted", Class::Internal, false),
-    ("unimplemented", Class::Unimplemented, false),
-    ("internal", Class::Internal, false),
-];
+/// Declares [`Code`] and [`CODES`] from one list, so a code exists exactly
+/// when it is in the table: a misspelt code is a compile error.
+macro_rules! codes {
+    ($($variant:ident = $code:literal, $class:ident, $retry:literal;)*) => {
+        /// Every code the library emits. Documented in `docs/specs/errors.md`;
+        /// a test keeps the two in step. A code outside the table does not
+        /// compile, as a string or as a variant:
+        ///
+        /// ```compile_fail
+        /// let _ = pg_hardstorage_engine::Problem::new("verify.checksum_mismatch", "x");
+        /// ```
+        ///
+        /// ```compile_fail
+        /// let _ = pg_hardstorage_engine::Code::VerifyChecksumMismach;
+        /// ```
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Code {
+            $($variant,)*
+        }
 
-/// Looks a code up in [`CODES`]. Unknown codes are internal errors.
+        impl Code {
+            pub const ALL: &'static [Code] = &[$(Code::$variant,)*];
+
+            /// The stable dotted form (`verify.checksum_mismatch`).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Code::$variant => $code,)*
+                }
+            }
+
+            pub const fn class(self) -> Class {
+                match self {
+                    $(Code::$variant => Class::$class,)*
+                }
+            }
+
+            /// Whether the same request may succeed when repeated unchanged.
+            pub const fn retryable(self) -> bool {
+                match self {
+                    $(Code::$variant => $retry,)*
+                }
+            }
+        }
+
+        /// Every code with its class and whether it is retryable.
+        pub const CODES: &[(&str, Class, bool)] = &[$(($code, Class::$class, $retry),)*];
+    };
+}
+
+codes! {
+    UsageInvalidArgument = "usage.invalid_argument", Misuse, false;
+    UsageInvalidTime = "usage.invalid_time", Misuse, false;
+    AuthKeyRequired = "auth.key_required", AuthRequired, false;
+    AuthBadKey = "auth.bad_key", AuthDenied, false;
+    AuthzDenied = "authz.denied", AuthDenied, false;
+    AuthTokenRequired = "auth.token_required", AuthRequired, false;
+    TokenNotFound = "token.not_found", NotFound, false;
+    TokenConflict = "token.conflict", Conflict, false;
+    ApiRouteNotFound = "api.route_not_found", NotFound, false;
+    ApiMethodNotAllowed = "api.method_not_allowed", MethodNotAllowed, false;
+    ApiBadRequest = "api.bad_request", Misuse, false;
+    ApiBodyTooLarge = "api.body_too_large", Misuse, false;
+    ApiBusy = "api.busy", Unavailable, true;
+    RestoreNotFound = "restore.not_found", NotFound, false;
+    DoctorUnhealthy = "doctor.unhealthy", Preflight, false;
+    RepoNotFound = "repo.not_found", NotFound, false;
+    RepoAlreadyExists = "repo.already_exists", Conflict, false;
+    RepoLocked = "repo.locked", Conflict, true;
+    RepoFormatUnsupported = "repo.format_unsupported", Misuse, false;
+    RepoConfigInvalid = "repo.config_invalid", Verify, false;
+    DeploymentNotFound = "deployment.not_found", NotFound, false;
+    DeploymentConflict = "deployment.conflict", Conflict, false;
+    DeploymentInvalid = "deployment.invalid", Misuse, false;
+    BackupNotFound = "backup.not_found", NotFound, false;
+    BackupDeleted = "backup.deleted", NotFound, false;
+    BackupHeld = "backup.held", Conflict, false;
+    HoldNotFound = "hold.not_found", NotFound, false;
+    BackupSourceUnreadable = "backup.source_unreadable", Preflight, false;
+    WalSegmentNotFound = "wal.segment_not_found", NotFound, false;
+    RestoreTargetNotEmpty = "restore.target_not_empty", Preflight, false;
+    RestoreTargetInvalid = "restore.target_invalid", Preflight, false;
+    RestorePostmasterRunning = "restore.postmaster_running", Preflight, false;
+    RestoreTargetOutsideArchive = "restore.target_outside_archive", Preflight, false;
+    RestoreForeignSystem = "restore.foreign_system", Preflight, false;
+    RestoreWalMissing = "restore.wal_missing", Preflight, false;
+    VerifyChecksumMismatch = "verify.checksum_mismatch", Verify, false;
+    VerifyDecryptFailed = "verify.decrypt_failed", Verify, false;
+    VerifyMalformed = "verify.malformed", Verify, false;
+    VerifyTruncated = "verify.truncated", Verify, false;
+    VerifyMissingObject = "verify.missing_object", Verify, false;
+    VerifySignatureInvalid = "verify.signature_invalid", Verify, false;
+    VerifyPgVerifybackupFailed = "verify.pg_verifybackup_failed", Verify, false;
+    VerifyAuditChainBroken = "verify.audit_chain_broken", Verify, false;
+    VerifyRepositoryDamaged = "verify.repository_damaged", Verify, false;
+    VerifyScrubFailed = "verify.scrub_failed", Verify, false;
+    RestoreVerifyUnavailable = "restore.verify_unavailable", Internal, false;
+    PgUnreachable = "pg.unreachable", Unavailable, true;
+    PgAuthFailed = "pg.auth_failed", AuthDenied, false;
+    PgAuthMethodRefused = "pg.auth_method_refused", AuthDenied, false;
+    PgTlsFailed = "pg.tls_failed", AuthDenied, false;
+    PgTlsUnavailable = "pg.tls_unavailable", Preflight, false;
+    PgReplicationDenied = "pg.replication_denied", Preflight, false;
+    PgSystemMismatch = "pg.system_mismatch", Preflight, false;
+    PgServerError = "pg.server_error", Internal, false;
+    PgProtocol = "pg.protocol", Internal, false;
+    StorageUnreachable = "storage.unreachable", Unavailable, true;
+    KmsUnavailable = "kms.unavailable", Unavailable, true;
+    KmsKeyDestroyed = "kms.key_destroyed", AuthDenied, false;
+    StorageIo = "storage.io", Internal, true;
+    StorageAuth = "storage.auth", AuthDenied, false;
+    IoReadFailed = "io.read_failed", Internal, false;
+    IoWriteFailed = "io.write_failed", Internal, false;
+    PipelineAborted = "pipeline.aborted", Internal, false;
+    Unimplemented = "unimplemented", Unimplemented, false;
+    Internal = "internal", Internal, false;
+}
+
+/// Looks a dotted code up in the table. Unknown codes are internal errors.
 pub fn lookup(code: &str) -> (Class, bool) {
-    CODES
-        .iter()
-        .find(|(c, _, _)| *c == code)
-        .map(|(_, class, retry)| (*class, *retry))
-        .unwrap_or((Class::Internal, false))
+    Code::parse(code).map_or((Class::Internal, false), |c| (c.class(), c.retryable()))
+}
+
+impl Code {
+    /// The code of a dotted string, if it is one.
+    pub fn parse(s: &str) -> Option<Code> {
+        Code::ALL.iter().copied().find(|c| c.as_str() == s)
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::ops::Deref for Code {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Code {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq<str> for Code {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Code {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// What to do about an error: the contract's `suggestion` object.
@@ -152,12 +238,23 @@ pub struct Suggestion {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Problem(Box<ProblemInner>);
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct ProblemInner {
-    pub code: Cow<'static, str>,
+    pub code: Code,
     pub message: String,
     pub subject: Map<String, Value>,
     pub suggestion: Option<Suggestion>,
+    /// The error this one was made from (an I/O or store error), for
+    /// `std::error::Error::source`; not part of the contract's JSON.
+    pub source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+/// Two problems are equal when what they say is (the source is not compared).
+impl PartialEq for ProblemInner {
+    fn eq(&self, o: &Self) -> bool {
+        (self.code, &self.message, &self.subject, &self.suggestion)
+            == (o.code, &o.message, &o.subject, &o.suggestion)
+    }
 }
 
 impl std::ops::Deref for Problem {
@@ -174,25 +271,28 @@ impl std::ops::DerefMut for Problem {
 }
 
 impl Problem {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        debug_assert!(
-            CODES.iter().any(|(c, _, _)| *c == code),
-            "error code {code} missing from CODES"
-        );
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         Problem(Box::new(ProblemInner {
-            code: Cow::Borrowed(code),
+            code,
             message: message.into(),
             subject: Map::new(),
             suggestion: None,
+            source: None,
         }))
     }
 
+    /// Keeps the error this problem was made from.
+    pub fn caused_by(mut self, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(std::sync::Arc::new(e));
+        self
+    }
+
     pub fn class(&self) -> Class {
-        lookup(&self.code).0
+        self.code.class()
     }
 
     pub fn retryable(&self) -> bool {
-        lookup(&self.code).1
+        self.code.retryable()
     }
 
     pub fn exit_code(&self) -> i32 {
@@ -226,11 +326,13 @@ impl Problem {
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Problem::new("internal", message)
+        Problem::new(Code::Internal, message)
     }
 
-    pub fn io(code: &'static str, what: impl fmt::Display, err: &std::io::Error) -> Self {
+    /// An I/O failure, with a copy of the `io::Error` as its source.
+    pub fn io(code: Code, what: impl fmt::Display, err: &std::io::Error) -> Self {
         Problem::new(code, format!("{what}: {err}"))
+            .caused_by(std::io::Error::new(err.kind(), err.to_string()))
     }
 
     /// The contract's `error` object.
@@ -286,7 +388,14 @@ impl fmt::Display for Problem {
     }
 }
 
-impl std::error::Error for Problem {}
+impl std::error::Error for Problem {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 pub type Result<T, E = Problem> = std::result::Result<T, E>;
 
@@ -296,11 +405,27 @@ mod tests {
 
     #[test]
     fn the_error_json_says_whether_to_retry() {
-        let j = |code: &'static str| Problem::new(code, "m").to_json();
-        assert_eq!(j("storage.unreachable")["retryable"], true);
-        assert_eq!(j("repo.locked")["retryable"], true);
-        assert_eq!(j("verify.checksum_mismatch")["retryable"], false);
-        assert_eq!(j("usage.invalid_argument")["retryable"], false);
+        let j = |code: Code| Problem::new(code, "m").to_json();
+        assert_eq!(j(Code::StorageUnreachable)["retryable"], true);
+        assert_eq!(j(Code::RepoLocked)["retryable"], true);
+        assert_eq!(j(Code::VerifyChecksumMismatch)["retryable"], false);
+        assert_eq!(j(Code::UsageInvalidArgument)["retryable"], false);
+        assert_eq!(j(Code::StorageAuth)["code"], "storage.auth");
+    }
+
+    #[test]
+    fn a_problem_keeps_the_error_it_was_made_from() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "no");
+        let p = Problem::io(Code::IoReadFailed, "read x", &io);
+        let src = p.source().expect("source kept");
+        assert_eq!(src.to_string(), "no");
+        assert_eq!(p.to_json()["code"], "io.read_failed");
+        assert!(Problem::new(Code::Internal, "m").source().is_none());
+        // Every code parses back from its dotted form.
+        for c in Code::ALL {
+            assert_eq!(Code::parse(c.as_str()), Some(*c));
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! a fuzz target.
 
 use crate::stage::ChunkId;
+use crate::Code;
 use crate::Problem;
 use serde::{Deserialize, Serialize};
 
@@ -49,7 +50,7 @@ impl ChunkerParams {
             Ok(())
         } else {
             Err(Problem::new(
-                "usage.invalid_argument",
+                Code::UsageInvalidArgument,
                 format!(
                     "chunker parameters {}/{}/{} are invalid: need even sizes with \
                      64 <= min < avg < max <= 16 MiB and avg >= 256",
@@ -159,7 +160,7 @@ impl Sealing {
         if flags & ENCRYPTED_AES256GCM == 0 {
             if salted {
                 return Err(Problem::new(
-                    "verify.malformed",
+                    Code::VerifyMalformed,
                     format!("{what}: a subkey salt without encryption"),
                 ));
             }
@@ -168,7 +169,7 @@ impl Sealing {
         let salt_len = if salted { SALT_LEN } else { 0 };
         if rest.len() < salt_len + NONCE_LEN + TAG_LEN {
             return Err(Problem::new(
-                "verify.truncated",
+                Code::VerifyTruncated,
                 format!("{what}: truncated salt, nonce or tag"),
             ));
         }
@@ -222,10 +223,10 @@ pub fn chunk_aad(id: &ChunkId, flags: u8, raw_len: u32) -> [u8; 38] {
 
 pub fn parse_envelope(bytes: &[u8]) -> Result<EnvelopeView<'_>, Problem> {
     use crate::stage::flags::*;
-    let bad = |m: &str| Problem::new("verify.malformed", format!("chunk envelope: {m}"));
+    let bad = |m: &str| Problem::new(Code::VerifyMalformed, format!("chunk envelope: {m}"));
     if bytes.len() < 6 {
         return Err(Problem::new(
-            "verify.truncated",
+            Code::VerifyTruncated,
             "chunk envelope shorter than its header",
         ));
     }
@@ -243,7 +244,7 @@ pub fn parse_envelope(bytes: &[u8]) -> Result<EnvelopeView<'_>, Problem> {
     let (sealing, rest) = Sealing::read(flags, "chunk envelope", &bytes[6..])?;
     if flags & COMPRESSED_ZSTD == 0 && sealing.is_none() && rest.len() != raw_len as usize {
         return Err(Problem::new(
-            "verify.truncated",
+            Code::VerifyTruncated,
             "chunk envelope: raw body length mismatch",
         ));
     }
@@ -284,14 +285,14 @@ pub fn encode_pack_index(entries: &[PackEntry]) -> Vec<u8> {
 }
 
 pub fn decode_pack_index(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
-    let trunc = || Problem::new("verify.truncated", "pack index truncated");
+    let trunc = || Problem::new(Code::VerifyTruncated, "pack index truncated");
     if bytes.len() < 4 + 32 {
         return Err(trunc());
     }
     let (body, sum) = bytes.split_at(bytes.len() - 32);
     if blake3::hash(body).as_bytes() != sum {
         return Err(Problem::new(
-            "verify.checksum_mismatch",
+            Code::VerifyChecksumMismatch,
             "pack index checksum mismatch",
         ));
     }
@@ -299,7 +300,7 @@ pub fn decode_pack_index(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
     let rest = &body[4..];
     if rest.len() != count.checked_mul(INDEX_ENTRY).ok_or_else(trunc)? {
         return Err(Problem::new(
-            "verify.malformed",
+            Code::VerifyMalformed,
             "pack index length does not match its count",
         ));
     }
@@ -371,12 +372,12 @@ impl PackBuilder {
 
 /// Reads a whole pack: checks framing and returns its entries.
 pub fn parse_pack(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
-    let trunc = |m: &str| Problem::new("verify.truncated", format!("pack: {m}"));
+    let trunc = |m: &str| Problem::new(Code::VerifyTruncated, format!("pack: {m}"));
     if bytes.len() < PACK_MAGIC.len() + 12 {
         return Err(trunc("shorter than header and footer"));
     }
     if &bytes[..8] != PACK_MAGIC {
-        return Err(Problem::new("verify.malformed", "pack: bad magic"));
+        return Err(Problem::new(Code::VerifyMalformed, "pack: bad magic"));
     }
     let end = bytes.len();
     if &bytes[end - 8..] != PACK_END {
@@ -394,7 +395,7 @@ pub fn parse_pack(bytes: &[u8]) -> Result<Vec<PackEntry>, Problem> {
         let stop = e.offset.checked_add(e.len as u64);
         if e.offset < 8 || stop.is_none_or(|s| s > index_start as u64) {
             return Err(Problem::new(
-                "verify.malformed",
+                Code::VerifyMalformed,
                 "pack: entry outside the data area",
             ));
         }
@@ -443,11 +444,14 @@ pub fn sealed_header(magic: &[u8; 8], flags: u8, sealing: Option<&Sealing>) -> V
 pub fn parse_sealed<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<SealedView<'a>, Problem> {
     use crate::stage::flags::*;
     if bytes.len() < 8 + 1 + MAC_LEN {
-        return Err(Problem::new("verify.truncated", "sealed object truncated"));
+        return Err(Problem::new(
+            Code::VerifyTruncated,
+            "sealed object truncated",
+        ));
     }
     if &bytes[..8] != magic {
         return Err(Problem::new(
-            "verify.malformed",
+            Code::VerifyMalformed,
             "sealed object: wrong magic",
         ));
     }
@@ -457,7 +461,7 @@ pub fn parse_sealed<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<SealedView<'
     let flags = signed[8];
     if flags & !KNOWN != 0 {
         return Err(Problem::new(
-            "verify.malformed",
+            Code::VerifyMalformed,
             "sealed object: unknown flags",
         ));
     }
@@ -512,7 +516,7 @@ impl Entry {
     pub fn path_bytes(&self) -> Result<Vec<u8>, Problem> {
         if self.path_hex {
             hex::decode(&self.path)
-                .map_err(|_| Problem::new("verify.malformed", "manifest: bad hex path"))
+                .map_err(|_| Problem::new(Code::VerifyMalformed, "manifest: bad hex path"))
         } else {
             Ok(self.path.as_bytes().to_vec())
         }
@@ -582,7 +586,7 @@ impl PageMap {
     /// exists, is whole pages long, and holds the slot named.
     pub fn decode(&self, runs: &[(ChunkId, u32)]) -> Result<Vec<PageRecord>, Problem> {
         use base64::Engine;
-        let bad = |m: String| Problem::new("verify.malformed", format!("page map: {m}"));
+        let bad = |m: String| Problem::new(Code::VerifyMalformed, format!("page map: {m}"));
         if !(512..=(1 << 16)).contains(&self.page_size) || !self.page_size.is_power_of_two() {
             return Err(bad(format!("page size {} is invalid", self.page_size)));
         }
@@ -659,7 +663,7 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), Problem> {
         if self.format_version != FORMAT_VERSION {
             return Err(Problem::new(
-                "repo.format_unsupported",
+                Code::RepoFormatUnsupported,
                 format!("manifest format {} is not supported", self.format_version),
             ));
         }
@@ -676,7 +680,7 @@ impl Manifest {
                 || raw.contains(&0);
             if bad {
                 return Err(Problem::new(
-                    "verify.malformed",
+                    Code::VerifyMalformed,
                     format!("manifest: unsafe path {:?}", e.path),
                 ));
             }
@@ -685,7 +689,7 @@ impl Manifest {
                 if e.kind != EntryKind::File || pages.len() as u64 * map.page_size as u64 != e.size
                 {
                     return Err(Problem::new(
-                        "verify.malformed",
+                        Code::VerifyMalformed,
                         format!("manifest: page map of {:?} does not match its size", e.path),
                     ));
                 }
@@ -694,7 +698,7 @@ impl Manifest {
             let sum: u64 = e.chunks.iter().map(|(_, l)| *l as u64).sum();
             if e.kind == EntryKind::File && sum != e.size {
                 return Err(Problem::new(
-                    "verify.malformed",
+                    Code::VerifyMalformed,
                     format!("manifest: chunks of {:?} do not add up to its size", e.path),
                 ));
             }

@@ -16,6 +16,6 @@ pub mod pipeline;
 pub mod stage;
 pub mod store;
 
-pub use error::{Class, Problem, Suggestion};
+pub use error::{Class, Code, Problem, Suggestion};
 pub use event::{Event, EventBus, Severity};
 pub use stage::{Block, Chunk, ChunkId};

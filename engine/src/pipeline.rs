@@ -17,6 +17,7 @@ use crate::edge::{edge, EdgeConfig, EdgeReceiver, EdgeSender, WhenFull};
 use crate::event::{Event, EventBus, Severity};
 use crate::metrics::{EdgeHandle, PipelineMetrics, StageCounters, StageHandle, Totals};
 use crate::stage::{Block, Chunk, ChunkRef, ChunkSink, Source, SplitterFactory, StageFactory};
+use crate::Code;
 use crate::Problem;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -223,7 +224,10 @@ impl Pipeline {
                     let r = {
                         let mut emit = |block: Block| -> Result<(), Problem> {
                             if abort_ref.is_set() {
-                                return Err(Problem::new("pipeline.aborted", "pipeline aborted"));
+                                return Err(Problem::new(
+                                    Code::PipelineAborted,
+                                    "pipeline aborted",
+                                ));
                             }
                             let w = match current {
                                 Some((f, w)) if f == block.file => w,
@@ -236,9 +240,9 @@ impl Pipeline {
                             };
                             let n = block.data.len() as u64;
                             let t = Instant::now();
-                            worker_tx[w]
-                                .send(block, n.max(1))
-                                .map_err(|_| Problem::new("pipeline.aborted", "worker stopped"))?;
+                            worker_tx[w].send(block, n.max(1)).map_err(|_| {
+                                Problem::new(Code::PipelineAborted, "worker stopped")
+                            })?;
                             waited += t.elapsed();
                             source_ctr.bytes_in.fetch_add(n, Ordering::Relaxed);
                             source_ctr.bytes_out.fetch_add(n, Ordering::Relaxed);
@@ -412,7 +416,7 @@ fn run_worker(
             let weight =
                 (chunk.data.len() + chunk.payload.as_ref().map_or(0, |p| p.len())) as u64 + 64;
             tx.send(chunk, weight)
-                .map_err(|_| Problem::new("pipeline.aborted", "storage stage stopped"))?;
+                .map_err(|_| Problem::new(Code::PipelineAborted, "storage stage stopped"))?;
         }
     }
     Ok(())

@@ -5,6 +5,7 @@
 //! PUT on S3. Retry, fault injection and throttling are wrappers implementing
 //! the same trait.
 
+use crate::Code;
 use crate::Problem;
 use bytes::Bytes;
 use std::ops::Range;
@@ -99,7 +100,7 @@ impl OutageWhile {
     fn check(&self) -> Result<(), Problem> {
         if self.flag.exists() {
             return Err(Problem::new(
-                "storage.unreachable",
+                Code::StorageUnreachable,
                 format!(
                     "{} is unreachable (outage rehearsal)",
                     self.inner.describe()

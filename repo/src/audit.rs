@@ -12,6 +12,7 @@
 
 use crate::Repository;
 use pg_hardstorage_engine::format::AUDIT_MAGIC;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -76,7 +77,7 @@ fn read(repo: &Repository, seq: u64) -> Result<Option<AuditEvent>, Problem> {
     match repo.get_sealed(AUDIT_MAGIC, &key(seq))? {
         Some(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| Problem::new("verify.malformed", format!("audit record {seq}: {e}"))),
+            .map_err(|e| Problem::new(Code::VerifyMalformed, format!("audit record {seq}: {e}"))),
         None => Ok(None),
     }
 }
@@ -95,7 +96,7 @@ pub fn append(
             Some(n) => {
                 let p = read(repo, n)?.ok_or_else(|| {
                     Problem::new(
-                        "verify.missing_object",
+                        Code::VerifyMissingObject,
                         format!("audit record {n} vanished"),
                     )
                 })?;
@@ -126,7 +127,7 @@ pub fn append(
         // Another writer took this number: read the new tail and retry.
     }
     Err(Problem::new(
-        "repo.locked",
+        Code::RepoLocked,
         "the audit log is too contended to append to",
     ))
 }
@@ -195,7 +196,7 @@ pub fn verify_chain(repo: &Repository) -> Result<Value, Problem> {
     let seqs = seqs(repo)?;
     let broken = |at: u64, why: String| {
         Problem::new(
-            "verify.audit_chain_broken",
+            Code::VerifyAuditChainBroken,
             format!("audit chain breaks at record {at}: {why}"),
         )
         .with("position", at)
@@ -258,7 +259,7 @@ mod tests {
             )
             .expect("append");
         }
-        let err = Problem::new("backup.held", "held");
+        let err = Problem::new(Code::BackupHeld, "held");
         append(&repo, "token:x", "backup.delete", subj("d1"), Err(&err)).expect("append");
         assert_eq!(verify_chain(&repo).expect("intact")["records"], 6);
         let found = search(

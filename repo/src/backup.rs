@@ -10,6 +10,7 @@ use pg_hardstorage_engine::format::{
 };
 use pg_hardstorage_engine::pipeline::{Pipeline, PipelineConfig, Report, Stages};
 use pg_hardstorage_engine::stage::{Source, StageFactory};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use phs_read::{Backend, FileEntry, FileSource};
 use phs_store::{PackSink, PackSinkConfig};
@@ -129,7 +130,7 @@ fn subject(deployment: &str, backup_id: &str) -> Map<String, Value> {
 pub fn walk(root: &Path, bus: &EventBus) -> Result<(Vec<Entry>, Vec<PathBuf>), Problem> {
     let meta = std::fs::symlink_metadata(root).map_err(|e| {
         Problem::io(
-            "backup.source_unreadable",
+            Code::BackupSourceUnreadable,
             format!("source {}", root.display()),
             &e,
         )
@@ -137,7 +138,7 @@ pub fn walk(root: &Path, bus: &EventBus) -> Result<(Vec<Entry>, Vec<PathBuf>), P
     })?;
     if !meta.is_dir() {
         return Err(Problem::new(
-            "backup.source_unreadable",
+            Code::BackupSourceUnreadable,
             format!("source {} is not a directory", root.display()),
         ));
     }
@@ -182,7 +183,7 @@ fn walk_dir(
 ) -> Result<(), Problem> {
     let unreadable = |e: std::io::Error| {
         Problem::io(
-            "backup.source_unreadable",
+            Code::BackupSourceUnreadable,
             format!("list {}", dir.display()),
             &e,
         )
@@ -202,7 +203,7 @@ fn walk_dir(
         crel.extend_from_slice(name.as_bytes());
         let m = std::fs::symlink_metadata(&path).map_err(|e| {
             Problem::io(
-                "backup.source_unreadable",
+                Code::BackupSourceUnreadable,
                 format!("stat {}", path.display()),
                 &e,
             )
@@ -211,14 +212,14 @@ fn walk_dir(
         if ft.is_symlink() {
             let t = std::fs::read_link(&path).map_err(|e| {
                 Problem::io(
-                    "backup.source_unreadable",
+                    Code::BackupSourceUnreadable,
                     format!("readlink {}", path.display()),
                     &e,
                 )
             })?;
             let target = String::from_utf8(t.as_os_str().as_bytes().to_vec()).map_err(|_| {
                 Problem::new(
-                    "backup.source_unreadable",
+                    Code::BackupSourceUnreadable,
                     format!("symlink {} has a non-UTF-8 target", path.display()),
                 )
             })?;
@@ -265,7 +266,7 @@ pub fn backup_path(
     let d = deployment::get(repo, deployment)?;
     let root = PathBuf::from(d.path.clone().ok_or_else(|| {
         Problem::new(
-            "deployment.invalid",
+            Code::DeploymentInvalid,
             format!("deployment {deployment:?} has no path"),
         )
     })?);
@@ -451,7 +452,7 @@ pub fn commit(repo: &Repository, m: &Manifest) -> Result<(), Problem> {
     let sealed = repo.seal(MANIFEST_MAGIC, &key, &body)?;
     if !repo.store.put_if_absent(&key, Bytes::from(sealed))? {
         return Err(Problem::new(
-            "repo.locked",
+            Code::RepoLocked,
             format!("backup {} already exists", m.backup_id),
         ));
     }

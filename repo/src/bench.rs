@@ -18,6 +18,7 @@ use pg_hardstorage_engine::format::{
 use pg_hardstorage_engine::pipeline::PipelineConfig;
 use pg_hardstorage_engine::stage::{Block, Chunk, ChunkStage, Source, SplitterFactory};
 use pg_hardstorage_engine::store::{ObjectInfo, Store};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -103,7 +104,7 @@ impl Store for NullStore {
     }
     fn get_range(&self, k: &str, _: Range<u64>) -> Result<Bytes, Problem> {
         Err(Problem::new(
-            "verify.missing_object",
+            Code::VerifyMissingObject,
             format!("{k}: null store keeps nothing"),
         ))
     }
@@ -514,14 +515,14 @@ fn fill_from_dir(dir: &std::path::Path, buf: &mut [u8]) -> Result<(), Problem> {
             continue;
         }
         let data =
-            std::fs::read(&p).map_err(|er| Problem::io("io.read_failed", p.display(), &er))?;
+            std::fs::read(&p).map_err(|er| Problem::io(Code::IoReadFailed, p.display(), &er))?;
         let n = data.len().min(buf.len() - off);
         buf[off..off + n].copy_from_slice(&data[..n]);
         off += n;
     }
     if off == 0 {
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("{} holds no file data", dir.display()),
         ));
     }

@@ -3,6 +3,7 @@
 use crate::backup::{snapshot_key, BackupSummary};
 use crate::Repository;
 use pg_hardstorage_engine::format::{Manifest, MANIFEST_MAGIC};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 
 pub fn load_manifest(
@@ -15,10 +16,10 @@ pub fn load_manifest(
         .get_sealed(MANIFEST_MAGIC, &key)?
         .ok_or_else(|| not_found(backup_id))?;
     let m: Manifest = serde_json::from_slice(&body)
-        .map_err(|e| Problem::new("verify.malformed", format!("manifest {backup_id}: {e}")))?;
+        .map_err(|e| Problem::new(Code::VerifyMalformed, format!("manifest {backup_id}: {e}")))?;
     if m.backup_id != backup_id || m.deployment != deployment {
         return Err(Problem::new(
-            "verify.signature_invalid",
+            Code::VerifySignatureInvalid,
             format!("manifest {key} names another backup ({})", m.backup_id),
         ));
     }
@@ -27,7 +28,7 @@ pub fn load_manifest(
 }
 
 fn not_found(backup_id: &str) -> Problem {
-    Problem::new("backup.not_found", format!("no backup {backup_id:?}"))
+    Problem::new(Code::BackupNotFound, format!("no backup {backup_id:?}"))
         .with("backup_id", backup_id)
         .suggest(
             "List the backups",
@@ -40,7 +41,7 @@ pub fn deployment_of(backup_id: &str) -> Result<&str, Problem> {
     match backup_id.split('.').collect::<Vec<_>>().as_slice() {
         [d, _, _] if !d.is_empty() => Ok(d),
         _ => Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("{backup_id:?} is not a backup id (<deployment>.<kind>.<YYYYMMDDTHHMMSSZ>)"),
         )),
     }
@@ -113,7 +114,7 @@ pub fn resolve(repo: &Repository, deployment: &str, which: &str) -> Result<Manif
         let all = list(repo, Some(deployment))?;
         let newest = all.last().ok_or_else(|| {
             Problem::new(
-                "backup.not_found",
+                Code::BackupNotFound,
                 format!("deployment {deployment:?} has no backup yet"),
             )
             .with("deployment", deployment)
@@ -127,7 +128,7 @@ pub fn resolve(repo: &Repository, deployment: &str, which: &str) -> Result<Manif
     let d = deployment_of(which)?;
     if d != deployment {
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("backup {which} belongs to deployment {d:?}, not {deployment:?}"),
         ));
     }

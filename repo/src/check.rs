@@ -7,6 +7,7 @@ use crate::Repository;
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
 use pg_hardstorage_engine::format::parse_pack;
 use pg_hardstorage_engine::stage::ChunkId;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -66,14 +67,14 @@ pub fn check(repo: &Repository) -> Result<CheckReport, Problem> {
     for o in repo.store.list("index/")? {
         r.index_objects += 1;
         let parsed = crate::index::read_index(repo, &o.key)
-            .and_then(|x| x.ok_or_else(|| Problem::new("verify.missing_object", "vanished")));
+            .and_then(|x| x.ok_or_else(|| Problem::new(Code::VerifyMissingObject, "vanished")));
         match parsed {
             Ok((pack, entries)) => {
                 if !packs.contains(&pack) {
                     r.findings.push(finding(
                         "error",
                         &Problem::new(
-                            "verify.missing_object",
+                            Code::VerifyMissingObject,
                             format!("{} indexes pack {pack}, which is missing", o.key),
                         ),
                     ));
@@ -127,7 +128,7 @@ pub fn check(repo: &Repository) -> Result<CheckReport, Problem> {
             r.findings.push(finding(
                 "error",
                 &Problem::new(
-                    "verify.missing_object",
+                    Code::VerifyMissingObject,
                     format!("{owner} references chunk {} that no pack holds", c.to_hex()),
                 ),
             ));
@@ -139,7 +140,7 @@ pub fn check(repo: &Repository) -> Result<CheckReport, Problem> {
     } else {
         let n = r.findings.iter().filter(|f| f.severity == "error").count();
         Err(Problem::new(
-            "verify.repository_damaged",
+            Code::VerifyRepositoryDamaged,
             format!(
                 "repo check found {n} problem(s); the first: {}",
                 r.findings
@@ -200,7 +201,7 @@ fn check_pack(repo: &Repository, aead: Option<&phs_encrypt::Aead>, pack: &str) -
         Ok(Some(d)) => d,
         Ok(None) => {
             return PackCheck::Unreadable(Problem::new(
-                "verify.missing_object",
+                Code::VerifyMissingObject,
                 format!("{pack} vanished while scrubbing"),
             ))
         }
@@ -224,7 +225,7 @@ fn check_pack(repo: &Repository, aead: Option<&phs_encrypt::Aead>, pack: &str) -
             decode_chunk(repo, aead, &e.id, &env).map(|plain| (env, plain.len()))
         } else {
             Err(Problem::new(
-                "verify.truncated",
+                Code::VerifyTruncated,
                 "chunk beyond the pack's end",
             ))
         };
@@ -397,7 +398,7 @@ pub fn scrub(
     }
     let breaks: BTreeSet<&String> = report.bad.iter().flat_map(|b| &b.breaks).collect();
     let p = Problem::new(
-        "verify.scrub_failed",
+        Code::VerifyScrubFailed,
         format!(
             "{} damaged pack(s): {}; they break {}",
             report.bad.len(),

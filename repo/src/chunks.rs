@@ -3,6 +3,7 @@
 
 use crate::Repository;
 use pg_hardstorage_engine::stage::{flags, ChunkId};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use phs_encrypt::{open_chunk, Aead};
 
@@ -48,7 +49,7 @@ pub fn decode_chunk_unhashed(
 
 fn mismatch(id: &ChunkId, why: String) -> Problem {
     Problem::new(
-        "verify.checksum_mismatch",
+        Code::VerifyChecksumMismatch,
         format!("chunk {}: {why}", id.to_hex()),
     )
     .with("chunk", id.to_hex())

@@ -3,6 +3,7 @@
 
 use crate::Repository;
 use pg_hardstorage_engine::format::DEPLOYMENT_MAGIC;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::{Deserialize, Serialize};
 
@@ -73,7 +74,7 @@ pub fn validate_name(name: &str) -> Result<(), Problem> {
         Ok(())
     } else {
         Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("deployment name {name:?} is invalid: use 1-63 of [A-Za-z0-9_-]"),
         )
         .suggest("Pick a name such as db1 or orders_prod", None))
@@ -91,7 +92,7 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
     if let Some(t) = &d.tenant {
         validate_name(t).map_err(|_| {
             Problem::new(
-                "deployment.invalid",
+                Code::DeploymentInvalid,
                 format!(
                     "tenant {:?} is invalid: use 1-63 of [A-Za-z0-9_-]",
                     t.chars().take(80).collect::<String>()
@@ -103,13 +104,13 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
     if d.kind == Kind::Path {
         let p = d.path.as_deref().unwrap_or_default();
         let abs = std::path::absolute(p)
-            .map_err(|e| Problem::new("deployment.invalid", format!("path {p:?}: {e}")))?;
+            .map_err(|e| Problem::new(Code::DeploymentInvalid, format!("path {p:?}: {e}")))?;
         d.path = Some(abs.display().to_string());
     }
     if d.kind == Kind::Postgres {
         let pg = d.pg.as_deref().ok_or_else(|| {
             Problem::new(
-                "deployment.invalid",
+                Code::DeploymentInvalid,
                 "a postgres deployment needs --pg CONNINFO",
             )
         })?;
@@ -123,7 +124,7 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
             return Err(taken(&d.name));
         }
         return Err(Problem::new(
-            "deployment.conflict",
+            Code::DeploymentConflict,
             format!("deployment {:?} exists with different settings", d.name),
         )
         .with("deployment", d.name.clone())
@@ -156,7 +157,7 @@ pub fn create(repo: &Repository, mut d: Deployment) -> Result<(Deployment, bool)
 /// create cannot be used to learn what another tenant has.
 fn taken(name: &str) -> Problem {
     Problem::new(
-        "deployment.conflict",
+        Code::DeploymentConflict,
         format!("the deployment name {name:?} is not available"),
     )
     .with("deployment", name)
@@ -168,7 +169,7 @@ pub fn get_opt(repo: &Repository, name: &str) -> Result<Option<Deployment>, Prob
     match repo.get_sealed(DEPLOYMENT_MAGIC, &key(name))? {
         Some(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| Problem::new("verify.malformed", format!("deployment {name}: {e}"))),
+            .map_err(|e| Problem::new(Code::VerifyMalformed, format!("deployment {name}: {e}"))),
         None => Ok(None),
     }
 }
@@ -176,7 +177,7 @@ pub fn get_opt(repo: &Repository, name: &str) -> Result<Option<Deployment>, Prob
 pub fn get(repo: &Repository, name: &str) -> Result<Deployment, Problem> {
     get_opt(repo, name)?.ok_or_else(|| {
         Problem::new(
-            "deployment.not_found",
+            Code::DeploymentNotFound,
             format!("no deployment named {name:?}"),
         )
         .with("deployment", name)
@@ -216,7 +217,7 @@ pub fn update(
     if let Some(pg) = pg {
         if d.kind != Kind::Postgres {
             return Err(Problem::new(
-                "deployment.invalid",
+                Code::DeploymentInvalid,
                 format!("{name} is a path deployment; --pg does not apply"),
             ));
         }
@@ -229,12 +230,12 @@ pub fn update(
     if let Some(path) = path {
         if d.kind != Kind::Path {
             return Err(Problem::new(
-                "deployment.invalid",
+                Code::DeploymentInvalid,
                 format!("{name} is a postgres deployment; --path does not apply"),
             ));
         }
         let abs = std::path::absolute(&path)
-            .map_err(|e| Problem::new("deployment.invalid", format!("path {path:?}: {e}")))?;
+            .map_err(|e| Problem::new(Code::DeploymentInvalid, format!("path {path:?}: {e}")))?;
         d.path = Some(abs.display().to_string());
     }
     store(repo, &d)?;
@@ -248,7 +249,7 @@ pub fn bind_system(repo: &Repository, name: &str, sysid: &str) -> Result<(), Pro
     match d.system_identifier.as_deref() {
         Some(known) if known == sysid => Ok(()),
         Some(known) => Err(Problem::new(
-            "pg.system_mismatch",
+            Code::PgSystemMismatch,
             format!("deployment {name} is cluster {known}, but the server is cluster {sysid}"),
         )
         .with("deployment", name)

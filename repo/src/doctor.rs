@@ -3,6 +3,7 @@
 //! fixes or investigates it. Healthy means no error and no warning.
 
 use crate::Repository;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -196,7 +197,7 @@ pub fn doctor(
         .map(|x| (x.code.clone(), x.message.clone(), x.command.clone()))
         .unwrap_or_default();
     Err(Problem::new(
-        "doctor.unhealthy",
+        Code::DoctorUnhealthy,
         format!(
             "{} finding(s); first: {} ({})",
             report

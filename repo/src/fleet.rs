@@ -5,6 +5,7 @@
 
 use crate::Repository;
 use pg_hardstorage_engine::format::AGENT_MAGIC;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -113,7 +114,7 @@ pub fn agents(repo: &Repository) -> Result<Vec<Agent>, Problem> {
             continue;
         };
         let mut a: Agent = serde_json::from_slice(&b)
-            .map_err(|e| Problem::new("verify.malformed", format!("{}: {e}", o.key)))?;
+            .map_err(|e| Problem::new(Code::VerifyMalformed, format!("{}: {e}", o.key)))?;
         let seen =
             OffsetDateTime::parse(&a.last_seen, &Rfc3339).unwrap_or(OffsetDateTime::UNIX_EPOCH);
         if a.state == "online" && (now - seen).whole_seconds() > OFFLINE_AFTER.as_secs() as i64 {
@@ -147,7 +148,7 @@ fn looks_like_a_field(k: &str) -> bool {
 
 pub fn parse_query(q: &str) -> Result<Query, Problem> {
     let bad = |m: String| {
-        Problem::new("usage.invalid_argument", format!("search {q:?}: {m}")).suggest(
+        Problem::new(Code::UsageInvalidArgument, format!("search {q:?}: {m}")).suggest(
             "Terms: deployment:D status:live|deleted|any held:true|false since:WHEN until:WHEN kind:K, and words of the backup id",
             None,
         )
@@ -192,7 +193,7 @@ fn when(v: &str) -> Result<OffsetDateTime, Problem> {
     };
     match (n.parse::<i64>(), unit) {
         (Ok(n), Some(unit)) => crate::pitr::ago(n, unit).ok_or_else(|| {
-            Problem::new("usage.invalid_time", format!("{v:?} is too long ago")).suggest(
+            Problem::new(Code::UsageInvalidTime, format!("{v:?} is too long ago")).suggest(
                 "Use a time after year 1, e.g. 7d or 2026-11-27T10:20:18Z",
                 None,
             )

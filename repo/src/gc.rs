@@ -14,6 +14,7 @@ use crate::index::index_key;
 use crate::Repository;
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
 use pg_hardstorage_engine::stage::ChunkId;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::Serialize;
 use serde_json::json;
@@ -152,7 +153,7 @@ pub(crate) fn packs(repo: &Repository, marked: &Marked) -> Result<Vec<PackState>
     }
     if let Some(missing) = marked.referenced.iter().find(|id| !found.contains(id)) {
         return Err(Problem::new(
-            "verify.missing_object",
+            Code::VerifyMissingObject,
             format!(
                 "chunk {} is referenced but in no pack index: the repository is damaged, nothing is swept",
                 missing.to_hex()
@@ -306,10 +307,9 @@ fn repack(
         crate::index::write_index(repo, &key, &entries)
     };
     for p in sparse {
-        let data = repo
-            .store
-            .get(&p.key)?
-            .ok_or_else(|| Problem::new("verify.missing_object", format!("{} vanished", p.key)))?;
+        let data = repo.store.get(&p.key)?.ok_or_else(|| {
+            Problem::new(Code::VerifyMissingObject, format!("{} vanished", p.key))
+        })?;
         for e in parse_pack(&data).map_err(|x| x.context(&p.key))? {
             if !marked.referenced.contains(&e.id) {
                 continue;

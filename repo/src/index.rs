@@ -6,6 +6,7 @@
 use crate::Repository;
 use pg_hardstorage_engine::format::{decode_pack_index, encode_pack_index, PackEntry, INDEX_MAGIC};
 use pg_hardstorage_engine::stage::ChunkId;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use phs_dedup::DedupIndex;
 use std::collections::HashMap;
@@ -55,9 +56,9 @@ pub fn read_index(
     let nl = payload
         .iter()
         .position(|b| *b == b'\n')
-        .ok_or_else(|| Problem::new("verify.malformed", format!("{key}: no pack name")))?;
+        .ok_or_else(|| Problem::new(Code::VerifyMalformed, format!("{key}: no pack name")))?;
     let pack = String::from_utf8(payload[..nl].to_vec())
-        .map_err(|_| Problem::new("verify.malformed", format!("{key}: bad pack name")))?;
+        .map_err(|_| Problem::new(Code::VerifyMalformed, format!("{key}: bad pack name")))?;
     let entries = decode_pack_index(&payload[nl + 1..]).map_err(|p| p.context(key))?;
     Ok(Some((pack, entries)))
 }
@@ -100,7 +101,7 @@ impl RepoIndex {
     pub fn locate(&self, id: &ChunkId) -> Result<(&str, Location), Problem> {
         let loc = self.chunks.get(id).ok_or_else(|| {
             Problem::new(
-                "verify.missing_object",
+                Code::VerifyMissingObject,
                 format!("chunk {} is in no pack of the repository", id.to_hex()),
             )
             .with("chunk", id.to_hex())

@@ -5,6 +5,7 @@
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use pg_hardstorage_engine::format::{Kdf, KeyEnvelope, NONCE_LEN};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use phs_encrypt::{random_nonce, Aead};
 use std::path::PathBuf;
@@ -56,7 +57,7 @@ impl KeySource {
         if let Some(p) = passphrase_file {
             let text = std::fs::read_to_string(&p).map_err(|e| {
                 Problem::io(
-                    "auth.key_required",
+                    Code::AuthKeyRequired,
                     format!("passphrase file {}", p.display()),
                     &e,
                 )
@@ -64,7 +65,7 @@ impl KeySource {
             let pass = text.trim_end_matches(['\n', '\r']).to_string();
             if pass.is_empty() {
                 return Err(Problem::new(
-                    "auth.key_required",
+                    Code::AuthKeyRequired,
                     format!("passphrase file {} is empty", p.display()),
                 ));
             }
@@ -73,7 +74,7 @@ impl KeySource {
         match std::env::var("PG_HARDSTORAGE_PASSPHRASE") {
             Ok(p) if !p.is_empty() => Ok(KeySource::Passphrase(p)),
             _ => Err(Problem::new(
-                "auth.key_required",
+                Code::AuthKeyRequired,
                 "no key material: set PG_HARDSTORAGE_PASSPHRASE or pass --key-file",
             )
             .suggest(
@@ -123,9 +124,9 @@ fn kek(source: &KeySource, kdf: &Kdf) -> Result<[u8; 32], Problem> {
         ) => {
             check_cost(*m_kib, *t, *lanes)?;
             let salt = hex::decode(salt)
-                .map_err(|_| Problem::new("repo.config_invalid", "key envelope: bad salt"))?;
+                .map_err(|_| Problem::new(Code::RepoConfigInvalid, "key envelope: bad salt"))?;
             let params = Params::new(*m_kib, *t, *lanes, Some(32))
-                .map_err(|e| Problem::new("repo.config_invalid", format!("argon2 params: {e}")))?;
+                .map_err(|e| Problem::new(Code::RepoConfigInvalid, format!("argon2 params: {e}")))?;
             let mut out = [0u8; 32];
             Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
                 .hash_password_into(p.as_bytes(), &salt, &mut out)
@@ -134,17 +135,17 @@ fn kek(source: &KeySource, kdf: &Kdf) -> Result<[u8; 32], Problem> {
         }
         (KeySource::KeyFile(path), Kdf::KeyFile) => read_key_file(path),
         (KeySource::Passphrase(_), Kdf::KeyFile) => Err(Problem::new(
-            "auth.bad_key",
+            Code::AuthBadKey,
             "this repository key is protected by a key file, not a passphrase",
         )
         .suggest("Pass --key-file PATH", None)),
         (KeySource::KeyFile(_), Kdf::Argon2id { .. }) => Err(Problem::new(
-            "auth.bad_key",
+            Code::AuthBadKey,
             "this repository key is protected by a passphrase, not a key file",
         )
         .suggest("Set PG_HARDSTORAGE_PASSPHRASE", None)),
         (_, Kdf::Command) | (KeySource::Command(_), _) => Err(Problem::new(
-            "auth.bad_key",
+            Code::AuthBadKey,
             "this key envelope and the key material given are of different kinds (KMS command vs passphrase or key file)",
         )
         .suggest("Pass the --kms-command, --key-file or passphrase the repository was set up with", None)),
@@ -157,7 +158,7 @@ fn run_command(cmd: &str, verb: &str, key_id: &str, input: &str) -> Result<Strin
     use std::io::Write;
     let unavailable = |why: String| {
         Problem::new(
-            "kms.unavailable",
+            Code::KmsUnavailable,
             format!("KMS command {verb} failed: {why}"),
         )
         .suggest(
@@ -216,7 +217,7 @@ pub fn wrap(source: &KeySource, key_id: &str, master: &[u8; 32]) -> Result<KeyEn
     };
     if wrapped.is_empty() {
         return Err(Problem::new(
-            "kms.unavailable",
+            Code::KmsUnavailable,
             "the KMS command printed nothing",
         ));
     }
@@ -234,7 +235,7 @@ pub fn wrap(source: &KeySource, key_id: &str, master: &[u8; 32]) -> Result<KeyEn
 pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], Problem> {
     let raw = std::fs::read(path).map_err(|e| {
         Problem::io(
-            "auth.key_required",
+            Code::AuthKeyRequired,
             format!("key file {}", path.display()),
             &e,
         )
@@ -249,7 +250,7 @@ pub fn read_key_file(path: &std::path::Path) -> Result<[u8; 32], Problem> {
         return Ok(out);
     }
     Err(Problem::new(
-        "auth.bad_key",
+        Code::AuthBadKey,
         format!(
             "key file {} must hold 32 bytes or 64 hex digits",
             path.display()
@@ -269,13 +270,13 @@ pub fn generate_key_file(path: &std::path::Path) -> Result<(), Problem> {
         .open(path)
         .map_err(|e| {
             Problem::io(
-                "io.write_failed",
+                Code::IoWriteFailed,
                 format!("key file {}", path.display()),
                 &e,
             )
         })?;
     writeln!(f, "{}", hex::encode(key))
-        .map_err(|e| Problem::io("io.write_failed", "write key file", &e))
+        .map_err(|e| Problem::io(Code::IoWriteFailed, "write key file", &e))
 }
 
 pub fn random32() -> Result<[u8; 32], Problem> {
@@ -294,7 +295,7 @@ fn check_cost(m_kib: u32, t: u32, lanes: u32) -> Result<(), Problem> {
     let (m_max, t_max, p_max) = KDF_MAX;
     if m_kib > m_max || t > t_max || lanes > p_max {
         return Err(Problem::new(
-            "repo.config_invalid",
+            Code::RepoConfigInvalid,
             format!(
                 "key envelope asks for argon2id m={m_kib} KiB, t={t}, p={lanes}; \
                  at most m={m_max}, t={t_max}, p={p_max} is accepted"
@@ -343,7 +344,7 @@ pub fn unwrap(env: &KeyEnvelope, source: &KeySource) -> Result<Keys, Problem> {
         let mut m = [0u8; 32];
         hex::decode_to_slice(out.trim(), &mut m).map_err(|_| {
             Problem::new(
-                "auth.bad_key",
+                Code::AuthBadKey,
                 "the KMS command did not return this repository's key",
             )
         })?;
@@ -351,10 +352,10 @@ pub fn unwrap(env: &KeyEnvelope, source: &KeySource) -> Result<Keys, Problem> {
     }
     let kek = kek(source, &env.kdf)?;
     let raw = hex::decode(&env.wrapped)
-        .map_err(|_| Problem::new("repo.config_invalid", "key envelope: bad hex"))?;
+        .map_err(|_| Problem::new(Code::RepoConfigInvalid, "key envelope: bad hex"))?;
     if raw.len() != NONCE_LEN + 32 + 16 {
         return Err(Problem::new(
-            "repo.config_invalid",
+            Code::RepoConfigInvalid,
             "key envelope: bad length",
         ));
     }
@@ -364,7 +365,7 @@ pub fn unwrap(env: &KeyEnvelope, source: &KeySource) -> Result<Keys, Problem> {
         .open(&nonce, &wrap_aad(&env.key_id), &raw[NONCE_LEN..])
         .map_err(|_| {
             Problem::new(
-                "auth.bad_key",
+                Code::AuthBadKey,
                 "the passphrase or key file does not unlock this repository",
             )
             .suggest(

@@ -14,6 +14,7 @@ use crate::keys::{self, KeySource};
 use crate::Repository;
 use bytes::Bytes;
 use pg_hardstorage_engine::format::{Kdf, KeyEnvelope};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde_json::{json, Value};
 
@@ -30,7 +31,7 @@ pub fn envelope_key(env: &KeyEnvelope) -> String {
 pub fn destroyed(marker: &[u8]) -> Problem {
     let m: Value = serde_json::from_slice(marker).unwrap_or_default();
     Problem::new(
-        "kms.key_destroyed",
+        Code::KmsKeyDestroyed,
         format!(
             "the repository's keys were destroyed (kms shred at {} by {}): its data is unrecoverable",
             m["shredded_at"].as_str().unwrap_or("?"),
@@ -51,7 +52,7 @@ fn envelopes(repo: &Repository) -> Result<Vec<(String, KeyEnvelope)>, Problem> {
         }
         if let Some(raw) = repo.store.get(&o.key)? {
             let env: KeyEnvelope = serde_json::from_slice(&raw)
-                .map_err(|e| Problem::new("repo.config_invalid", format!("{}: {e}", o.key)))?;
+                .map_err(|e| Problem::new(Code::RepoConfigInvalid, format!("{}: {e}", o.key)))?;
             out.push((o.key, env));
         }
     }
@@ -102,7 +103,7 @@ pub fn rotate(repo: &Repository, new: &KeySource) -> Result<Value, Problem> {
     let key = envelope_key(&env);
     if !repo.store.put_if_absent(&key, Bytes::from(body))? {
         return Err(Problem::new(
-            "repo.locked",
+            Code::RepoLocked,
             "a concurrent rotation wrote the same envelope",
         ));
     }
@@ -123,7 +124,7 @@ pub fn rotate(repo: &Repository, new: &KeySource) -> Result<Value, Problem> {
 pub fn shred(repo: &Repository, confirm: &str, by: &str) -> Result<Value, Problem> {
     if confirm != repo.config.repo_id {
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             "kms shred makes every backup in this repository unrecoverable: confirm with the repository id",
         )
         // The id is not echoed: a caller that could read it here could

@@ -9,6 +9,7 @@
 
 use crate::Repository;
 use pg_hardstorage_engine::format::{HOLD_MAGIC, TOMBSTONE_MAGIC};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -76,7 +77,7 @@ fn read<T: for<'de> Deserialize<'de>>(
     match repo.get_sealed(magic, key)? {
         Some(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| Problem::new("verify.malformed", format!("{key}: {e}"))),
+            .map_err(|e| Problem::new(Code::VerifyMalformed, format!("{key}: {e}"))),
         None => Ok(None),
     }
 }
@@ -121,7 +122,7 @@ pub fn hold_of(repo: &Repository, id: &str) -> Result<Option<Hold>, Problem> {
 /// The error for a backup that was deleted.
 pub fn deleted(id: &str, t: &Tombstone) -> Problem {
     Problem::new(
-        "backup.deleted",
+        Code::BackupDeleted,
         format!("backup {id} was deleted at {} by {}", t.deleted_at, t.by),
     )
     .with("backup_id", id)
@@ -135,7 +136,7 @@ fn parse_until(until: Option<&str>) -> Result<Option<String>, Problem> {
     let Some(u) = until else { return Ok(None) };
     let t = OffsetDateTime::parse(u, &Rfc3339).map_err(|e| {
         Problem::new(
-            "usage.invalid_time",
+            Code::UsageInvalidTime,
             format!("hold expiry {u:?} is not RFC 3339: {e}"),
         )
         .suggest("Give a time such as 2027-01-31T00:00:00Z", None)
@@ -175,7 +176,7 @@ pub fn hold(
 pub fn release(repo: &Repository, id: &str) -> Result<Hold, Problem> {
     let d = crate::catalog::deployment_of(id)?;
     let h = hold_of(repo, id)?.ok_or_else(|| {
-        Problem::new("hold.not_found", format!("backup {id} has no hold")).with("backup_id", id)
+        Problem::new(Code::HoldNotFound, format!("backup {id} has no hold")).with("backup_id", id)
     })?;
     repo.store.delete(&hold_key(d, id))?;
     Ok(h)
@@ -195,7 +196,7 @@ pub fn delete(
     }
     if let Some(h) = hold_of(repo, id)?.filter(Hold::active) {
         return Err(Problem::new(
-            "backup.held",
+            Code::BackupHeld,
             format!(
                 "backup {id} is under a legal hold placed at {} by {}{}",
                 h.held_at,

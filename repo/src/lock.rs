@@ -17,6 +17,7 @@ use crate::Repository;
 use bytes::Bytes;
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
 use pg_hardstorage_engine::store::DynStore;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -192,13 +193,13 @@ fn gc_running(h: &LeaseRecord, waited: Duration, wait: &GcWait) -> Problem {
     let who = format!("{} pid {}", h.host, h.pid);
     if wait.deadline.is_zero() {
         return Problem::new(
-            "repo.locked",
+            Code::RepoLocked,
             format!("garbage collection is running ({who})"),
         )
         .suggest("Retry when `repo gc --apply` has finished", None);
     }
     Problem::new(
-        "repo.locked",
+        Code::RepoLocked,
         format!(
             "garbage collection is running ({who}); waited {}s of the {}s allowed",
             waited.as_secs(),
@@ -325,7 +326,7 @@ impl Lease {
         let until = self.held_until.load(Ordering::Acquire);
         if self.lost.load(Ordering::Acquire) || now() + MARGIN > until {
             return Err(Problem::new(
-                "repo.locked",
+                Code::RepoLocked,
                 format!(
                     "the lease {} is no longer surely ours (renewals failed or it was taken over); stopping before changing anything",
                     self.key
@@ -344,7 +345,7 @@ impl Lease {
         if let Some((key, h)) = first_live_lease(repo)? {
             drop(lease);
             return Err(Problem::new(
-                "repo.locked",
+                Code::RepoLocked,
                 format!(
                     "{key} is held by {} (pid {}) for {}: gc --apply waits for writers and readers",
                     h.host, h.pid, h.purpose
@@ -367,7 +368,7 @@ impl Lease {
         let ours = read_record(&self.store, &self.key)?.is_some_and(|r| r.token == self.token);
         if !ours || self.taken.elapsed() > INTENT_PROMOTE_WITHIN {
             return Err(Problem::new(
-                "repo.locked",
+                Code::RepoLocked,
                 "looking for live leases took too long; garbage collection did not start",
             )
             .suggest("Retry; check the repository's latency", None));
@@ -401,7 +402,7 @@ impl Lease {
             }
         }
         Err(Problem::new(
-            "repo.locked",
+            Code::RepoLocked,
             format!("could not take the lease on {name:?}"),
         ))
     }
@@ -458,7 +459,7 @@ impl Lease {
 fn held_by(name: &str, h: &LeaseRecord) -> Problem {
     if name == GC {
         return Problem::new(
-            "repo.locked",
+            Code::RepoLocked,
             format!(
                 "garbage collection is already running ({} pid {})",
                 h.host, h.pid
@@ -467,7 +468,7 @@ fn held_by(name: &str, h: &LeaseRecord) -> Problem {
         .suggest("Wait for it to finish; only one runs at a time", None);
     }
     Problem::new(
-        "repo.locked",
+        Code::RepoLocked,
         format!(
             "deployment {name:?} is locked by {} (pid {}) for {}",
             h.host, h.pid, h.purpose

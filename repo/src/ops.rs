@@ -7,6 +7,7 @@ use crate::deployment::{self, Deployment};
 use crate::restore::{restore, Recovery, RecoveryTarget, RestoreOptions, VerifyMode};
 use crate::{catalog, pitr, verify, Repository};
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -200,7 +201,7 @@ impl RestoreRequest {
             "skip" => Ok(VerifyMode::Skip),
             "require" => Ok(VerifyMode::Require),
             v => Err(Problem::new(
-                "usage.invalid_argument",
+                Code::UsageInvalidArgument,
                 format!("verify {v:?}: want auto, skip or require"),
             )),
         }
@@ -238,7 +239,7 @@ pub fn restore_plan(
     let is_pg = m.source["type"] == "postgres";
     if target.is_some() && !is_pg {
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             "--to, --to-lsn and --to-name apply to PostgreSQL backups only",
         ));
     }
@@ -293,7 +294,7 @@ pub fn restore_plan(
                 .map(|(o, n)| (o.to_string(), PathBuf::from(n)))
                 .ok_or_else(|| {
                     Problem::new(
-                        "usage.invalid_argument",
+                        Code::UsageInvalidArgument,
                         format!("tablespace mapping {m:?}: want OLD=NEW"),
                     )
                 })
@@ -420,7 +421,7 @@ pub fn restores_status(repo: &Repository, deployment: &str, id: &str) -> Result<
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     let not_found = || {
         Problem::new(
-            "restore.not_found",
+            Code::RestoreNotFound,
             format!("no restore {id:?} of {deployment:?}"),
         )
         .with("deployment", deployment)
@@ -436,7 +437,7 @@ pub fn restores_status(repo: &Repository, deployment: &str, id: &str) -> Result<
         )?
         .ok_or_else(not_found)?;
     let rec: RestoreRecord = serde_json::from_slice(&raw)
-        .map_err(|e| Problem::new("verify.malformed", format!("restore record {id}: {e}")))?;
+        .map_err(|e| Problem::new(Code::VerifyMalformed, format!("restore record {id}: {e}")))?;
     to_value(rec)
 }
 

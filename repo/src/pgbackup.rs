@@ -15,6 +15,7 @@ use crate::{deployment, Repository};
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
 use pg_hardstorage_engine::format::{BackupStats, Entry, EntryKind, Manifest, FORMAT_VERSION};
 use pg_hardstorage_engine::stage::ChunkId;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use phs_pg::{BaseBackupSource, Conn, ConnInfo};
 use serde_json::json;
@@ -56,7 +57,7 @@ pub fn preflight(
     deployment::bind_system(repo, name, &system.system_identifier)?;
     if show(conn, "wal_level")? == "minimal" {
         return Err(Problem::new(
-            "pg.replication_denied",
+            Code::PgReplicationDenied,
             "wal_level is minimal: base backups and WAL streaming need replica or logical",
         )
         .suggest(
@@ -83,7 +84,7 @@ fn block_size(conn: &mut Conn) -> Result<u32, Problem> {
         .filter(|n| n.is_power_of_two() && (512..=65536).contains(n))
         .ok_or_else(|| {
             Problem::new(
-                "pg.protocol",
+                Code::PgProtocol,
                 format!("server reports block_size {v:?}, not a page size"),
             )
         })

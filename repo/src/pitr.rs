@@ -4,13 +4,14 @@
 use crate::restore::RecoveryTarget;
 use crate::{catalog, Repository};
 use pg_hardstorage_engine::format::Manifest;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 
 /// Parses `--to`: RFC 3339, or relative ("5 minutes ago"), in UTC.
 pub fn parse_when(s: &str) -> Result<time::OffsetDateTime, Problem> {
     use time::format_description::well_known::Rfc3339;
     let bad = || {
-        Problem::new("usage.invalid_time", format!("cannot read time {s:?}")).suggest(
+        Problem::new(Code::UsageInvalidTime, format!("cannot read time {s:?}")).suggest(
             "Use RFC 3339 (2026-11-27T10:20:18Z) or \"N seconds|minutes|hours|days ago\"",
             None,
         )
@@ -51,7 +52,7 @@ pub fn recovery_target(
     let given = [to.is_some(), to_lsn.is_some(), to_name.is_some()];
     if given.iter().filter(|g| **g).count() > 1 {
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             "give at most one of --to, --to-lsn, --to-name",
         ));
     }
@@ -69,7 +70,7 @@ pub fn recovery_target(
             return Ok(Some(RecoveryTarget::Lsn(l.to_string())));
         }
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("{l:?} is not an LSN (like 0/3000028)"),
         ));
     }
@@ -101,7 +102,7 @@ pub fn choose_backup(
                 }
             }
             Err(Problem::new(
-                "restore.target_outside_archive",
+                Code::RestoreTargetOutsideArchive,
                 format!("no backup of {deployment:?} ended before {l}"),
             ))
         }
@@ -126,7 +127,7 @@ pub fn latest_before(
     match pick {
         Some(b) => catalog::resolve(r, deployment, &b.backup_id),
         None => Err(Problem::new(
-            "restore.target_outside_archive",
+            Code::RestoreTargetOutsideArchive,
             format!(
                 "no backup of {deployment:?} finished before {}",
                 when.unwrap_or_default()
@@ -148,7 +149,7 @@ pub fn check_target(
     use crate::wal::{parse_segment_name, SEGMENT_SIZE};
     use time::format_description::well_known::Rfc3339;
     let outside = |msg: String| {
-        Problem::new("restore.target_outside_archive", msg)
+        Problem::new(Code::RestoreTargetOutsideArchive, msg)
             .with("deployment", deployment)
             .suggest(
                 "Pick a target between a backup and the newest archived WAL",
@@ -173,7 +174,7 @@ pub fn check_target(
             if !segs.contains(&(tli, seg)) && !matches!(t, RecoveryTarget::Lsn(_)) {
                 let name = crate::wal::segment_name(tli, seg);
                 return Err(Problem::new(
-                    "restore.wal_missing",
+                    Code::RestoreWalMissing,
                     format!("WAL segment {name} is missing from the archive after backup {}", m.backup_id),
                 )
                 .with("segment", name)
@@ -233,7 +234,7 @@ pub fn check_target(
                 if !segs.contains(&(tli, seg)) {
                     let name = crate::wal::segment_name(tli, seg);
                     return Err(Problem::new(
-                        "restore.wal_missing",
+                        Code::RestoreWalMissing,
                         format!("WAL segment {name}, needed to reach {l}, is not in the archive"),
                     )
                     .with("segment", name)

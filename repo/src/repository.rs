@@ -8,6 +8,7 @@ use pg_hardstorage_engine::format::{
 };
 use pg_hardstorage_engine::stage::flags;
 use pg_hardstorage_engine::store::DynStore;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use phs_encrypt::{random_nonce, random_salt, Aead, Domain};
 use serde::{Deserialize, Serialize};
@@ -65,7 +66,7 @@ impl Repository {
         opts.chunker.validate()?;
         if store.head(CONFIG_KEY)?.is_some() {
             return Err(Problem::new(
-                "repo.already_exists",
+                Code::RepoAlreadyExists,
                 format!("{} already holds a repository", store.describe()),
             )
             .with("repo", store.describe())
@@ -110,7 +111,7 @@ impl Repository {
         // The config is the commit point of `init`: written last, only once.
         if !store.put_if_absent(CONFIG_KEY, Bytes::from(bytes))? {
             return Err(Problem::new(
-                "repo.already_exists",
+                Code::RepoAlreadyExists,
                 "another init won the race",
             ));
         }
@@ -124,17 +125,18 @@ impl Repository {
     pub fn open(store: DynStore, source: &KeySource) -> Result<Self, Problem> {
         let raw = store.get(CONFIG_KEY)?.ok_or_else(|| {
             Problem::new(
-                "repo.not_found",
+                Code::RepoNotFound,
                 format!("no repository at {}", store.describe()),
             )
             .with("repo", store.describe())
             .suggest("Initialise one", Some("pg_hardstorage repo init".into()))
         })?;
-        let signed: SignedConfig = serde_json::from_slice(&raw)
-            .map_err(|e| Problem::new("repo.config_invalid", format!("repository config: {e}")))?;
+        let signed: SignedConfig = serde_json::from_slice(&raw).map_err(|e| {
+            Problem::new(Code::RepoConfigInvalid, format!("repository config: {e}"))
+        })?;
         if signed.config.format_version != FORMAT_VERSION {
             return Err(Problem::new(
-                "repo.format_unsupported",
+                Code::RepoFormatUnsupported,
                 format!(
                     "repository format {} is not supported (this build reads {FORMAT_VERSION})",
                     signed.config.format_version
@@ -147,7 +149,7 @@ impl Repository {
         let expect = hex::encode(mac(&keys.mac, &[b"config", &body]));
         if !constant_eq(expect.as_bytes(), signed.mac.as_bytes()) {
             return Err(Problem::new(
-                "verify.signature_invalid",
+                Code::VerifySignatureInvalid,
                 "repository config signature does not verify: it was altered",
             ));
         }
@@ -166,7 +168,7 @@ impl Repository {
         let envs = store.list("keys/")?;
         if envs.is_empty() {
             return Err(Problem::new(
-                "repo.config_invalid",
+                Code::RepoConfigInvalid,
                 "repository has no key envelope",
             ));
         }
@@ -176,13 +178,13 @@ impl Repository {
                 continue;
             };
             let env: KeyEnvelope = serde_json::from_slice(&raw)
-                .map_err(|e| Problem::new("repo.config_invalid", format!("{}: {e}", o.key)))?;
+                .map_err(|e| Problem::new(Code::RepoConfigInvalid, format!("{}: {e}", o.key)))?;
             match keys::unwrap(&env, source) {
                 Ok(k) => return Ok(k),
                 Err(p) => last = Some(p),
             }
         }
-        Err(last.unwrap_or_else(|| Problem::new("auth.bad_key", "no usable key envelope")))
+        Err(last.unwrap_or_else(|| Problem::new(Code::AuthBadKey, "no usable key envelope")))
     }
 
     pub fn encrypted(&self) -> bool {
@@ -268,7 +270,7 @@ impl Repository {
         let m = mac(&self.keys.mac, &[v.signed, key.as_bytes()]);
         if !constant_eq(&m, &v.mac) {
             return Err(Problem::new(
-                "verify.signature_invalid",
+                Code::VerifySignatureInvalid,
                 format!("{key}: signature does not verify (altered, truncated or foreign)"),
             )
             .with("object", key));
@@ -283,7 +285,7 @@ impl Repository {
         };
         if body.len() < 8 {
             return Err(Problem::new(
-                "verify.truncated",
+                Code::VerifyTruncated,
                 format!("{key}: body truncated"),
             ));
         }
@@ -292,7 +294,7 @@ impl Repository {
         let raw_len = u64::from_le_bytes(l) as usize;
         if raw_len > MAX_METADATA {
             return Err(Problem::new(
-                "verify.malformed",
+                Code::VerifyMalformed,
                 format!("{key}: implausible size"),
             ));
         }

@@ -5,6 +5,7 @@
 
 use crate::backup::BackupSummary;
 use crate::Repository;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::Serialize;
 use std::collections::{BTreeSet, HashSet};
@@ -101,7 +102,7 @@ pub fn prune(
 ) -> Result<PruneReport, Problem> {
     if p.is_empty() {
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             "a retention policy needs at least one of --keep-last, --keep-daily, --keep-weekly, --keep-monthly",
         )
         .suggest("e.g. --keep-daily 7 --keep-weekly 4 --keep-monthly 12", None));

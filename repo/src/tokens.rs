@@ -12,6 +12,7 @@
 
 use crate::Repository;
 use pg_hardstorage_engine::format::{REVOCATION_MAGIC, TOKEN_MAGIC};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::{Deserialize, Serialize};
 
@@ -67,7 +68,7 @@ fn key(name: &str) -> String {
 fn validate_name(name: &str) -> Result<(), Problem> {
     crate::deployment::validate_name(name).map_err(|_| {
         Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("token name {name:?} is invalid: use 1-63 of [A-Za-z0-9_-]"),
         )
     })
@@ -82,17 +83,19 @@ pub fn create(
 ) -> Result<(Token, String), Problem> {
     validate_name(name)?;
     if verbs.is_empty() {
-        return Err(
-            Problem::new("usage.invalid_argument", "a token needs at least one verb").suggest(
-                format!("Pass --verbs with some of {}", VERBS.join(", ")),
-                None,
-            ),
-        );
+        return Err(Problem::new(
+            Code::UsageInvalidArgument,
+            "a token needs at least one verb",
+        )
+        .suggest(
+            format!("Pass --verbs with some of {}", VERBS.join(", ")),
+            None,
+        ));
     }
     for v in verbs {
         if !VERBS.contains(&v.as_str()) {
             return Err(
-                Problem::new("usage.invalid_argument", format!("unknown verb {v:?}"))
+                Problem::new(Code::UsageInvalidArgument, format!("unknown verb {v:?}"))
                     .suggest(format!("Verbs are {}", VERBS.join(", ")), None),
             );
         }
@@ -116,12 +119,14 @@ pub fn create(
         .store
         .put_if_absent(&key(name), bytes::Bytes::from(sealed))?
     {
-        return Err(
-            Problem::new("token.conflict", format!("a token named {name:?} exists")).suggest(
-                "Revoke it first or pick another name",
-                Some(format!("pg_hardstorage token revoke {name}")),
-            ),
-        );
+        return Err(Problem::new(
+            Code::TokenConflict,
+            format!("a token named {name:?} exists"),
+        )
+        .suggest(
+            "Revoke it first or pick another name",
+            Some(format!("pg_hardstorage token revoke {name}")),
+        ));
     }
     Ok((t, format!("phs.{name}.{secret_hex}")))
 }
@@ -134,7 +139,7 @@ pub fn get(repo: &Repository, name: &str) -> Result<Option<Token>, Problem> {
     match repo.get_sealed(TOKEN_MAGIC, &key(name))? {
         Some(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| Problem::new("verify.malformed", format!("token {name}: {e}"))),
+            .map_err(|e| Problem::new(Code::VerifyMalformed, format!("token {name}: {e}"))),
         None => Ok(None),
     }
 }
@@ -157,8 +162,9 @@ fn records(repo: &Repository) -> Result<Vec<Token>, Problem> {
         let name = o.key.trim_start_matches("tokens/");
         if let Some(b) = repo.get_sealed(TOKEN_MAGIC, &key(name))? {
             out.push(
-                serde_json::from_slice(&b)
-                    .map_err(|e| Problem::new("verify.malformed", format!("token {name}: {e}")))?,
+                serde_json::from_slice(&b).map_err(|e| {
+                    Problem::new(Code::VerifyMalformed, format!("token {name}: {e}"))
+                })?,
             );
         }
     }
@@ -234,7 +240,7 @@ pub fn revoke(repo: &Repository, name: &str) -> Result<Token, Problem> {
         .into_iter()
         .find(|t| t.name == name)
         .ok_or_else(|| {
-            Problem::new("token.not_found", format!("no token named {name:?}"))
+            Problem::new(Code::TokenNotFound, format!("no token named {name:?}"))
                 .suggest("List the tokens", Some("pg_hardstorage token list".into()))
         })?;
     let rec = serde_json::json!({

@@ -8,6 +8,7 @@ use crate::Repository;
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
 use pg_hardstorage_engine::format::{parse_pack, Manifest};
 use pg_hardstorage_engine::stage::ChunkId;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use serde::Serialize;
 use serde_json::json;
@@ -92,12 +93,11 @@ fn verify_pack(
     pack: &str,
     ids: &[ChunkId],
 ) -> Result<u64, Problem> {
-    let bytes = repo
-        .store
-        .get(pack)?
-        .ok_or_else(|| Problem::new("verify.missing_object", format!("pack {pack} is missing")))?;
+    let bytes = repo.store.get(pack)?.ok_or_else(|| {
+        Problem::new(Code::VerifyMissingObject, format!("pack {pack} is missing"))
+    })?;
     let mismatch = |why: String| {
-        Problem::new("verify.checksum_mismatch", format!("pack {pack}: {why}")).with("pack", pack)
+        Problem::new(Code::VerifyChecksumMismatch, format!("pack {pack}: {why}")).with("pack", pack)
     };
     // Framing and the pack's own index checksum, then every chunk we need.
     let entries = parse_pack(&bytes).map_err(|p| mismatch(p.message.clone()))?;
@@ -117,7 +117,7 @@ fn verify_pack(
             .get(loc.offset as usize..(loc.offset + loc.len as u64) as usize)
             .ok_or_else(|| {
                 Problem::new(
-                    "verify.truncated",
+                    Code::VerifyTruncated,
                     format!("pack {pack}: chunk beyond its end"),
                 )
                 .with("pack", pack)

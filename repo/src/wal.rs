@@ -12,6 +12,7 @@ use bytes::Bytes;
 use pg_hardstorage_engine::event::{Event, EventBus, Severity};
 use pg_hardstorage_engine::pipeline::PipelineConfig;
 use pg_hardstorage_engine::stage::{Block, ChunkId, Source};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use phs_pg::{format_lsn, Conn, ConnInfo, ReplMsg};
 use serde::{Deserialize, Serialize};
@@ -93,7 +94,7 @@ pub fn archive(
 ) -> Result<bool, Problem> {
     if !valid_wal_file(name) {
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("{name:?} is not a WAL file name"),
         ));
     }
@@ -157,7 +158,7 @@ pub fn record(
     match repo.get_sealed(WAL_MAGIC, &key(deployment, name))? {
         Some(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| Problem::new("verify.malformed", format!("WAL record {name}: {e}"))),
+            .map_err(|e| Problem::new(Code::VerifyMalformed, format!("WAL record {name}: {e}"))),
         None => Ok(None),
     }
 }
@@ -209,8 +210,9 @@ pub fn fetch(repo: &Repository, deployment: &str, name: &str, dest: &Path) -> Re
     let out = read(repo, deployment, name)?;
     // Write beside the destination, then rename: recovery never reads half a file.
     let tmp = dest.with_extension("phs-tmp");
-    std::fs::write(&tmp, &out).map_err(|e| Problem::io("io.write_failed", tmp.display(), &e))?;
-    std::fs::rename(&tmp, dest).map_err(|e| Problem::io("io.write_failed", dest.display(), &e))?;
+    std::fs::write(&tmp, &out).map_err(|e| Problem::io(Code::IoWriteFailed, tmp.display(), &e))?;
+    std::fs::rename(&tmp, dest)
+        .map_err(|e| Problem::io(Code::IoWriteFailed, dest.display(), &e))?;
     Ok(out.len() as u64)
 }
 
@@ -228,13 +230,13 @@ pub fn read_with(
 ) -> Result<Vec<u8>, Problem> {
     if !valid_wal_file(name) {
         return Err(Problem::new(
-            "wal.segment_not_found",
+            Code::WalSegmentNotFound,
             format!("{name:?} is not a WAL file we archive"),
         ));
     }
     let rec = record(repo, deployment, name)?.ok_or_else(|| {
         Problem::new(
-            "wal.segment_not_found",
+            Code::WalSegmentNotFound,
             format!("{name} is not in the archive of {deployment}"),
         )
         .with("deployment", deployment)
@@ -250,7 +252,7 @@ pub fn read_with(
         let plain = decode_chunk(repo, aead.as_ref(), id, &env)?;
         if plain.len() != *len as usize {
             return Err(Problem::new(
-                "verify.checksum_mismatch",
+                Code::VerifyChecksumMismatch,
                 format!("{name}: chunk length differs"),
             ));
         }
@@ -258,7 +260,7 @@ pub fn read_with(
     }
     if out.len() as u64 != rec.size {
         return Err(Problem::new(
-            "verify.checksum_mismatch",
+            Code::VerifyChecksumMismatch,
             format!("{name}: size differs from its record"),
         ));
     }
@@ -372,7 +374,7 @@ pub fn stream_once(
             ReplMsg::XLogData { start, data } => {
                 if start != pos + seg.len() as u64 {
                     return Err(Problem::new(
-                        "pg.protocol",
+                        Code::PgProtocol,
                         format!(
                             "WAL arrived at {} but {} was expected",
                             format_lsn(start),

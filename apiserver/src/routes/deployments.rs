@@ -1,6 +1,7 @@
 //! `/v1/deployments`: list, create, show, update, delete.
 
 use super::{blocking, Ctx, Reply};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::deployment::{Deployment, Kind};
 use pg_hardstorage_repo::ops;
@@ -50,7 +51,7 @@ pub fn list(c: Ctx) -> Reply {
 fn tenant_of(caller: Option<String>, want: Option<String>) -> Result<Option<String>, Problem> {
     match (caller, want) {
         (Some(t), Some(want)) if t != want => Err(Problem::new(
-            "authz.denied",
+            Code::AuthzDenied,
             format!("a token of tenant {t:?} cannot create deployments of {want:?}"),
         )),
         (Some(t), _) => Ok(Some(t)),
@@ -65,7 +66,7 @@ fn kind_of(b: &CreateDeployment) -> Result<Kind, Problem> {
         None if b.path.is_some() => Ok(Kind::Path),
         None => Ok(Kind::Postgres),
         Some(k) => Err(Problem::new(
-            "api.bad_request",
+            Code::ApiBadRequest,
             format!("kind {k:?}: want postgres or path"),
         )),
     }

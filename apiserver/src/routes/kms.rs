@@ -1,6 +1,7 @@
 //! `/v1/kms/…`: the repository's key envelopes.
 
 use super::{blocking, Ctx, Reply};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::{ops, KeySource};
 use serde::Deserialize;
@@ -39,7 +40,7 @@ fn in_dir(dir: &Path, name: &str) -> Result<PathBuf, Problem> {
     let plain = !name.is_empty() && !name.contains('/') && name != "." && name != "..";
     plain.then(|| dir.join(name)).ok_or_else(|| {
         Problem::new(
-            "api.bad_request",
+            Code::ApiBadRequest,
             format!("{name:?} is not a file name in the server's --kms-dir"),
         )
     })
@@ -49,7 +50,7 @@ fn in_dir(dir: &Path, name: &str) -> Result<PathBuf, Problem> {
 fn new_key(dir: Option<&Path>, b: RotateKek) -> Result<KeySource, Problem> {
     let dir = dir.ok_or_else(|| {
         Problem::new(
-            "api.bad_request",
+            Code::ApiBadRequest,
             "this server takes no new key material over the API",
         )
         .suggest(
@@ -61,7 +62,7 @@ fn new_key(dir: Option<&Path>, b: RotateKek) -> Result<KeySource, Problem> {
         (Some(k), None) => Ok(KeySource::KeyFile(in_dir(dir, &k)?)),
         (None, Some(p)) => KeySource::from_env(None, Some(in_dir(dir, &p)?)),
         _ => Err(Problem::new(
-            "api.bad_request",
+            Code::ApiBadRequest,
             "give exactly one of new_key_file, new_passphrase_file",
         )),
     }

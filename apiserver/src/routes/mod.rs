@@ -8,6 +8,7 @@
 //! calls the same `pg_hardstorage_repo::ops` function the CLI calls; none
 //! reimplements one.
 
+use pg_hardstorage_engine::Code;
 mod audit;
 mod backups;
 mod deployments;
@@ -352,7 +353,7 @@ pub fn scope_admits(route: &Route, who: Option<&Identity>) -> Result<(), Problem
     };
     match &w.token.tenant {
         Some(t) => Err(Problem::new(
-            "authz.denied",
+            Code::AuthzDenied,
             format!(
                 "{} {} acts on the whole repository; {} {:?} is bound to tenant {t:?}",
                 route.method, route.path, w.via, w.name
@@ -388,7 +389,7 @@ fn this_repository(c: &Ctx) -> Result<(), Problem> {
         return Ok(());
     }
     Err(Problem::new(
-        "repo.not_found",
+        Code::RepoNotFound,
         format!("this server serves one repository, \"default\" (id {id}), not {name:?}"),
     ))
 }
@@ -407,7 +408,7 @@ async fn visible(c: &Ctx) -> Result<String, Problem> {
     };
     match &c.who {
         Some(w) if !w.sees_tenant(&tenant) => Err(Problem::new(
-            "deployment.not_found",
+            Code::DeploymentNotFound,
             format!("no deployment named {name:?}"),
         )
         .with("deployment", name)),
@@ -419,7 +420,7 @@ fn backup_of(d: &str, id: &str) -> Result<(), Problem> {
     match catalog::deployment_of(id) {
         Ok(x) if x == d => Ok(()),
         _ => Err(Problem::new(
-            "backup.not_found",
+            Code::BackupNotFound,
             format!("deployment {d:?} has no backup {id:?}"),
         )
         .with("deployment", d)
@@ -476,13 +477,13 @@ fn typed_query<T: DeserializeOwned>(q: &str) -> Result<T, Problem> {
     for (k, v) in query_pairs(q) {
         if map.insert(k.clone(), Value::String(v)).is_some() {
             return Err(Problem::new(
-                "api.bad_request",
+                Code::ApiBadRequest,
                 format!("query parameter {k:?} is given twice"),
             ));
         }
     }
     serde_json::from_value(Value::Object(map)).map_err(|e| {
-        Problem::new("api.bad_request", format!("query: {e}"))
+        Problem::new(Code::ApiBadRequest, format!("query: {e}"))
             .suggest("The routes' query parameters are in /v1/openapi.yaml", None)
     })
 }
@@ -557,7 +558,7 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Problem> {
         body
     };
     serde_json::from_slice(raw).map_err(|e| {
-        Problem::new("api.bad_request", format!("request body: {e}")).suggest(
+        Problem::new(Code::ApiBadRequest, format!("request body: {e}")).suggest(
             "Send a JSON object with the fields this route documents (see /v1/openapi.yaml)",
             None,
         )

@@ -1,6 +1,7 @@
 //! The API server over real HTTP: every route, the auth matrix, streaming,
 //! webhooks, TLS and mTLS, load.
 
+use pg_hardstorage_engine::Code;
 mod auth;
 mod load;
 mod routes;
@@ -71,7 +72,7 @@ impl TestServer {
                 repo: repo.clone(),
                 restore_command: Arc::new(|_: &str| {
                     Err(Problem::new(
-                        "usage.invalid_argument",
+                        Code::UsageInvalidArgument,
                         "no key file in tests",
                     ))
                 }),

@@ -9,6 +9,7 @@ use super::dest::Root;
 use super::IN_PROGRESS_MARKER;
 use crate::Repository;
 use pg_hardstorage_engine::format::{Entry, EntryKind, PAGE_HASH};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::collections::HashMap;
 use std::fs::File;
@@ -55,16 +56,16 @@ fn prune_dir(root: &Root, want: &HashMap<Vec<u8>, EntryKind>, dir: &[u8]) -> Res
     use std::os::unix::ffi::OsStrExt;
     let path = root.path().join(std::ffi::OsStr::from_bytes(dir));
     let rd = std::fs::read_dir(&path)
-        .map_err(|e| Problem::io("restore.target_invalid", path.display(), &e))?;
+        .map_err(|e| Problem::io(Code::RestoreTargetInvalid, path.display(), &e))?;
     let mut removed = 0;
     for e in rd {
-        let e = e.map_err(|er| Problem::io("restore.target_invalid", path.display(), &er))?;
+        let e = e.map_err(|er| Problem::io(Code::RestoreTargetInvalid, path.display(), &er))?;
         let rel = join(dir, e.file_name().as_bytes());
         if dir.is_empty() && rel == IN_PROGRESS_MARKER.as_bytes() {
             continue;
         }
         let meta = std::fs::symlink_metadata(e.path())
-            .map_err(|er| Problem::io("restore.target_invalid", e.path().display(), &er))?;
+            .map_err(|er| Problem::io(Code::RestoreTargetInvalid, e.path().display(), &er))?;
         let have = kind_of(&meta);
         match want.get(&rel) {
             Some(k) if Some(*k) == have && *k == EntryKind::Dir => {

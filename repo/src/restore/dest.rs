@@ -7,6 +7,7 @@
 //! manifest or the old contents of the target hold.
 
 use pg_hardstorage_engine::format::Entry;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -104,7 +105,7 @@ impl Root {
         // SAFETY: NUL-terminated path; the result is owned.
         let fd = cvt(unsafe { libc::open(c.as_ptr(), flags) }).map_err(|e| {
             Problem::io(
-                "restore.target_invalid",
+                Code::RestoreTargetInvalid,
                 format!("{} (must be a directory, not a link)", path.display()),
                 &e,
             )
@@ -130,7 +131,7 @@ impl Root {
     fn err(&self, rel: &[u8], e: std::io::Error) -> Problem {
         if is_loop(&e) {
             return Problem::new(
-                "restore.target_invalid",
+                Code::RestoreTargetInvalid,
                 format!(
                     "{} passes through a symbolic link or a non-directory; a restore never writes through one",
                     self.display(rel).display()
@@ -358,7 +359,7 @@ fn finish_fd(f: &File, e: &Entry) -> std::io::Result<()> {
 }
 
 pub fn werr(p: &Path, e: std::io::Error) -> Problem {
-    Problem::io("io.write_failed", format!("write {}", p.display()), &e)
+    Problem::io(Code::IoWriteFailed, format!("write {}", p.display()), &e)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use super::plan::{Job, Place, Plan, Read};
 use crate::chunks::{decode_chunk, decode_chunk_unhashed};
 use crate::Repository;
 use bytes::Bytes;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::collections::VecDeque;
 use std::fs::File;
@@ -232,7 +233,7 @@ impl Scatter<'_> {
         for j in jobs {
             let s = (j.offset - r.range.start) as usize;
             let env = data.get(s..s + j.len as usize).ok_or_else(|| {
-                Problem::new("verify.truncated", format!("{}: short range", r.pack))
+                Problem::new(Code::VerifyTruncated, format!("{}: short range", r.pack))
                     .with("object", r.pack.clone())
             })?;
             // A chunk whose every place is checked page by page against
@@ -249,7 +250,7 @@ impl Scatter<'_> {
             })?;
             if plain.len() != j.plain_len as usize {
                 return Err(Problem::new(
-                    "verify.checksum_mismatch",
+                    Code::VerifyChecksumMismatch,
                     format!(
                         "chunk {} has {} bytes, the manifest says {}",
                         j.id.to_hex(),
@@ -274,7 +275,9 @@ impl Scatter<'_> {
         let pf = &self.plan.files[p.file as usize];
         let bytes = plain
             .get(p.src.start as usize..p.src.end as usize)
-            .ok_or_else(|| Problem::new("verify.malformed", "page map names bytes past its run"))?;
+            .ok_or_else(|| {
+                Problem::new(Code::VerifyMalformed, "page map names bytes past its run")
+            })?;
         if let (Some(first), Some((ps, hashes))) = (p.first_page, &pf.pages) {
             check_pages(self.repo, bytes, *ps as usize, first as usize, hashes)
                 .map_err(|e| e.with("path", pf.entry.path.clone()))?;
@@ -318,18 +321,21 @@ fn check_pages(
     // Every byte is checked: its run as a whole is not re-hashed.
     if ps == 0 || !bytes.len().is_multiple_of(ps) {
         return Err(Problem::new(
-            "verify.malformed",
+            Code::VerifyMalformed,
             "page map places a partial page",
         ));
     }
     for (k, page) in bytes.chunks_exact(ps).enumerate() {
         let h = blake3::keyed_hash(&repo.keys.id, page);
         let want = hashes.get(first + k).ok_or_else(|| {
-            Problem::new("verify.malformed", "page map names more pages than it has")
+            Problem::new(
+                Code::VerifyMalformed,
+                "page map names more pages than it has",
+            )
         })?;
         if h.as_bytes()[..want.len()] != want[..] {
             return Err(Problem::new(
-                "verify.checksum_mismatch",
+                Code::VerifyChecksumMismatch,
                 format!("page {} does not match its page map", first + k),
             ));
         }

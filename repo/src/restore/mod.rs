@@ -9,6 +9,7 @@
 //! in-progress marker until every file verified and was synced, so a failed
 //! or killed restore never passes for a complete one.
 
+use pg_hardstorage_engine::Code;
 mod delta;
 mod dest;
 mod fetch;
@@ -77,7 +78,7 @@ fn pg_verifybackup(target: &Path, mode: VerifyMode) -> Result<&'static str, Prob
     let Some(tool) = tool else {
         return match mode {
             VerifyMode::Require => Err(Problem::new(
-                "restore.verify_unavailable",
+                Code::RestoreVerifyUnavailable,
                 "--verify require: pg_verifybackup is not installed here",
             )
             .suggest(
@@ -94,12 +95,12 @@ fn pg_verifybackup(target: &Path, mode: VerifyMode) -> Result<&'static str, Prob
         .arg(recovery::SPOOL)
         .arg(target)
         .output()
-        .map_err(|e| Problem::io("restore.verify_unavailable", tool.display(), &e))?;
+        .map_err(|e| Problem::io(Code::RestoreVerifyUnavailable, tool.display(), &e))?;
     if out.status.success() {
         Ok("passed")
     } else {
         Err(Problem::new(
-            "verify.pg_verifybackup_failed",
+            Code::VerifyPgVerifybackupFailed,
             format!(
                 "pg_verifybackup rejected the restored directory: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -147,13 +148,13 @@ impl Places {
         for ts in m.source["tablespaces"].as_array().into_iter().flatten() {
             let (Some(oid), Some(loc)) = (ts["oid"].as_str(), ts["location"].as_str()) else {
                 return Err(Problem::new(
-                    "verify.malformed",
+                    Code::VerifyMalformed,
                     "manifest: bad tablespace record",
                 ));
             };
             if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(Problem::new(
-                    "verify.malformed",
+                    Code::VerifyMalformed,
                     format!("manifest: tablespace oid {oid:?} is not a number"),
                 ));
             }
@@ -309,7 +310,7 @@ fn run(
         let root = m
             .entries
             .first()
-            .ok_or_else(|| Problem::new("verify.malformed", "manifest has no root entry"))?;
+            .ok_or_else(|| Problem::new(Code::VerifyMalformed, "manifest has no root entry"))?;
         stage_wal(repo, &index, m, target, r, root, opts.threads)?;
         recovery::write_recovery(target, r, root, &m.backup_id)?;
     }

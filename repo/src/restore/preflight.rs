@@ -3,6 +3,7 @@
 //! cluster's data directory, and every tablespace directory passes the
 //! same checks.
 
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::path::Path;
 
@@ -35,7 +36,7 @@ pub fn preflight(
         let nonempty = std::fs::read_dir(target).is_ok_and(|mut d| d.next().is_some());
         if nonempty {
             return Err(Problem::new(
-                "restore.foreign_system",
+                Code::RestoreForeignSystem,
                 format!(
                     "{} is not a PostgreSQL data directory (no global/pg_control): --delta writes only into one of the backed-up cluster",
                     target.display()
@@ -49,7 +50,7 @@ pub fn preflight(
     if let (Some(want), Some(have)) = (sysid, pg_system_identifier(target)) {
         if want != have.to_string() && !force {
             return Err(Problem::new(
-                "restore.foreign_system",
+                Code::RestoreForeignSystem,
                 format!(
                     "{} holds the data directory of another cluster (system identifier {have}, the backup is of {want})",
                     target.display()
@@ -62,7 +63,7 @@ pub fn preflight(
     // Never overridable: writing under a running server destroys it.
     if let Some(pid) = live_postmaster(target) {
         return Err(Problem::new(
-            "restore.postmaster_running",
+            Code::RestorePostmasterRunning,
             format!("PostgreSQL (pid {pid}) is running on {}", target.display()),
         )
         .with("target", target.display().to_string())
@@ -75,12 +76,12 @@ pub fn preflight(
     match std::fs::symlink_metadata(target) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Problem::io(
-            "restore.target_invalid",
+            Code::RestoreTargetInvalid,
             format!("target {}", target.display()),
             &e,
         )),
         Ok(m) if !m.is_dir() => Err(Problem::new(
-            "restore.target_invalid",
+            Code::RestoreTargetInvalid,
             format!("target {} exists and is not a directory", target.display()),
         )
         .with("target", target.display().to_string())),
@@ -100,7 +101,7 @@ pub fn preflight_dir(dir: &Path, force: bool, what: &str, suggestion: &str) -> R
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => {
             return Err(Problem::io(
-                "restore.target_invalid",
+                Code::RestoreTargetInvalid,
                 format!("{what} {}", dir.display()),
                 &e,
             ))
@@ -108,7 +109,7 @@ pub fn preflight_dir(dir: &Path, force: bool, what: &str, suggestion: &str) -> R
     };
     if nonempty && !force {
         return Err(Problem::new(
-            "restore.target_not_empty",
+            Code::RestoreTargetNotEmpty,
             format!("{what} {} is not empty", dir.display()),
         )
         .with("target", dir.display().to_string())
@@ -124,7 +125,7 @@ pub fn absolute(dir: &Path, what: &str) -> Result<(), Problem> {
         return Ok(());
     }
     Err(Problem::new(
-        "restore.target_invalid",
+        Code::RestoreTargetInvalid,
         format!(
             "the {what} {:?} is not an absolute path",
             dir.display().to_string()

@@ -5,6 +5,7 @@
 
 use super::dest::Root;
 use pg_hardstorage_engine::format::Entry;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 
 /// Where recovery stops.
@@ -76,7 +77,7 @@ pub fn staged_command(spool: &std::path::Path, fallback: Option<&str>) -> String
 pub fn quote_conf(what: &str, v: &str) -> Result<String, Problem> {
     if let Some(c) = v.chars().find(|c| c.is_control()) {
         return Err(Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("{what} contains the control character {c:?}, which a PostgreSQL setting cannot hold"),
         )
         .with("setting", what)

@@ -9,6 +9,7 @@
 use crate::index::RepoIndex;
 use crate::wal::{parse_segment_name, segment_name};
 use crate::Repository;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -28,8 +29,8 @@ pub fn prune(spool: &Path, delivered: &str) -> Result<usize, Problem> {
     let Some((tli, seg)) = parse_segment_name(delivered) else {
         return Ok(0);
     };
-    let rd =
-        std::fs::read_dir(spool).map_err(|e| Problem::io("io.read_failed", spool.display(), &e))?;
+    let rd = std::fs::read_dir(spool)
+        .map_err(|e| Problem::io(Code::IoReadFailed, spool.display(), &e))?;
     let mut n = 0;
     for e in rd.flatten() {
         let name = e.file_name();
@@ -58,7 +59,7 @@ pub fn fill(
 ) -> Result<usize, Problem> {
     let (tli, seg) = parse_segment_name(after).ok_or_else(|| {
         Problem::new(
-            "usage.invalid_argument",
+            Code::UsageInvalidArgument,
             format!("{after:?} is not a WAL segment name"),
         )
     })?;
@@ -86,7 +87,7 @@ pub fn fill(
 /// Writes `name` into the spool whole: aside, synced, then renamed.
 fn put(spool: &Path, name: &str, data: &[u8]) -> Result<(), Problem> {
     let (tmp, dest) = (spool.join(format!(".{name}.part")), spool.join(name));
-    let werr = |p: &Path, e: std::io::Error| Problem::io("io.write_failed", p.display(), &e);
+    let werr = |p: &Path, e: std::io::Error| Problem::io(Code::IoWriteFailed, p.display(), &e);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -125,7 +126,7 @@ impl Filling {
                     }
                     let _ = std::fs::remove_file(&path);
                 }
-                Err(e) => return Err(Problem::io("io.write_failed", path.display(), &e)),
+                Err(e) => return Err(Problem::io(Code::IoWriteFailed, path.display(), &e)),
             }
         }
         Ok(None)

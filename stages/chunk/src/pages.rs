@@ -20,6 +20,7 @@ use crate::FastCdc;
 use bytes::{Bytes, BytesMut};
 use pg_hardstorage_engine::format::{PageMap, PageRecord, PAGE_HASH};
 use pg_hardstorage_engine::stage::{Block, Chunk, ChunkId, Splitter, SplitterFactory};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -245,7 +246,7 @@ impl Splitter for PageAware {
         if eof {
             if !paging.carry.is_empty() {
                 return Err(Problem::new(
-                    "backup.source_unreadable",
+                    Code::BackupSourceUnreadable,
                     format!(
                         "a paged file ended {} bytes into a page: its size is not a \
                          multiple of {ps}",

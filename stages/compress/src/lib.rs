@@ -2,6 +2,7 @@
 #![deny(clippy::unwrap_used)]
 
 use pg_hardstorage_engine::stage::{flags, Chunk, ChunkStage, StageFactory};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 
 pub struct Zstd {
@@ -48,7 +49,7 @@ pub fn decompress(body: &[u8], raw_len: usize) -> Result<Vec<u8>, Problem> {
         static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
             const { std::cell::RefCell::new(None) };
     }
-    let zerr = |e: std::io::Error| Problem::new("verify.malformed", format!("zstd: {e}"));
+    let zerr = |e: std::io::Error| Problem::new(Code::VerifyMalformed, format!("zstd: {e}"));
     let out = DCTX.with(|cell| -> Result<Vec<u8>, Problem> {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -61,7 +62,7 @@ pub fn decompress(body: &[u8], raw_len: usize) -> Result<Vec<u8>, Problem> {
     })?;
     if out.len() != raw_len {
         return Err(Problem::new(
-            "verify.checksum_mismatch",
+            Code::VerifyChecksumMismatch,
             format!("decompressed {} bytes, expected {raw_len}", out.len()),
         ));
     }

@@ -18,6 +18,7 @@ use pg_hardstorage_engine::format::{
     chunk_aad, envelope_header, parse_envelope, Sealing, NONCE_LEN, SALT_LEN, TAG_LEN,
 };
 use pg_hardstorage_engine::stage::{flags, Chunk, ChunkId, ChunkStage, StageFactory};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::sync::{Arc, Mutex};
 
@@ -133,7 +134,7 @@ impl Aead {
     ) -> Result<Vec<u8>, Problem> {
         if body.len() < TAG_LEN {
             return Err(Problem::new(
-                "verify.truncated",
+                Code::VerifyTruncated,
                 "ciphertext shorter than its tag",
             ));
         }
@@ -147,7 +148,7 @@ impl Aead {
             )
             .map_err(|_| {
                 Problem::new(
-                    "verify.decrypt_failed",
+                    Code::VerifyDecryptFailed,
                     "authentication failed: the data was altered or the key is wrong",
                 )
             })?
@@ -287,11 +288,11 @@ pub fn open_chunk(
             Ok((v.flags, v.raw_len, plain))
         }
         (Some(_), None) => Err(Problem::new(
-            "auth.key_required",
+            Code::AuthKeyRequired,
             "chunk is encrypted but no key is loaded",
         )),
         (None, Some(_)) => Err(Problem::new(
-            "verify.malformed",
+            Code::VerifyMalformed,
             "chunk is not encrypted in an encrypted repository",
         )),
         (None, None) => Ok((v.flags, v.raw_len, v.body.to_vec())),

@@ -8,6 +8,7 @@
 use crate::conninfo::{ChannelBinding as Binding, ConnInfo};
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
@@ -55,7 +56,7 @@ pub enum CopyEvent {
 pub type Rows = Vec<Vec<Option<String>>>;
 
 fn proto(m: impl std::fmt::Display) -> Problem {
-    Problem::new("pg.protocol", format!("PostgreSQL protocol: {m}"))
+    Problem::new(Code::PgProtocol, format!("PostgreSQL protocol: {m}"))
 }
 
 /// The largest frame the client buffers. PostgreSQL's own messages stay
@@ -116,7 +117,7 @@ pub fn parse_replication_copy(body: Bytes) -> Result<ReplMsg, Problem> {
 }
 
 fn io_err(e: std::io::Error) -> Problem {
-    Problem::new("pg.unreachable", format!("PostgreSQL connection: {e}")).suggest(
+    Problem::new(Code::PgUnreachable, format!("PostgreSQL connection: {e}")).suggest(
         "Check that the server runs and the deployment's --pg connection string",
         None,
     )
@@ -135,18 +136,18 @@ fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -
     }
     let (c, hint) = match code.as_str() {
         "28000" | "28P01" => (
-            "pg.auth_failed",
+            Code::PgAuthFailed,
             "Check the user, password and pg_hba.conf (replication needs its own line)",
         ),
         "42501" => (
-            "pg.replication_denied",
+            Code::PgReplicationDenied,
             "Grant REPLICATION to the user: ALTER ROLE name REPLICATION",
         ),
         "55000" => (
-            "pg.replication_denied",
+            Code::PgReplicationDenied,
             "Set wal_level = replica (or logical) and restart PostgreSQL",
         ),
-        _ => ("pg.server_error", "See the PostgreSQL server log"),
+        _ => (Code::PgServerError, "See the PostgreSQL server log"),
     };
     Problem::new(c, format!("PostgreSQL: {msg} (SQLSTATE {code})"))
         .with("sqlstate", code)
@@ -207,7 +208,7 @@ async fn open_stream(ci: &ConnInfo, tls: Tls) -> Result<Stream, Problem> {
             (b'N', Tls::Try) => return Ok(Stream::Tcp(tcp)),
             (b'N', _) => {
                 return Err(Problem::new(
-                    "pg.tls_unavailable",
+                    Code::PgTlsUnavailable,
                     "the server does not offer TLS and the connection requires it",
                 )
                 .suggest(
@@ -224,7 +225,7 @@ async fn open_stream(ci: &ConnInfo, tls: Tls) -> Result<Stream, Problem> {
         .map_err(crate::tls::handshake_error)?;
     if ci.tls.direct && s.get_ref().1.alpn_protocol() != Some(b"postgresql") {
         return Err(Problem::new(
-            "pg.tls_failed",
+            Code::PgTlsFailed,
             "the server did not accept the postgresql ALPN protocol on direct TLS",
         )
         .suggest(
@@ -236,7 +237,7 @@ async fn open_stream(ci: &ConnInfo, tls: Tls) -> Result<Stream, Problem> {
 }
 
 fn refused(m: impl Into<String>) -> Problem {
-    Problem::new("pg.auth_method_refused", m.into()).suggest(
+    Problem::new(Code::PgAuthMethodRefused, m.into()).suggest(
         "The server's pg_hba.conf asks for a method this connection's require_auth (or channel_binding=require) refuses: change one of them",
         None,
     )
@@ -250,7 +251,7 @@ fn password(ci: &ConnInfo, replication: bool) -> Result<String, Problem> {
     }
     ci.passfile_password(replication)?.ok_or_else(|| {
         Problem::new(
-            "pg.auth_failed",
+            Code::PgAuthFailed,
             "the server asks for a password and none was given",
         )
         .suggest(
@@ -406,7 +407,7 @@ impl Conn {
         .map_err(io_err)?;
         if n == 0 {
             return Err(Problem::new(
-                "pg.unreachable",
+                Code::PgUnreachable,
                 "PostgreSQL closed the connection",
             ));
         }
@@ -476,7 +477,7 @@ impl Conn {
                         .as_mut()
                         .ok_or_else(|| proto("SASL continue without start"))?;
                     s.update(body.data())
-                        .map_err(|e| Problem::new("pg.auth_failed", e.to_string()))?;
+                        .map_err(|e| Problem::new(Code::PgAuthFailed, e.to_string()))?;
                     frontend::sasl_response(s.message(), &mut b).map_err(proto)?;
                     self.send(&b)?;
                 }
@@ -487,7 +488,7 @@ impl Conn {
                         .ok_or_else(|| proto("SASL final without start"))?;
                     // Checks the server's signature: it knew the password.
                     s.finish(body.data())
-                        .map_err(|e| Problem::new("pg.auth_failed", e.to_string()))?;
+                        .map_err(|e| Problem::new(Code::PgAuthFailed, e.to_string()))?;
                     auth.scram_done = true;
                 }
                 Message::ParameterStatus(p) => {
@@ -755,7 +756,10 @@ impl Conn {
                 }
             }
         }
-        Problem::new("pg.server_error", format!("PostgreSQL: {}", fields.trim()))
+        Problem::new(
+            Code::PgServerError,
+            format!("PostgreSQL: {}", fields.trim()),
+        )
     }
 
     /// One raw protocol frame: the message types `postgres-protocol`

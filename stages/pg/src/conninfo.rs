@@ -1,6 +1,7 @@
 //! libpq-style connection strings: `key=value` pairs or a
 //! `postgresql://user:password@host:port/dbname` URL.
 
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -158,7 +159,7 @@ impl RequireAuth {
 }
 
 fn bad(m: String) -> Problem {
-    Problem::new("deployment.invalid", m).suggest(
+    Problem::new(Code::DeploymentInvalid, m).suggest(
         "Use \"host=/var/run/postgresql port=5432 user=postgres\" or postgresql://user@host:port/db",
         None,
     )
@@ -647,7 +648,7 @@ impl ConnInfo {
         }
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(Problem::new(
-                "pg.auth_failed",
+                Code::PgAuthFailed,
                 "the password file has group or world access and is not used",
             )
             .with("path", path.display().to_string())
@@ -655,7 +656,7 @@ impl ConnInfo {
         }
         let text = std::fs::read_to_string(path).map_err(|e| {
             Problem::new(
-                "pg.auth_failed",
+                Code::PgAuthFailed,
                 format!("the password file cannot be read: {e}"),
             )
         })?;

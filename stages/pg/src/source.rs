@@ -7,6 +7,7 @@ use crate::conn::{Conn, CopyEvent, Rows};
 use crate::tar::{Event, Header, Kind, Reader};
 use bytes::{Bytes, BytesMut};
 use pg_hardstorage_engine::stage::{Block, Source};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::sync::{Arc, Mutex};
 
@@ -91,7 +92,7 @@ impl Emitter<'_> {
     fn data(&mut self, d: Bytes) -> Result<(), Problem> {
         let Some(c) = self.current.as_mut() else {
             return Err(Problem::new(
-                "pg.protocol",
+                Code::PgProtocol,
                 "file data outside a file member",
             ));
         };
@@ -171,7 +172,7 @@ impl Source for BaseBackupSource {
                     b'n' => {
                         if archives > 0 && !reader.is_done() {
                             return Err(Problem::new(
-                                "pg.protocol",
+                                Code::PgProtocol,
                                 "a tar archive of the base backup ended early",
                             ));
                         }
@@ -185,7 +186,7 @@ impl Source for BaseBackupSource {
                             let oid = name.trim_end_matches(".tar");
                             if oid.is_empty() || !oid.chars().all(|c| c.is_ascii_digit()) {
                                 return Err(Problem::new(
-                                    "pg.protocol",
+                                    Code::PgProtocol,
                                     format!("tablespace archive named {name:?}"),
                                 ));
                             }
@@ -220,7 +221,7 @@ impl Source for BaseBackupSource {
                         })
                     }
                     other => Err(Problem::new(
-                        "pg.protocol",
+                        Code::PgProtocol,
                         format!("unknown BASE_BACKUP copy message {:?}", other as char),
                     )),
                 }
@@ -230,7 +231,7 @@ impl Source for BaseBackupSource {
         out.end()?;
         if !reader.is_done() {
             return Err(Problem::new(
-                "pg.protocol",
+                Code::PgProtocol,
                 "the base backup tar stream ended early",
             ));
         }

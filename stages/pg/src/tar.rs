@@ -3,6 +3,7 @@
 //! bytes (zero-copy slices of what it was fed).
 
 use bytes::Bytes;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,7 +57,7 @@ impl Default for Reader {
 
 fn bad(m: impl Into<String>) -> Problem {
     Problem::new(
-        "pg.protocol",
+        Code::PgProtocol,
         format!("base backup tar stream: {}", m.into()),
     )
 }

@@ -10,6 +10,7 @@
 //! exchange ties the password proof to the certificate the server showed.
 
 use crate::conninfo::{ConnInfo, RootCert, SslMode};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -29,7 +30,7 @@ pub struct TlsPlan {
 }
 
 fn invalid(m: String) -> Problem {
-    Problem::new("deployment.invalid", m)
+    Problem::new(Code::DeploymentInvalid, m)
 }
 
 /// The system trust store's bundle: `SSL_CERT_FILE`, else Debian's.
@@ -273,7 +274,7 @@ pub fn handshake_error(e: std::io::Error) -> Problem {
         .map(|r| r.to_string())
         .unwrap_or_else(|| e.to_string());
     Problem::new(
-        "pg.tls_failed",
+        Code::PgTlsFailed,
         format!("TLS handshake with PostgreSQL failed: {detail}"),
     )
     .suggest(

@@ -6,6 +6,7 @@
 //! forces one. Both produce identical blocks.
 #![deny(clippy::unwrap_used)]
 
+use pg_hardstorage_engine::Code;
 mod uring;
 
 use bytes::Bytes;
@@ -126,7 +127,7 @@ impl<'a> Ordered<'a> {
 }
 
 fn read_err(path: &std::path::Path, e: &std::io::Error) -> Problem {
-    Problem::io("io.read_failed", format!("read {}", path.display()), e)
+    Problem::io(Code::IoReadFailed, format!("read {}", path.display()), e)
         .with("path", path.display().to_string())
 }
 

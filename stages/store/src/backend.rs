@@ -13,6 +13,7 @@ use object_store::memory::InMemory;
 use object_store::path::Path as OsPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 use pg_hardstorage_engine::store::{DynStore, ObjectInfo, Store};
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -52,7 +53,7 @@ pub fn open_store_with(
         .build()
         .map_err(|e| Problem::internal(format!("tokio runtime: {e}")))?;
     let bad = |m: String| {
-        Problem::new("usage.invalid_argument", m).suggest(
+        Problem::new(Code::UsageInvalidArgument, m).suggest(
             "Use /path, file:///path, s3://bucket/prefix or memory://",
             None,
         )
@@ -109,13 +110,17 @@ pub fn open_store_with(
         std::path::absolute(path).map_err(|e| bad(format!("repository path {path:?}: {e}")))?;
     if create_dir {
         std::fs::create_dir_all(&root).map_err(|e| {
-            Problem::io("io.write_failed", format!("create {}", root.display()), &e)
+            Problem::io(
+                Code::IoWriteFailed,
+                format!("create {}", root.display()),
+                &e,
+            )
         })?;
         make_private_root(&root)?;
     }
     if !root.is_dir() {
         return Err(Problem::new(
-            "repo.not_found",
+            Code::RepoNotFound,
             format!("no repository directory at {}", root.display()),
         )
         .suggest("Create one first", Some("pg_hardstorage repo init".into())));
@@ -145,8 +150,9 @@ const SETGID: u32 = 0o2000;
 /// users and gains the setgid bit (group bits are kept as they are).
 fn make_private_root(root: &std::path::Path) -> Result<(), Problem> {
     use std::os::unix::fs::PermissionsExt;
-    let werr =
-        |e: std::io::Error| Problem::io("io.write_failed", format!("chmod {}", root.display()), &e);
+    let werr = |e: std::io::Error| {
+        Problem::io(Code::IoWriteFailed, format!("chmod {}", root.display()), &e)
+    };
     let mode = std::fs::metadata(root).map_err(werr)?.permissions().mode();
     let private = (mode & 0o770) | 0o700 | SETGID;
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(private)).map_err(werr)
@@ -156,16 +162,16 @@ fn make_private_root(root: &std::path::Path) -> Result<(), Problem> {
 /// `Generic` one, the transport failure in its source chain; never by its
 /// text. Refused credentials are `storage.auth` (exit 3, not retried): a
 /// retry cannot fix them.
-fn classify(e: &object_store::Error) -> &'static str {
+fn classify(e: &object_store::Error) -> Code {
     use object_store::client::HttpErrorKind as K;
     use object_store::Error as E;
     match e {
-        E::PermissionDenied { .. } | E::Unauthenticated { .. } => "storage.auth",
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => Code::StorageAuth,
         E::Generic { .. } => match transport_failure(e) {
-            Some(K::Connect | K::Timeout) => "storage.unreachable",
-            _ => "storage.io",
+            Some(K::Connect | K::Timeout) => Code::StorageUnreachable,
+            _ => Code::StorageIo,
         },
-        _ => "storage.io",
+        _ => Code::StorageIo,
     }
 }
 
@@ -187,9 +193,11 @@ fn storage_problem(key: &str, e: object_store::Error, root: Option<&std::path::P
     if let Some(root) = root {
         text = text.replace(&*root.to_string_lossy(), "<repository>");
     }
-    let p = Problem::new(code, format!("{key}: {text}")).with("object", key);
+    let p = Problem::new(code, format!("{key}: {text}"))
+        .with("object", key)
+        .caused_by(e);
     match code {
-        "storage.auth" => p.suggest(
+        Code::StorageAuth => p.suggest(
             "The store refused these credentials: check AWS_ACCESS_KEY_ID / \
              AWS_SECRET_ACCESS_KEY (or the instance role) and the bucket policy",
             None,
@@ -228,7 +236,7 @@ impl ObjectStoreBackend {
             .create(&dir)
             .map_err(|e| {
                 Problem::io(
-                    "io.write_failed",
+                    Code::IoWriteFailed,
                     format!("create the directory of {key}"),
                     &e,
                 )
@@ -245,11 +253,11 @@ impl ObjectStoreBackend {
             |p: &std::path::Path| -> std::io::Result<()> { std::fs::File::open(p)?.sync_all() };
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE))
             .and_then(|()| sync(&file))
-            .map_err(|e| Problem::io("io.write_failed", format!("fsync {key}"), &e))?;
+            .map_err(|e| Problem::io(Code::IoWriteFailed, format!("fsync {key}"), &e))?;
         if let Some(dir) = file.parent() {
             sync(dir).map_err(|e| {
                 Problem::io(
-                    "io.write_failed",
+                    Code::IoWriteFailed,
                     format!("fsync the directory of {key}"),
                     &e,
                 )
@@ -313,12 +321,12 @@ impl Store for ObjectStoreBackend {
         match self.rt.block_on(self.inner.get_range(&path, range.clone())) {
             Ok(b) if b.len() as u64 == range.end - range.start => Ok(b),
             Ok(_) => Err(Problem::new(
-                "verify.truncated",
+                Code::VerifyTruncated,
                 format!("{key}: short read of {range:?}"),
             )
             .with("object", key)),
             Err(object_store::Error::NotFound { .. }) => Err(Problem::new(
-                "verify.missing_object",
+                Code::VerifyMissingObject,
                 format!("{key} is missing from the repository"),
             )
             .with("object", key)),
@@ -328,8 +336,10 @@ impl Store for ObjectStoreBackend {
                     || text.contains("Range")
                     || text.contains("range")
                 {
-                    Err(Problem::new("verify.truncated", format!("{key}: {text}"))
-                        .with("object", key))
+                    Err(
+                        Problem::new(Code::VerifyTruncated, format!("{key}: {text}"))
+                            .with("object", key),
+                    )
                 } else {
                     Err(self.problem(key, e))
                 }

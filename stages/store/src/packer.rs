@@ -8,6 +8,7 @@ use crossbeam_channel::{bounded, Sender};
 use pg_hardstorage_engine::format::{PackBuilder, PackEntry};
 use pg_hardstorage_engine::stage::{Chunk, ChunkId, ChunkSink};
 use pg_hardstorage_engine::store::DynStore;
+use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -121,7 +122,7 @@ impl PackSink {
             .ok_or_else(|| Problem::internal("pack sink already finished"))?;
         // Blocks while every uploader is busy: the backpressure point.
         tx.send(sealed)
-            .map_err(|_| Problem::new("storage.io", "pack uploaders stopped"))?;
+            .map_err(|_| Problem::new(Code::StorageIo, "pack uploaders stopped"))?;
         self.check()
     }
 }
