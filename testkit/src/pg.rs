@@ -1,7 +1,9 @@
-//! A throw-away PostgreSQL 15 cluster: initdb as the `postgres` user in a
-//! temporary directory, a free port, `wal_level=replica`, replication slots
-//! and senders to spare; stopped and removed on drop. PostgreSQL refuses to
-//! run as root, so every server program runs through `runuser -u postgres`.
+//! A throw-away PostgreSQL cluster (15, Debian's, unless a test asks for
+//! another major): initdb as the `postgres` user in a temporary directory,
+//! a free port, `wal_level=replica`, replication slots and senders to
+//! spare; stopped and removed on drop. PostgreSQL refuses to run as root,
+//! so every server program runs through `runuser -u postgres`. Client
+//! tools (psql, pgbench, pg_verifybackup) are 15's whatever the server.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -16,12 +18,39 @@ pub fn bindir() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// Runs a PostgreSQL program as the `postgres` user.
+/// Where PostgreSQL servers of majors other than 15 are installed, one
+/// directory per major (`scripts/pg-majors.sh` puts them there).
+pub fn majors_root() -> PathBuf {
+    std::env::var_os("PHS_PG_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/pg_hardstorage/pg"))
+}
+
+/// The server programs (initdb, pg_ctl, postgres) of a PostgreSQL major;
+/// panics naming the install command when they are missing.
+pub fn major_bindir(major: u32) -> PathBuf {
+    if major == 15 {
+        return bindir();
+    }
+    let bin = majors_root().join(major.to_string()).join("bin");
+    assert!(
+        bin.join("postgres").is_file(),
+        "PostgreSQL {major} is not installed at {}: run scripts/pg-majors.sh {major}",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs a PostgreSQL 15 program as the `postgres` user.
 pub fn as_postgres(prog: &str, args: &[&str]) -> Output {
-    let bin = bindir().join(prog);
+    run_as_postgres(&bindir().join(prog), args)
+}
+
+/// Runs the program at `bin` as the `postgres` user.
+pub fn run_as_postgres(bin: &Path, args: &[&str]) -> Output {
     let out = Command::new("runuser")
         .args(["-u", "postgres", "--"])
-        .arg(&bin)
+        .arg(bin)
         .args(args)
         .output()
         .unwrap_or_else(|e| {
@@ -81,6 +110,8 @@ pub struct PgCluster {
     /// `listen_addresses`: `''` (Unix socket only) unless TLS is set up.
     listen: String,
     running: bool,
+    /// The server programs' directory (its major's).
+    server_bin: PathBuf,
 }
 
 fn scratch() -> tempfile::TempDir {
@@ -99,8 +130,14 @@ impl PgCluster {
         Self::initdb().started()
     }
 
-    /// An initialised, configured cluster, not started.
+    /// An initialised, configured PostgreSQL 15 cluster, not started.
     pub fn initdb() -> PgCluster {
+        Self::initdb_major(15)
+    }
+
+    /// An initialised, configured cluster of PostgreSQL `major`, not started.
+    pub fn initdb_major(major: u32) -> PgCluster {
+        let server_bin = major_bindir(major);
         let tmp = scratch();
         let data = tmp.path().join("data");
         let sock = tmp.path().join("sock");
@@ -108,8 +145,8 @@ impl PgCluster {
         give_to_postgres(tmp.path());
         check(
             "initdb",
-            as_postgres(
-                "initdb",
+            run_as_postgres(
+                &server_bin.join("initdb"),
                 &[
                     "-D",
                     data.to_str().expect("utf8"),
@@ -129,6 +166,7 @@ impl PgCluster {
             _tmp: Some(tmp),
             listen: "''".into(),
             running: false,
+            server_bin,
         };
         c.configure(&[
             "wal_level = replica",
@@ -201,6 +239,7 @@ impl PgCluster {
             port: crate::s3::free_port(),
             listen: "''".into(),
             running: false,
+            server_bin: bindir(),
         }
     }
 
@@ -231,8 +270,8 @@ impl PgCluster {
             self.sock.display()
         );
         let log = self.sock.join("postgres.log");
-        let o = as_postgres(
-            "pg_ctl",
+        let o = run_as_postgres(
+            &self.server_bin.join("pg_ctl"),
             &[
                 "-D",
                 self.data.to_str().expect("utf8"),
@@ -325,7 +364,8 @@ impl PgCluster {
     fn stop_with(&mut self, mode: &str) {
         if self.running {
             let data = self.data.to_str().unwrap_or_default().to_string();
-            let _ = as_postgres("pg_ctl", &["-D", &data, "-m", mode, "-w", "stop"]);
+            let pg_ctl = self.server_bin.join("pg_ctl");
+            let _ = run_as_postgres(&pg_ctl, &["-D", &data, "-m", mode, "-w", "stop"]);
             self.running = false;
         }
     }

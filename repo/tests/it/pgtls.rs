@@ -19,9 +19,17 @@ struct TlsServer {
 
 impl TlsServer {
     fn start(hba: &[&str], client_ca: bool) -> TlsServer {
+        Self::start_on(PgCluster::initdb(), hba, client_ca)
+    }
+
+    /// A server of PostgreSQL `major` (installed by scripts/pg-majors.sh).
+    fn start_major(major: u32, hba: &[&str]) -> TlsServer {
+        Self::start_on(PgCluster::initdb_major(major), hba, false)
+    }
+
+    fn start_on(pg: PgCluster, hba: &[&str], client_ca: bool) -> TlsServer {
         let ca = TestCa::new("phs test CA");
         let leaf = ca.server(&["localhost"]);
-        let pg = PgCluster::initdb();
         pg.hba_first(hba);
         let ca_pem = ca.pem();
         let pg = pg
@@ -315,4 +323,34 @@ fn scram_binds_to_the_tls_channel_and_client_certificates_authenticate() {
         e.code == "pg.auth_failed" || e.code == "pg.tls_failed",
         "{e}"
     );
+}
+
+/// `sslnegotiation=direct` (PostgreSQL 17+): TLS from the first byte with
+/// the `postgresql` ALPN, verified against the test CA, on a real
+/// PostgreSQL 17; a server without direct TLS (15) is a clear TLS error.
+#[test]
+fn direct_tls_negotiation_works_against_postgresql_17_and_fails_clearly_on_15() {
+    let s = TlsServer::start_major(17, &[]);
+    let ci = s.conninfo("localhost", "sslmode=verify-full sslnegotiation=direct");
+    let mut c = connect(&ci, true).expect("direct TLS to PostgreSQL 17");
+    assert!(c.is_tls());
+    c.identify_system()
+        .expect("IDENTIFY_SYSTEM over direct TLS");
+    assert_eq!(walsender_ssl(&s.pg), "true");
+    drop(c);
+    let old = TlsServer::start(&[], false);
+    let ci = old.conninfo("localhost", "sslmode=verify-full sslnegotiation=direct");
+    let e = connect(&ci, false)
+        .err()
+        .expect("PostgreSQL 15 has no direct TLS");
+    assert!(
+        e.code == "pg.tls_failed" && e.message.contains("sslnegotiation=direct"),
+        "{e}"
+    );
+    let hint = e
+        .suggestion
+        .as_ref()
+        .map(|s| s.human.clone())
+        .unwrap_or_default();
+    assert!(hint.contains("PostgreSQL 17"), "{hint}");
 }

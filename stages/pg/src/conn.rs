@@ -222,7 +222,18 @@ async fn open_stream(ci: &ConnInfo, tls: Tls) -> Result<Stream, Problem> {
     let s = tokio_rustls::TlsConnector::from(plan.config)
         .connect(plan.server_name, tcp)
         .await
-        .map_err(crate::tls::handshake_error)?;
+        .map_err(|e| {
+            let p = crate::tls::handshake_error(e);
+            match ci.tls.direct {
+                // A server before 17 reads the ClientHello as a startup
+                // packet and hangs up.
+                true => p.context("direct TLS (sslnegotiation=direct)").suggest(
+                    "Direct TLS needs PostgreSQL 17 or later: use sslnegotiation=postgres",
+                    None,
+                ),
+                false => p,
+            }
+        })?;
     if ci.tls.direct && s.get_ref().1.alpn_protocol() != Some(b"postgresql") {
         return Err(Problem::new(
             Code::PgTlsFailed,
