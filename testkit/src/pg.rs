@@ -223,8 +223,14 @@ impl PgCluster {
         )
     }
 
-    /// A cluster over an existing (restored) data directory, on a new port.
+    /// A PostgreSQL 15 cluster over an existing (restored) data directory,
+    /// on a new port.
     pub fn on_existing(data: &Path) -> PgCluster {
+        Self::on_existing_major(data, 15)
+    }
+
+    /// A cluster of PostgreSQL `major` over an existing data directory.
+    pub fn on_existing_major(data: &Path, major: u32) -> PgCluster {
         let sock = data
             .parent()
             .expect("parent")
@@ -239,7 +245,7 @@ impl PgCluster {
             port: crate::s3::free_port(),
             listen: "''".into(),
             running: false,
-            server_bin: bindir(),
+            server_bin: major_bindir(major),
         }
     }
 

@@ -13,6 +13,7 @@ use pg_hardstorage_engine::Code;
 mod delta;
 mod dest;
 mod fetch;
+pub mod pgverify;
 mod plan;
 mod preflight;
 mod recovery;
@@ -48,6 +49,9 @@ pub struct RestoreOptions {
     /// Into an existing directory of the same cluster: write only what
     /// differs, remove what the backup does not have.
     pub delta: bool,
+    /// Directories to look for `pg_verifybackup` in first
+    /// ([`pgverify::BINDIRS_ENV`]); the tool of the backup's major is used.
+    pub pg_bindirs: Vec<PathBuf>,
 }
 
 /// `--verify`: every chunk is always verified as it is read; this decides
@@ -60,54 +64,6 @@ pub enum VerifyMode {
     Skip,
     /// Fail when it is missing or fails.
     Require,
-}
-
-/// Runs `pg_verifybackup` on a restored data directory.
-fn pg_verifybackup(target: &Path, mode: VerifyMode) -> Result<&'static str, Problem> {
-    if mode == VerifyMode::Skip {
-        return Ok("skipped");
-    }
-    let bindir = std::process::Command::new("pg_config")
-        .arg("--bindir")
-        .output()
-        .ok()
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    let tool = bindir
-        .map(|b| b.join("pg_verifybackup"))
-        .filter(|p| p.exists());
-    let Some(tool) = tool else {
-        return match mode {
-            VerifyMode::Require => Err(Problem::new(
-                Code::RestoreVerifyUnavailable,
-                "--verify require: pg_verifybackup is not installed here",
-            )
-            .suggest(
-                "Install the PostgreSQL server programs, or use --verify auto",
-                None,
-            )),
-            _ => Ok("unavailable"),
-        };
-    };
-    let out = std::process::Command::new(&tool)
-        .arg("--ignore")
-        .arg(IN_PROGRESS_MARKER)
-        .arg("--ignore")
-        .arg(recovery::SPOOL)
-        .arg(target)
-        .output()
-        .map_err(|e| Problem::io(Code::RestoreVerifyUnavailable, tool.display(), &e))?;
-    if out.status.success() {
-        Ok("passed")
-    } else {
-        Err(Problem::new(
-            Code::VerifyPgVerifybackupFailed,
-            format!(
-                "pg_verifybackup rejected the restored directory: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        )
-        .with("target", target.display().to_string()))
-    }
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -319,7 +275,7 @@ fn run(
     }
     let has_pg_manifest = m.entries.iter().any(|e| e.path == "backup_manifest");
     let pg_check = if m.source["type"] == "postgres" && has_pg_manifest {
-        pg_verifybackup(&opts.target, opts.verify)?
+        pgverify::run(&opts.target, opts.verify, &opts.pg_bindirs, bus)?
     } else {
         "not_applicable"
     };

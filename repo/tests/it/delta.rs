@@ -44,6 +44,7 @@ fn a_delta_restore_writes_about_the_changed_pages_and_boots() {
         verify: VerifyMode::Require,
         tablespace_mapping: Vec::new(),
         delta: true,
+        pg_bindirs: Vec::new(),
     };
     let summary = restore(&repo, &m2, &opts, &bus).expect("delta restore");
     bus.close();

@@ -95,6 +95,7 @@ pub fn restore_to(repo: &Repository, m: &Manifest, target: &Path) -> Result<(), 
             verify: Default::default(),
             tablespace_mapping: Vec::new(),
             delta: false,
+            pg_bindirs: Vec::new(),
         },
         &EventBus::new(),
     )

@@ -151,6 +151,7 @@ fn restore_refuses_a_live_postmaster_even_with_force() {
             verify: Default::default(),
             tablespace_mapping: Vec::new(),
             delta: false,
+            pg_bindirs: Vec::new(),
         },
         &pg_hardstorage_engine::event::EventBus::new(),
     )
@@ -212,6 +213,7 @@ fn tablespace_is_backed_up_and_restored() {
             verify: Default::default(),
             tablespace_mapping: vec![(ts.display().to_string(), moved.clone())],
             delta: false,
+            pg_bindirs: Vec::new(),
         },
         &pg_hardstorage_engine::event::EventBus::new(),
     )
@@ -232,4 +234,91 @@ fn tablespace_is_backed_up_and_restored() {
             .trim(),
         "5000|12502500"
     );
+}
+
+fn restore_pg(
+    repo: &pg_hardstorage_repo::Repository,
+    m: &pg_hardstorage_engine::format::Manifest,
+    target: &std::path::Path,
+    verify: pg_hardstorage_repo::restore::VerifyMode,
+    pg_bindirs: Vec<std::path::PathBuf>,
+    bus: &pg_hardstorage_engine::event::EventBus,
+) -> Result<pg_hardstorage_repo::restore::RestoreSummary, pg_hardstorage_engine::Problem> {
+    pg_hardstorage_repo::restore::restore(
+        repo,
+        m,
+        &pg_hardstorage_repo::restore::RestoreOptions {
+            target: target.to_path_buf(),
+            force: false,
+            threads: 2,
+            recovery: None,
+            verify,
+            tablespace_mapping: Vec::new(),
+            delta: false,
+            pg_bindirs,
+        },
+        bus,
+    )
+}
+
+/// PostgreSQL 18 (its full tool set from PyPI, scripts/pg-majors.sh): a
+/// restore with default options finds 18's own pg_verifybackup, which
+/// passes, and the cluster starts with the source's tables. Where only an
+/// older pg_verifybackup is installed (15 refuses 18's version-2 manifest)
+/// the good restore is not failed: it says "unavailable" and warns, and
+/// only `--verify require` fails.
+#[test]
+fn postgresql_18_restores_by_default_with_its_own_pg_verifybackup() {
+    use pg_hardstorage_engine::event::{EventBus, Recorder};
+    use pg_hardstorage_repo::restore::VerifyMode;
+    use pg_hardstorage_testkit::pg::major_bindir;
+    let (tmp, repo) = local_repo(Default::default());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let src = PgCluster::initdb_major(18).started();
+    src.run("pgbench", &["-i", "-s", "2", "-q", "postgres"]);
+    let before = checksums(&src);
+    add_pg_deployment(&repo, "pg18", &src);
+    let (m, _) = backup(&repo, "pg18").expect("base backup of 18");
+    let bus = EventBus::new();
+
+    let target = tmp.path().join("r18");
+    let s = restore_pg(
+        &repo,
+        &m,
+        &target,
+        VerifyMode::Auto,
+        vec![major_bindir(18)],
+        &bus,
+    )
+    .expect("restore of 18");
+    assert_eq!(s.pg_verifybackup, "passed");
+
+    let rec = Recorder::new();
+    bus.add_sink(rec.clone());
+    let only_old = tmp.path().join("r18-old-tools");
+    let s = restore_pg(&repo, &m, &only_old, VerifyMode::Auto, Vec::new(), &bus)
+        .expect("a good restore is not failed for want of a tool");
+    assert_eq!(s.pg_verifybackup, "unavailable");
+    assert!(
+        rec.ops().iter().any(|o| o == "pg_verifybackup_unavailable"),
+        "{:?}",
+        rec.ops()
+    );
+    let e = restore_pg(
+        &repo,
+        &m,
+        &tmp.path().join("r18-require"),
+        VerifyMode::Require,
+        Vec::new(),
+        &EventBus::new(),
+    )
+    .expect_err("--verify require without a usable tool");
+    assert_eq!(e.code, "restore.verify_unavailable", "{e}");
+
+    let restored = PgCluster::on_existing_major(&target, 18).started();
+    assert_eq!(checksums(&restored), before);
 }

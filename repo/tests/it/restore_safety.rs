@@ -19,6 +19,7 @@ fn opts(target: &Path, force: bool, recovery: Option<Recovery>) -> RestoreOption
         verify: Default::default(),
         tablespace_mapping: Vec::new(),
         delta: false,
+        pg_bindirs: Vec::new(),
     }
 }
 
