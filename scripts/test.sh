@@ -46,6 +46,10 @@ set +e
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
+# The PostgreSQL tests once more against 18 (CI runs 15 and 18 on every
+# change; scripts/test-matrix.sh runs all six majors).
+echo "== PostgreSQL 18"
+MAJORS=18 scripts/test-matrix.sh || rc=1
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -3,7 +3,8 @@
 //! a free port, `wal_level=replica`, replication slots and senders to
 //! spare; stopped and removed on drop. PostgreSQL refuses to run as root,
 //! so every server program runs through `runuser -u postgres`. Client
-//! tools (psql, pgbench, pg_verifybackup) are 15's whatever the server.
+//! tools (psql, pgbench, pg_amcheck) are 15's whatever the server;
+//! `pg_verifybackup` is one that reads the server's manifests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -39,6 +40,70 @@ pub fn major_bindir(major: u32) -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The major the PostgreSQL tests run against: `PHS_PG_MAJOR` (the version
+/// matrix, `scripts/test-matrix.sh`, sets it), else 15.
+pub fn default_major() -> u32 {
+    std::env::var("PHS_PG_MAJOR")
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("PHS_PG_MAJOR={v:?} is not a PostgreSQL major"))
+        })
+        .unwrap_or(15)
+}
+
+/// A `pg_verifybackup` that checks [`default_major`]'s backups: 15's up to
+/// 15, else that major's own, else 18's for 16 (a version-1 manifest; run
+/// without WAL parsing, since its pg_waldump reads only 18's WAL). From 17
+/// on only the same major's tool reads `pg_control`, and the npm builds of
+/// 13–17 carry no client tools: `None` for 17.
+pub fn verifybackup_tool() -> Option<(PathBuf, bool)> {
+    let m = default_major();
+    if m <= 15 {
+        return Some((bindir().join("pg_verifybackup"), m == 15));
+    }
+    let own = major_bindir(m).join("pg_verifybackup");
+    if own.is_file() {
+        return Some((own, true));
+    }
+    (m <= 16).then(|| (major_bindir(18).join("pg_verifybackup"), false))
+}
+
+/// Checks a restored data directory with [`verifybackup_tool`] (as the
+/// `postgres` user) and panics with its output when it fails. Where no
+/// tool can check this major, says so on stderr: the caller's own checks
+/// (starting the cluster, comparing tables, pg_amcheck) still run.
+pub fn check_with_pg_verifybackup(dir: &Path) {
+    let Some((tool, same_major)) = verifybackup_tool() else {
+        eprintln!(
+            "pg_verifybackup: none installed can check PostgreSQL {} (not run)",
+            default_major()
+        );
+        return;
+    };
+    let mut a = if same_major {
+        vec![]
+    } else {
+        vec!["--no-parse-wal"]
+    };
+    let d = dir.to_str().expect("utf8 path");
+    a.push(d);
+    let v = run_as_postgres(&tool, &a);
+    assert!(
+        v.status.success(),
+        "pg_verifybackup {d}: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
+
+/// Whether restores of [`default_major`] can be checked by a
+/// `pg_verifybackup` here (the product's `--verify auto` then says
+/// `passed`, else `unavailable`).
+pub fn verifybackup_available() -> bool {
+    verifybackup_tool().is_some()
 }
 
 /// Runs a PostgreSQL 15 program as the `postgres` user.
@@ -130,9 +195,9 @@ impl PgCluster {
         Self::initdb().started()
     }
 
-    /// An initialised, configured PostgreSQL 15 cluster, not started.
+    /// An initialised, configured cluster of [`default_major`], not started.
     pub fn initdb() -> PgCluster {
-        Self::initdb_major(15)
+        Self::initdb_major(default_major())
     }
 
     /// An initialised, configured cluster of PostgreSQL `major`, not started.
@@ -223,10 +288,10 @@ impl PgCluster {
         )
     }
 
-    /// A PostgreSQL 15 cluster over an existing (restored) data directory,
-    /// on a new port.
+    /// A cluster of [`default_major`] over an existing (restored) data
+    /// directory, on a new port.
     pub fn on_existing(data: &Path) -> PgCluster {
-        Self::on_existing_major(data, 15)
+        Self::on_existing_major(data, default_major())
     }
 
     /// A cluster of PostgreSQL `major` over an existing data directory.

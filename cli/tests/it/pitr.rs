@@ -98,7 +98,12 @@ fn pitr_to_time_lsn_and_restore_point() {
             k,
         ]);
         assert!(r["files"].as_u64().expect("files") > 100, "{r}");
-        assert_eq!(r["pg_verifybackup"], "passed", "{r}");
+        // PostgreSQL's own check ran wherever a tool for the major exists.
+        let want = match pg_hardstorage_testkit::pg::verifybackup_available() {
+            true => "passed",
+            false => "unavailable",
+        };
+        assert_eq!(r["pg_verifybackup"], want, "{r}");
         let restored = PgCluster::on_existing(&target).started();
         wait_promoted(&restored);
         assert_eq!(

@@ -62,13 +62,21 @@ fn tool_major(tool: &Path) -> Option<u32> {
     major_of_version(&String::from_utf8_lossy(&o.stdout))
 }
 
-/// The best tool for a backup of `major`: that major's, else the newest
-/// newer one (newer tools read older manifests; older ones refuse newer).
+/// The newest data major another major's tool checks correctly: up to 16
+/// manifests are version 1 and the files are all it checks (WAL parsing is
+/// turned off); from 17 a manifest names the system identifier, which a
+/// tool checks in `pg_control`, whose layout is its own major's (18's tool
+/// calls 17's pg_control CRC incorrect).
+const CROSS_MAJOR_UP_TO: u32 = 16;
+
+/// The best tool for a backup of `major`: that major's; else, for a
+/// manifest of version 1, the newest newer one (older tools refuse newer
+/// manifests, and newer ones read older).
 pub fn choose(tools: &[(PathBuf, u32)], major: u32) -> Option<&(PathBuf, u32)> {
     tools.iter().find(|(_, m)| *m == major).or_else(|| {
         tools
             .iter()
-            .filter(|(_, m)| *m > major)
+            .filter(|(_, m)| major <= CROSS_MAJOR_UP_TO && *m > major)
             .max_by_key(|(_, m)| *m)
     })
 }
@@ -102,10 +110,16 @@ pub fn run(
         .into_iter()
         .filter_map(|t| tool_major(&t).map(|m| (t, m)))
         .collect();
-    let Some((tool, _)) = choose(&tools, major) else {
+    let Some((tool, tool_major)) = choose(&tools, major) else {
         return unavailable(mode, major, &tools, bus);
     };
-    let out = std::process::Command::new(tool)
+    let mut cmd = std::process::Command::new(tool);
+    if *tool_major != major {
+        // Its pg_waldump reads only its own major's WAL: check the files
+        // against the manifest and leave the WAL to recovery.
+        cmd.arg("--no-parse-wal");
+    }
+    let out = cmd
         .arg("--ignore")
         .arg(IN_PROGRESS_MARKER)
         .arg("--ignore")
@@ -183,7 +197,10 @@ mod tests {
         assert_eq!(choose(&tools, 16), Some(&t(18)));
         assert_eq!(choose(&tools, 17), Some(&t(17)));
         assert_eq!(choose(&tools, 18), Some(&t(18)));
-        // An older tool refuses a newer manifest: never chosen.
+        assert_eq!(choose(&[t(15)], 13), Some(&t(15)));
+        // An older tool refuses a newer manifest: never chosen; nor another
+        // major's for a version-2 manifest (it misreads pg_control).
         assert_eq!(choose(&[t(15)], 18), None);
+        assert_eq!(choose(&[t(15), t(18)], 17), None);
     }
 }

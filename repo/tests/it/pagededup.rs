@@ -5,7 +5,7 @@ use crate::postgres::add_pg_deployment;
 use crate::{backup, restore_to};
 use pg_hardstorage_repo::pages::is_relation_path;
 use pg_hardstorage_testkit::local_repo;
-use pg_hardstorage_testkit::pg::{as_postgres, PgCluster};
+use pg_hardstorage_testkit::pg::{check_with_pg_verifybackup, PgCluster};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -69,13 +69,7 @@ fn light_pgbench_traffic_stores_roughly_only_the_changed_pages() {
     restore_to(&repo, &m1, &a).expect("restore first");
     restore_to(&repo, &m2, &b).expect("restore second");
     // PostgreSQL's own manifest checks every file of the page-mapped restore.
-    let v = as_postgres("pg_verifybackup", &[b.to_str().expect("utf8")]);
-    assert!(
-        v.status.success(),
-        "pg_verifybackup: {}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    check_with_pg_verifybackup(&b);
 
     // The fraction of relation pages that changed between the two.
     let (old, new) = (relation_files(&a), relation_files(&b));
@@ -145,10 +139,5 @@ fn light_pgbench_traffic_stores_roughly_only_the_changed_pages() {
     assert!(m3.stats.pages_stored > 0, "{:?}", m3.stats);
     let c = tmp.path().join("third");
     restore_to(&repo, &m3, &c).expect("restore third");
-    let v = as_postgres("pg_verifybackup", &[c.to_str().expect("utf8")]);
-    assert!(
-        v.status.success(),
-        "pg_verifybackup: {}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    check_with_pg_verifybackup(&c);
 }

@@ -18,8 +18,10 @@ struct TlsServer {
 }
 
 impl TlsServer {
+    /// A PostgreSQL 15 server (TLS is the client's protocol, the same on
+    /// every major; the PyPI build of 18 has no SSL).
     fn start(hba: &[&str], client_ca: bool) -> TlsServer {
-        Self::start_on(PgCluster::initdb(), hba, client_ca)
+        Self::start_on(PgCluster::initdb_major(15), hba, client_ca)
     }
 
     /// A server of PostgreSQL `major` (installed by scripts/pg-majors.sh).
@@ -338,7 +340,7 @@ fn direct_tls_negotiation_works_against_postgresql_17_and_fails_clearly_on_15() 
         .expect("IDENTIFY_SYSTEM over direct TLS");
     assert_eq!(walsender_ssl(&s.pg), "true");
     drop(c);
-    let old = TlsServer::start(&[], false);
+    let old = TlsServer::start_on(PgCluster::initdb_major(15), &[], false);
     let ci = old.conninfo("localhost", "sslmode=verify-full sslnegotiation=direct");
     let e = connect(&ci, false)
         .err()

@@ -5,7 +5,7 @@
 use crate::{backup, restore_to};
 use pg_hardstorage_repo::deployment::{self, Deployment, Kind};
 use pg_hardstorage_testkit::local_repo;
-use pg_hardstorage_testkit::pg::{as_postgres, PgCluster};
+use pg_hardstorage_testkit::pg::{check_with_pg_verifybackup, PgCluster};
 
 const TABLES: [&str; 4] = [
     "pgbench_accounts",
@@ -111,13 +111,7 @@ fn full_restore(repo: &pg_hardstorage_repo::Repository, tmp: &std::path::Path, s
         std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
     restore_to(repo, &m, &target).expect("restore");
-    let v = as_postgres("pg_verifybackup", &[target.to_str().expect("utf8")]);
-    assert!(
-        v.status.success(),
-        "pg_verifybackup: {}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    check_with_pg_verifybackup(&target);
 
     let restored = PgCluster::on_existing(&target).started();
     assert_eq!(
@@ -221,12 +215,7 @@ fn tablespace_is_backed_up_and_restored() {
     let oid = m.source["tablespaces"][0]["oid"].as_str().expect("oid");
     let link = std::fs::read_link(target.join(format!("pg_tblspc/{oid}"))).expect("link");
     assert_eq!(link, moved);
-    let v = as_postgres("pg_verifybackup", &[target.to_str().expect("utf8")]);
-    assert!(
-        v.status.success(),
-        "pg_verifybackup: {}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    check_with_pg_verifybackup(&target);
     let restored = PgCluster::on_existing(&target).started();
     assert_eq!(
         restored
