@@ -162,12 +162,8 @@ fn run(
     let system = preflight(repo, name, &mut conn, bus)?;
     let server_version = conn.server_version.clone();
     let label = format!("pg_hardstorage {backup_id}");
-    let options = format!(
-        "LABEL '{}', CHECKPOINT 'fast', MANIFEST 'yes', WAL true, WAIT false",
-        label.replace('\'', "''")
-    );
     let page_size = block_size(&mut conn)?;
-    let source = BaseBackupSource::new(conn, options);
+    let source = BaseBackupSource::new(conn, label.clone());
     let (members, info) = (source.entries.clone(), source.info.clone());
     let index = RepoIndex::load(repo)?;
     let dedup = Arc::new(index.dedup());

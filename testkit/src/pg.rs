@@ -177,6 +177,8 @@ pub struct PgCluster {
     running: bool,
     /// The server programs' directory (its major's).
     server_bin: PathBuf,
+    /// The PostgreSQL major the cluster runs.
+    pub major: u32,
 }
 
 fn scratch() -> tempfile::TempDir {
@@ -232,6 +234,7 @@ impl PgCluster {
             listen: "''".into(),
             running: false,
             server_bin,
+            major,
         };
         c.configure(&[
             "wal_level = replica",
@@ -311,6 +314,7 @@ impl PgCluster {
             listen: "''".into(),
             running: false,
             server_bin: major_bindir(major),
+            major,
         }
     }
 
@@ -426,6 +430,17 @@ impl PgCluster {
         ];
         a.extend_from_slice(args);
         check(prog, as_postgres(prog, &a))
+    }
+
+    /// pg_amcheck of every database: heaps and B-tree indexes (with
+    /// `--heapallindexed`); on 13, whose amcheck has no `verify_heapam`,
+    /// the indexes alone.
+    pub fn amcheck(&self) {
+        let mut args = vec!["--all", "--install-missing", "--heapallindexed"];
+        if self.major < 14 {
+            args.extend(["--index", "*.*.*"]);
+        }
+        self.run("pg_amcheck", &args);
     }
 
     pub fn stop(&mut self) {

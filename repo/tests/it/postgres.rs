@@ -119,10 +119,7 @@ fn full_restore(repo: &pg_hardstorage_repo::Repository, tmp: &std::path::Path, s
         before,
         "restored tables differ from the source at backup time"
     );
-    restored.run(
-        "pg_amcheck",
-        &["--all", "--install-missing", "--heapallindexed"],
-    );
+    restored.amcheck();
 }
 
 /// Restoring over a running server is refused, even with --force.

@@ -38,6 +38,9 @@ pub struct Conn {
     pub server_version: String,
     /// RFC 5929 `tls-server-end-point` of the server's certificate, on TLS.
     end_point: Option<Vec<u8>>,
+    /// How it was reached: a second, plain session for what a walsender of
+    /// an older server cannot answer.
+    ci: ConnInfo,
 }
 
 /// What `IDENTIFY_SYSTEM` answers.
@@ -360,6 +363,7 @@ impl Conn {
             buf: BytesMut::with_capacity(1 << 16),
             server_version: String::new(),
             end_point,
+            ci: ci.clone(),
         };
         c.startup(ci, replication)?;
         Ok(c)
@@ -590,17 +594,54 @@ impl Conn {
         })
     }
 
-    /// Runs `BASE_BACKUP (...)`: result sets before the copy stream go to
-    /// the first element of the answer, those after it to the second; every
-    /// CopyData payload goes to `on_copy` as it arrives.
+    /// The server's major version, from the `server_version` it reported
+    /// at startup ("13.23", "18.6 (Debian 18.6-1)"); 0 when unknown.
+    pub fn server_major(&self) -> u32 {
+        let digits: String = self
+            .server_version
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().unwrap_or(0)
+    }
+
+    /// Runs `BASE_BACKUP` labelled `label` (fast checkpoint, a manifest,
+    /// the WAL, no wait for archiving) in the syntax of the server's major:
+    /// result sets before the copy stream go to the first element of the
+    /// answer, those after it to the second; the stream goes to `on_copy`
+    /// in PostgreSQL 15's framing ('n' archive, 'd' data, 'm' manifest),
+    /// into which an older server's stream (one COPY per tablespace, then
+    /// one for the manifest) is translated.
     pub fn base_backup(
         &mut self,
-        options: &str,
+        label: &str,
         on_copy: &mut dyn FnMut(CopyEvent) -> Result<(), Problem>,
     ) -> Result<(Vec<Rows>, Vec<Rows>), Problem> {
+        let label = label.replace('\'', "''");
+        let legacy = self.server_major() < 15;
+        let command = match legacy {
+            false => format!(
+                "BASE_BACKUP (LABEL '{label}', CHECKPOINT 'fast', MANIFEST 'yes', WAL true, WAIT false)"
+            ),
+            true => format!("BASE_BACKUP LABEL '{label}' FAST WAL NOWAIT MANIFEST 'yes'"),
+        };
         let mut b = BytesMut::new();
-        frontend::query(&format!("BASE_BACKUP ({options})"), &mut b).map_err(proto)?;
+        frontend::query(&command, &mut b).map_err(proto)?;
         self.send(&b)?;
+        if legacy {
+            let mut framed = LegacyFraming::default();
+            return self.base_backup_stream(&mut |m, before| framed.translate(m, before, on_copy));
+        }
+        self.base_backup_stream(&mut |m, _| match m {
+            LegacyMsg::Data(d) => on_copy(CopyEvent::Data(d)),
+            LegacyMsg::CopyStart | LegacyMsg::CopyEnd => Ok(()),
+        })
+    }
+
+    fn base_backup_stream(
+        &mut self,
+        on_copy: &mut CopyLoop<'_>,
+    ) -> Result<(Vec<Rows>, Vec<Rows>), Problem> {
         let (mut before, mut after): (Vec<Rows>, Vec<Rows>) = (Vec::new(), Vec::new());
         let mut copying_done = false;
         let mut err = None;
@@ -624,14 +665,25 @@ impl Conn {
                         None => sets.push(vec![row]),
                     }
                 }
-                Message::CopyOutResponse(_) => {}
+                Message::CopyOutResponse(_) if err.is_none() => {
+                    if let Err(p) = on_copy(LegacyMsg::CopyStart, &before) {
+                        err = Some(p);
+                    }
+                }
                 Message::CopyData(d) if err.is_none() => {
-                    if let Err(p) = on_copy(CopyEvent::Data(d.into_bytes())) {
+                    if let Err(p) = on_copy(LegacyMsg::Data(d.into_bytes()), &before) {
                         // Keep draining so the connection ends cleanly.
                         err = Some(p);
                     }
                 }
-                Message::CopyDone => copying_done = true,
+                Message::CopyDone => {
+                    copying_done = true;
+                    if err.is_none() {
+                        if let Err(p) = on_copy(LegacyMsg::CopyEnd, &before) {
+                            err = Some(p);
+                        }
+                    }
+                }
                 Message::ErrorResponse(e) => {
                     err.get_or_insert(server_error(&e));
                 }
@@ -642,6 +694,74 @@ impl Conn {
         match err {
             Some(e) => Err(e),
             None => Ok((before, after)),
+        }
+    }
+}
+
+/// What the copy loop of a base backup hands on: each message, and the
+/// result sets received before it.
+type CopyLoop<'a> = dyn FnMut(LegacyMsg, &[Rows]) -> Result<(), Problem> + 'a;
+
+/// What the copy loop of a base backup sees.
+enum LegacyMsg {
+    CopyStart,
+    Data(Bytes),
+    CopyEnd,
+}
+
+/// Translates a pre-15 base backup stream into 15's framing. Before 15 the
+/// server lists the tablespaces in a result set (`spcoid, spclocation,
+/// size`; the data directory last, with no oid), sends each as its own
+/// COPY of a tar stream without the two closing zero blocks, then the
+/// manifest as one more COPY.
+#[derive(Default)]
+struct LegacyFraming {
+    copies: usize,
+    in_tar: bool,
+}
+
+impl LegacyFraming {
+    fn translate(
+        &mut self,
+        m: LegacyMsg,
+        before: &[Rows],
+        on_copy: &mut dyn FnMut(CopyEvent) -> Result<(), Problem>,
+    ) -> Result<(), Problem> {
+        let spaces = before
+            .get(1)
+            .ok_or_else(|| proto("no tablespace list before the base backup"))?;
+        match m {
+            LegacyMsg::CopyStart => {
+                let i = self.copies;
+                self.copies += 1;
+                let Some(row) = spaces.get(i) else {
+                    self.in_tar = false;
+                    return on_copy(CopyEvent::Data(Bytes::from_static(b"m")));
+                };
+                self.in_tar = true;
+                let oid = row.first().cloned().flatten();
+                let location = row.get(1).cloned().flatten().unwrap_or_default();
+                let name = oid.map_or("base.tar".to_string(), |o| format!("{o}.tar"));
+                let mut frame = vec![b'n'];
+                for part in [name.as_bytes(), location.as_bytes()] {
+                    frame.extend_from_slice(part);
+                    frame.push(0);
+                }
+                on_copy(CopyEvent::Data(Bytes::from(frame)))
+            }
+            LegacyMsg::Data(d) => {
+                let mut frame = Vec::with_capacity(d.len() + 1);
+                frame.push(b'd');
+                frame.extend_from_slice(&d);
+                on_copy(CopyEvent::Data(Bytes::from(frame)))
+            }
+            LegacyMsg::CopyEnd if self.in_tar => {
+                // The end-of-archive marker the old server leaves out.
+                let mut frame = vec![0u8; 1025];
+                frame[0] = b'd';
+                on_copy(CopyEvent::Data(Bytes::from(frame)))
+            }
+            LegacyMsg::CopyEnd => Ok(()),
         }
     }
 }
@@ -686,8 +806,16 @@ pub fn format_lsn(lsn: u64) -> String {
 
 impl Conn {
     /// `(restart_lsn, timeline)` of a physical slot, `None` if it does not exist.
+    /// Before PostgreSQL 15 (no `READ_REPLICATION_SLOT`) the slot is read
+    /// from `pg_replication_slots` over a plain session, its timeline as 0.
     pub fn read_slot(&mut self, slot: &str) -> Result<Option<(u64, u32)>, Problem> {
-        let sets = self.simple_query(&format!("READ_REPLICATION_SLOT {slot}"))?;
+        let sets = match self.server_major() < 15 {
+            true => Conn::connect(&self.ci, false)?.simple_query(&format!(
+                "SELECT slot_type, restart_lsn, 0 FROM pg_replication_slots WHERE slot_name = '{}'",
+                slot.replace('\'', "''")
+            ))?,
+            false => self.simple_query(&format!("READ_REPLICATION_SLOT {slot}"))?,
+        };
         let row = sets.first().and_then(|s| s.first());
         match row {
             Some(r) if r.first().cloned().flatten().is_some() => {

@@ -29,17 +29,18 @@ pub struct BaseBackupInfo {
 
 pub struct BaseBackupSource {
     conn: Option<Conn>,
-    options: String,
+    /// The backup's label (`BASE_BACKUP LABEL`).
+    label: String,
     pub entries: Arc<Mutex<Vec<TarEntry>>>,
     pub info: Arc<Mutex<BaseBackupInfo>>,
     block: usize,
 }
 
 impl BaseBackupSource {
-    pub fn new(conn: Conn, options: String) -> Self {
+    pub fn new(conn: Conn, label: String) -> Self {
         BaseBackupSource {
             conn: Some(conn),
-            options,
+            label,
             entries: Arc::new(Mutex::new(Vec::new())),
             info: Arc::new(Mutex::new(BaseBackupInfo::default())),
             block: 8 << 20,
@@ -226,7 +227,7 @@ impl Source for BaseBackupSource {
                     )),
                 }
             };
-            conn.base_backup(&self.options, &mut on_copy)?
+            conn.base_backup(&self.label, &mut on_copy)?
         };
         out.end()?;
         if !reader.is_done() {
