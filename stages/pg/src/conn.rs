@@ -1067,4 +1067,54 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    /// A pre-15 stream (a tablespace, then the data directory, then the
+    /// manifest) comes out in 15's framing, each tar closed by its end
+    /// marker.
+    #[test]
+    fn a_legacy_base_backup_stream_is_translated_into_15s_framing() {
+        let row = |c: &[Option<&str>]| c.iter().map(|v| v.map(str::to_string)).collect();
+        let before: Vec<Rows> = vec![
+            vec![row(&[Some("0/2000028"), Some("1")])],
+            vec![
+                row(&[Some("16384"), Some("/srv/ts"), None]),
+                row(&[None, None, None]),
+            ],
+        ];
+        let mut f = LegacyFraming::default();
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut push = |e: CopyEvent| {
+            let CopyEvent::Data(b) = e;
+            out.push(b.to_vec());
+            Ok(())
+        };
+        for m in [
+            LegacyMsg::CopyStart,
+            LegacyMsg::Data(Bytes::from_static(b"ts-tar")),
+            LegacyMsg::CopyEnd,
+            LegacyMsg::CopyStart,
+            LegacyMsg::Data(Bytes::from_static(b"base-tar")),
+            LegacyMsg::CopyEnd,
+            LegacyMsg::CopyStart,
+            LegacyMsg::Data(Bytes::from_static(b"{manifest}")),
+            LegacyMsg::CopyEnd,
+        ] {
+            f.translate(m, &before, &mut push).expect("translate");
+        }
+        let trailer =
+            |v: &Vec<u8>| v.len() == 1025 && v[0] == b'd' && v[1..].iter().all(|b| *b == 0);
+        assert_eq!(out[0], b"n16384.tar\0/srv/ts\0");
+        assert_eq!(out[1], b"dts-tar");
+        assert!(trailer(&out[2]));
+        assert_eq!(out[3], b"nbase.tar\0\0");
+        assert_eq!(out[4], b"dbase-tar");
+        assert!(trailer(&out[5]));
+        assert_eq!(out[6], b"m");
+        assert_eq!(out[7], b"d{manifest}");
+        assert_eq!(out.len(), 8, "no end marker after the manifest");
+        // Without the tablespace list the stream is refused, not guessed.
+        let mut g = LegacyFraming::default();
+        let refused = g.translate(LegacyMsg::CopyStart, &before[..1], &mut |_| Ok(()));
+        assert!(refused.is_err());
+    }
 }
