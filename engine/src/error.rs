@@ -161,6 +161,7 @@ codes! {
     PgTlsUnavailable = "pg.tls_unavailable", Preflight, false;
     PgReplicationDenied = "pg.replication_denied", Preflight, false;
     PgSystemMismatch = "pg.system_mismatch", Preflight, false;
+    PgWalSegmentSizeUnsupported = "pg.wal_segment_size_unsupported", Preflight, false;
     PgServerError = "pg.server_error", Internal, false;
     PgProtocol = "pg.protocol", Internal, false;
     StorageUnreachable = "storage.unreachable", Unavailable, true;

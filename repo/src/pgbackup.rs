@@ -65,6 +65,20 @@ pub fn preflight(
             Some("ALTER SYSTEM SET wal_level = replica".into()),
         ));
     }
+    // Segment names and offsets assume 16 MiB segments: another size
+    // (initdb --wal-segsize) is refused rather than archived wrongly.
+    let segment = show(conn, "wal_segment_size")?;
+    if segment != "16MB" {
+        return Err(Problem::new(
+            Code::PgWalSegmentSizeUnsupported,
+            format!("the server's wal_segment_size is {segment}; only 16MB is supported"),
+        )
+        .with("deployment", name)
+        .suggest(
+            "Back this cluster up with a tool that supports its segment size, or re-initialise it with the default --wal-segsize=16",
+            None,
+        ));
+    }
     if show(conn, "max_slot_wal_keep_size")? == "-1" {
         bus.publish(Event::new(Severity::Warning, "pg_preflight_warning").body(json!({
             "deployment": name,

@@ -204,28 +204,30 @@ impl PgCluster {
 
     /// An initialised, configured cluster of PostgreSQL `major`, not started.
     pub fn initdb_major(major: u32) -> PgCluster {
+        Self::initdb_with(major, &[])
+    }
+
+    /// As [`PgCluster::initdb_major`], with more initdb arguments.
+    pub fn initdb_with(major: u32, extra: &[&str]) -> PgCluster {
         let server_bin = major_bindir(major);
         let tmp = scratch();
         let data = tmp.path().join("data");
         let sock = tmp.path().join("sock");
         std::fs::create_dir_all(&sock).expect("sock dir");
         give_to_postgres(tmp.path());
-        check(
-            "initdb",
-            run_as_postgres(
-                &server_bin.join("initdb"),
-                &[
-                    "-D",
-                    data.to_str().expect("utf8"),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--no-sync",
-                ],
-            ),
-        );
+        let data_dir = data.to_str().expect("utf8");
+        let mut args = vec![
+            "-D",
+            data_dir,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ];
+        args.extend_from_slice(extra);
+        check("initdb", run_as_postgres(&server_bin.join("initdb"), &args));
         let c = PgCluster {
             port: crate::s3::free_port(),
             data,

@@ -308,3 +308,19 @@ fn postgresql_18_restores_by_default_with_its_own_pg_verifybackup() {
     let restored = PgCluster::on_existing_major(&target, 18).started();
     assert_eq!(checksums(&restored), before);
 }
+
+/// A cluster made with another WAL segment size is refused before anything
+/// is archived (names and offsets assume 16 MiB), with a stable code.
+#[test]
+fn a_cluster_with_another_wal_segment_size_is_refused() {
+    let (_tmp, repo) = local_repo(Default::default());
+    let major = pg_hardstorage_testkit::pg::default_major();
+    let src = PgCluster::initdb_with(major, &["--wal-segsize=32"]).started();
+    add_pg_deployment(&repo, "seg32", &src);
+    let e = backup(&repo, "seg32")
+        .err()
+        .expect("32 MB segments are refused");
+    assert_eq!(e.code, "pg.wal_segment_size_unsupported", "{e}");
+    assert_eq!(e.exit_code(), 4);
+    assert!(e.message.contains("32MB"), "{e}");
+}
