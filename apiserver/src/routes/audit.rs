@@ -1,6 +1,6 @@
 //! `/v1/audit…`: the audit log.
 
-use super::{blocking, Ctx, Reply};
+use super::{Ctx, Reply};
 use pg_hardstorage_repo::ops;
 use serde::Deserialize;
 
@@ -23,16 +23,12 @@ pub fn search(c: Ctx) -> Reply {
             action: q.action,
             deployment: q.deployment,
         };
-        let (st, tenant) = (c.st.clone(), c.tenant());
-        let body = blocking(move || ops::audit_search_for(&st.repo, &f, tenant.as_deref())).await?;
-        c.ok(body)
+        let tenant = c.tenant();
+        c.answer(move |st| ops::audit_search_for(&st.repo, &f, tenant.as_deref()))
+            .await
     })
 }
 
 pub fn verify_chain(c: Ctx) -> Reply {
-    Box::pin(async move {
-        let st = c.st.clone();
-        let body = blocking(move || ops::audit_verify_chain(&st.repo)).await?;
-        c.ok(body)
-    })
+    Box::pin(async move { c.answer(|st| ops::audit_verify_chain(&st.repo)).await })
 }

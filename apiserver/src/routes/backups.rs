@@ -1,10 +1,15 @@
 //! `/v1/deployments/{d}/backups…` and `/v1/search`.
 
 use super::{blocking, stream, Ctx, Reply};
+use crate::body::Body;
+use hyper::Response;
 use pg_hardstorage_engine::pipeline::{default_workers, PipelineConfig};
+use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::backup::BackupOptions;
 use pg_hardstorage_repo::ops;
+use pg_hardstorage_repo::Repository;
 use serde::Deserialize;
+use serde_json::Value;
 
 /// The most queue memory a backup over the API may ask for (its default
 /// is 64 MiB).
@@ -70,9 +75,8 @@ pub fn list(c: Ctx) -> Reply {
 
 pub fn show(c: Ctx) -> Reply {
     Box::pin(async move {
-        let (st, id) = (c.st.clone(), c.param("id"));
-        let body = blocking(move || ops::backups_show(&st.repo, &id)).await?;
-        c.ok(body)
+        let id = c.param("id");
+        c.answer(move |st| ops::backups_show(&st.repo, &id)).await
     })
 }
 
@@ -117,53 +121,51 @@ pub fn verify(c: Ctx) -> Reply {
     })
 }
 
+/// Changes one backup's lifecycle (`change(repo, backup id, actor)`) and
+/// drops its deployment's cached listing, so the change shows at once.
+async fn lifecycle(
+    c: Ctx,
+    change: impl FnOnce(&Repository, &str, &str) -> Result<Value, Problem> + Send + 'static,
+) -> Result<Response<Body>, Problem> {
+    let (d, id, by) = (c.deployment(), c.param("id"), c.actor());
+    c.answer(move |st| {
+        let r = change(&st.repo, &id, &by);
+        st.forget_listing(&d);
+        r
+    })
+    .await
+}
+
 pub fn delete(c: Ctx) -> Reply {
     Box::pin(async move {
         let b: DeleteBackup = c.json()?;
-        let (st, d, id, by) = (c.st.clone(), c.deployment(), c.param("id"), c.actor());
-        let body = blocking(move || {
-            let r = ops::backups_delete(&st.repo, &id, &by, b.reason);
-            st.forget_listing(&d);
-            r
+        lifecycle(c, |repo, id, by| {
+            ops::backups_delete(repo, id, by, b.reason)
         })
-        .await?;
-        c.ok(body)
+        .await
     })
 }
 
 pub fn hold(c: Ctx) -> Reply {
     Box::pin(async move {
         let b: PlaceHold = c.json()?;
-        let (st, d, id, by) = (c.st.clone(), c.deployment(), c.param("id"), c.actor());
-        let body = blocking(move || {
-            let r = ops::backups_hold(&st.repo, &id, &by, b.reason, b.until.as_deref());
-            st.forget_listing(&d);
-            r
+        lifecycle(c, move |repo, id, by| {
+            ops::backups_hold(repo, id, by, b.reason, b.until.as_deref())
         })
-        .await?;
-        c.ok(body)
+        .await
     })
 }
 
 pub fn release(c: Ctx) -> Reply {
-    Box::pin(async move {
-        let (st, d, id, by) = (c.st.clone(), c.deployment(), c.param("id"), c.actor());
-        let body = blocking(move || {
-            let r = ops::backups_release(&st.repo, &by, &id);
-            st.forget_listing(&d);
-            r
-        })
-        .await?;
-        c.ok(body)
-    })
+    Box::pin(async move { lifecycle(c, |repo, id, by| ops::backups_release(repo, by, id)).await })
 }
 
 /// Backups of the deployments the caller's tenant may see.
 pub fn search(c: Ctx) -> Reply {
     Box::pin(async move {
         let q: SearchQuery = c.query()?;
-        let (st, tenant) = (c.st.clone(), c.tenant());
-        let body = blocking(move || ops::search(&st.repo, &q.q, tenant.as_deref())).await?;
-        c.ok(body)
+        let tenant = c.tenant();
+        c.answer(move |st| ops::search(&st.repo, &q.q, tenant.as_deref()))
+            .await
     })
 }

@@ -1,6 +1,6 @@
 //! `/v1/deployments`: list, create, show, update, delete.
 
-use super::{blocking, Ctx, Reply};
+use super::{Ctx, Reply};
 use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::deployment::{Deployment, Kind};
@@ -40,9 +40,9 @@ pub struct UpdateDeployment {
 
 pub fn list(c: Ctx) -> Reply {
     Box::pin(async move {
-        let (st, tenant) = (c.st.clone(), c.tenant());
-        let body = blocking(move || ops::deployments_list(&st.repo, tenant.as_deref())).await?;
-        c.ok(body)
+        let tenant = c.tenant();
+        c.answer(move |st| ops::deployments_list(&st.repo, tenant.as_deref()))
+            .await
     })
 }
 
@@ -87,35 +87,33 @@ pub fn create(c: Ctx) -> Reply {
             created_at: pg_hardstorage_engine::event::now_rfc3339(),
             system_identifier: None,
         };
-        let (st, actor) = (c.st.clone(), c.actor());
-        let body = blocking(move || ops::deployments_create(&st.repo, &actor, dep)).await?;
-        c.ok(body)
+        let actor = c.actor();
+        c.answer(move |st| ops::deployments_create(&st.repo, &actor, dep))
+            .await
     })
 }
 
 pub fn show(c: Ctx) -> Reply {
     Box::pin(async move {
-        let (st, d) = (c.st.clone(), c.deployment());
-        let body = blocking(move || ops::deployments_show(&st.repo, &d)).await?;
-        c.ok(body)
+        let d = c.deployment();
+        c.answer(move |st| ops::deployments_show(&st.repo, &d))
+            .await
     })
 }
 
 pub fn update(c: Ctx) -> Reply {
     Box::pin(async move {
         let b: UpdateDeployment = c.json()?;
-        let (st, d, actor) = (c.st.clone(), c.deployment(), c.actor());
-        let body =
-            blocking(move || ops::deployments_update(&st.repo, &actor, &d, b.pg, b.pgdata, b.path))
-                .await?;
-        c.ok(body)
+        let (d, actor) = (c.deployment(), c.actor());
+        c.answer(move |st| ops::deployments_update(&st.repo, &actor, &d, b.pg, b.pgdata, b.path))
+            .await
     })
 }
 
 pub fn delete(c: Ctx) -> Reply {
     Box::pin(async move {
-        let (st, d, actor) = (c.st.clone(), c.deployment(), c.actor());
-        let body = blocking(move || ops::deployments_delete(&st.repo, &actor, &d)).await?;
-        c.ok(body)
+        let (d, actor) = (c.deployment(), c.actor());
+        c.answer(move |st| ops::deployments_delete(&st.repo, &actor, &d))
+            .await
     })
 }

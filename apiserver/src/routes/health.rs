@@ -1,8 +1,7 @@
 //! Liveness, readiness, metrics, the API document and the doctor.
 
-use super::{blocking, Ctx, Reply, Seconds};
+use super::{plain, Ctx, Reply, Seconds};
 use crate::body::Body;
-use hyper::Response;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -11,19 +10,7 @@ pub fn live(c: Ctx) -> Reply {
 }
 
 pub fn ready(c: Ctx) -> Reply {
-    Box::pin(async move {
-        let st = c.st.clone();
-        let body = blocking(move || st.ready()).await?;
-        c.ok(body)
-    })
-}
-
-fn plain(content_type: &'static str, body: Body) -> Response<Body> {
-    Response::builder()
-        .status(200)
-        .header("content-type", content_type)
-        .body(body)
-        .unwrap_or_else(|_| Response::new(Body::full("")))
+    Box::pin(async move { c.answer(|st| st.ready()).await })
 }
 
 pub fn metrics(c: Ctx) -> Reply {
@@ -59,11 +46,10 @@ pub fn doctor(c: Ctx) -> Reply {
             opts.max_backup_age = s;
         }
         let dep = Some(c.deployment()).filter(|d| !d.is_empty());
-        let (st, tenant) = (c.st.clone(), c.tenant());
-        let body = blocking(move || {
+        let tenant = c.tenant();
+        c.answer(move |st| {
             pg_hardstorage_repo::ops::doctor_for(&st.repo, dep.as_deref(), tenant.as_deref(), &opts)
         })
-        .await?;
-        c.ok(body)
+        .await
     })
 }

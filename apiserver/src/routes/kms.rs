@@ -1,6 +1,6 @@
 //! `/v1/kms/…`: the repository's key envelopes.
 
-use super::{blocking, Ctx, Reply};
+use super::{Ctx, Reply};
 use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use pg_hardstorage_repo::{ops, KeySource};
@@ -28,11 +28,7 @@ pub struct ShredKeys {
 }
 
 pub fn inspect(c: Ctx) -> Reply {
-    Box::pin(async move {
-        let st = c.st.clone();
-        let body = blocking(move || ops::kms_inspect(&st.repo)).await?;
-        c.ok(body)
-    })
+    Box::pin(async move { c.answer(|st| ops::kms_inspect(&st.repo)).await })
 }
 
 /// `name` as a plain file name inside `dir`, or a refusal.
@@ -71,28 +67,26 @@ fn new_key(dir: Option<&Path>, b: RotateKek) -> Result<KeySource, Problem> {
 pub fn rotate(c: Ctx) -> Reply {
     Box::pin(async move {
         let b: RotateKek = c.json()?;
-        let (st, actor) = (c.st.clone(), c.actor());
-        let body = blocking(move || {
+        let actor = c.actor();
+        c.answer(move |st| {
             let new = new_key(st.kms_dir.as_deref(), b)?;
             ops::kms_rotate(&st.repo, &actor, &new)
         })
-        .await?;
-        c.ok(body)
+        .await
     })
 }
 
 pub fn shred(c: Ctx) -> Reply {
     Box::pin(async move {
         let b: ShredKeys = c.json()?;
-        let (st, actor) = (c.st.clone(), c.actor());
-        let body = blocking(move || {
+        let actor = c.actor();
+        c.answer(move |st| {
             let r = ops::kms_shred(&st.repo, &actor, &b.confirm);
             if r.is_ok() {
                 st.shredded.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             r
         })
-        .await?;
-        c.ok(body)
+        .await
     })
 }

@@ -332,6 +332,26 @@ impl Ctx {
     pub fn ok(&self, body: Value) -> Result<Response<Body>, Problem> {
         Ok(ok(self.command(), body))
     }
+
+    /// Runs `work` off the async threads and answers its value in the
+    /// route's envelope: what most handlers do once they have parsed.
+    pub async fn answer(
+        &self,
+        work: impl FnOnce(&State) -> Result<Value, Problem> + Send + 'static,
+    ) -> Result<Response<Body>, Problem> {
+        let st = self.st.clone();
+        let body = blocking(move || work(&st)).await?;
+        self.ok(body)
+    }
+}
+
+/// A 200 response of `content_type` (metrics, the API document, WAL bytes).
+pub fn plain(content_type: &'static str, body: Body) -> Response<Body> {
+    Response::builder()
+        .status(200)
+        .header("content-type", content_type)
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Body::full("")))
 }
 
 /// Resolves the route's scope, then runs its handler.

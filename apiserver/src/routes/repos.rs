@@ -1,8 +1,10 @@
 //! `/v1/repos/{r}…` and `/v1/agents`: the whole repository.
 
-use super::{blocking, stream, Ctx, Flag, Reply, Seconds};
-use pg_hardstorage_repo::ops;
+use super::{stream, Ctx, Flag, Reply, Seconds};
+use pg_hardstorage_engine::Problem;
+use pg_hardstorage_repo::{ops, Repository};
 use serde::Deserialize;
+use serde_json::Value;
 
 /// `POST /v1/repos/{r}/gc`.
 #[derive(Debug, Default, Deserialize)]
@@ -24,31 +26,24 @@ struct ScrubQuery {
 #[serde(deny_unknown_fields)]
 struct NoQuery {}
 
-pub fn show(c: Ctx) -> Reply {
+/// A repository-wide report that takes no query parameter.
+fn report(c: Ctx, f: fn(&Repository) -> Result<Value, Problem>) -> Reply {
     Box::pin(async move {
         c.query::<NoQuery>()?;
-        let st = c.st.clone();
-        let body = blocking(move || ops::repos_show(&st.repo)).await?;
-        c.ok(body)
+        c.answer(move |st| f(&st.repo)).await
     })
+}
+
+pub fn show(c: Ctx) -> Reply {
+    report(c, ops::repos_show)
 }
 
 pub fn check(c: Ctx) -> Reply {
-    Box::pin(async move {
-        c.query::<NoQuery>()?;
-        let st = c.st.clone();
-        let body = blocking(move || ops::repos_check(&st.repo)).await?;
-        c.ok(body)
-    })
+    report(c, ops::repos_check)
 }
 
 pub fn usage(c: Ctx) -> Reply {
-    Box::pin(async move {
-        c.query::<NoQuery>()?;
-        let st = c.st.clone();
-        let body = blocking(move || ops::repos_usage(&st.repo)).await?;
-        c.ok(body)
-    })
+    report(c, ops::repos_usage)
 }
 
 /// Default grace of a GC over the API: what a backup may take to commit.
@@ -84,9 +79,5 @@ pub fn scrub(c: Ctx) -> Reply {
 }
 
 pub fn agents(c: Ctx) -> Reply {
-    Box::pin(async move {
-        let st = c.st.clone();
-        let body = blocking(move || ops::agents_list(&st.repo)).await?;
-        c.ok(body)
-    })
+    Box::pin(async move { c.answer(|st| ops::agents_list(&st.repo)).await })
 }

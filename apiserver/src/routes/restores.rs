@@ -75,8 +75,8 @@ pub fn initiate(c: Ctx) -> Reply {
 
 pub fn status(c: Ctx) -> Reply {
     Box::pin(async move {
-        let (st, d, id) = (c.st.clone(), c.deployment(), c.param("id"));
-        let body = blocking(move || ops::restores_status(&st.repo, &d, &id)).await?;
-        c.ok(body)
+        let (d, id) = (c.deployment(), c.param("id"));
+        c.answer(move |st| ops::restores_status(&st.repo, &d, &id))
+            .await
     })
 }

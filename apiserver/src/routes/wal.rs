@@ -1,16 +1,14 @@
 //! `/v1/deployments/{d}/wal…`.
 
-use super::{blocking, report_drops, Ctx, Reply};
+use super::{blocking, plain, report_drops, Ctx, Reply};
 use crate::body::Body;
-use hyper::Response;
 use pg_hardstorage_engine::event::EventBus;
 use pg_hardstorage_repo::ops;
 
 pub fn list(c: Ctx) -> Reply {
     Box::pin(async move {
-        let (st, d) = (c.st.clone(), c.deployment());
-        let body = blocking(move || ops::wal_list(&st.repo, &d)).await?;
-        c.ok(body)
+        let d = c.deployment();
+        c.answer(move |st| ops::wal_list(&st.repo, &d)).await
     })
 }
 
@@ -19,18 +17,14 @@ pub fn fetch(c: Ctx) -> Reply {
     Box::pin(async move {
         let (st, d, seg) = (c.st.clone(), c.deployment(), c.param("seg"));
         let data = blocking(move || pg_hardstorage_repo::wal::read(&st.repo, &d, &seg)).await?;
-        Ok(Response::builder()
-            .status(200)
-            .header("content-type", "application/octet-stream")
-            .body(Body::full(data))
-            .unwrap_or_else(|_| Response::new(Body::full(""))))
+        Ok(plain("application/octet-stream", Body::full(data)))
     })
 }
 
 pub fn repair(c: Ctx) -> Reply {
     Box::pin(async move {
-        let (st, d, actor) = (c.st.clone(), c.deployment(), c.actor());
-        let body = blocking(move || {
+        let (d, actor) = (c.deployment(), c.actor());
+        c.answer(move |st| {
             let bus = EventBus::new();
             let drops = st.attach_sinks(&bus);
             let r = ops::wal_repair(&st.repo, &actor, &d, &bus);
@@ -38,7 +32,6 @@ pub fn repair(c: Ctx) -> Reply {
             bus.close();
             r
         })
-        .await?;
-        c.ok(body)
+        .await
     })
 }
