@@ -117,7 +117,7 @@ fn timed(
 }
 
 /// Backs up generated files into `repo`; returns their entries.
-fn back_up_generated(
+pub(crate) fn back_up_generated(
     repo: &Repository,
     opts: &BenchOptions,
     bus: &EventBus,

@@ -29,6 +29,12 @@ pub struct Progress {
     pub bytes: AtomicU64,
     pub files_done: AtomicU64,
     pub requests: AtomicU64,
+    /// Bytes the restore will write: the files' sizes until a batch is
+    /// planned, then what its plan writes (less, in a delta restore).
+    pub bytes_total: AtomicU64,
+    pub files_total: u64,
+    /// Distinct packs the batches planned so far read.
+    pub packs_touched: AtomicU64,
 }
 
 /// One reader's open files, the most recently opened last.

@@ -231,7 +231,7 @@ fn run(
         files.push((root, rel, e));
     }
     // Every chunk is located before a byte is written.
-    let mut plan = plan::plan(&index, files.clone(), max_read(repo), None)?;
+    locate_all(&index, &files)?;
     let roots = places.open_roots()?;
     let target = &roots[0];
     let marker = IN_PROGRESS_MARKER.as_bytes();
@@ -241,26 +241,25 @@ fn run(
         prune(m, &places, &roots)?;
     }
     make_tree(m, &places, &roots)?;
-    if opts.delta {
-        let have = delta::compare(repo, &roots, &files, opts.threads)?;
-        plan = plan::plan(&index, files, max_read(repo), Some(&have))?;
-    }
-    let progress = fetch::Progress::default();
-    fetch_reporting(
+    let progress = progress_for(&files);
+    let batches = Batches {
         repo,
-        &plan,
-        &roots,
-        opts.threads,
-        &progress,
-        (bus, subj, t0),
-    )?;
-    crate::parallel::for_each(
-        &plan.files,
-        opts.threads,
-        64,
-        || (),
-        |_, f| roots[f.root].finish(&f.rel, f.entry, false),
-    )?;
+        index: &index,
+        roots: &roots,
+        threads: opts.threads,
+        delta: opts.delta,
+        finish: true,
+        budget: PLAN_RECORDS,
+    };
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reporter = s.spawn(|| report(bus, subj, &progress, &done, t0));
+        let r = batches.run(&files, &progress);
+        done.store(true, Ordering::Release);
+        reporter.thread().unpark();
+        let _ = reporter.join();
+        r
+    })?;
     finish_tree(m, &places, &roots)?;
     if let Some(r) = &opts.recovery {
         let root = m
@@ -284,7 +283,7 @@ fn run(
     Ok(RestoreSummary {
         backup_id: m.backup_id.clone(),
         target: opts.target.display().to_string(),
-        files: plan.files.len() as u64,
+        files: files.len() as u64,
         bytes: progress.bytes.load(Ordering::Relaxed),
         duration_seconds: (t0.elapsed().as_secs_f64() * 100.0).round() / 100.0,
         verified: true,
@@ -347,24 +346,107 @@ fn prune(m: &Manifest, places: &Places, roots: &[Root]) -> Result<(), Problem> {
     delta::prune(roots, &delta::expected(roots.len(), placed.into_iter())).map(|_| ())
 }
 
-/// Runs the fetch with `restore_progress` published beside it.
-fn fetch_reporting(
-    repo: &Repository,
-    plan: &plan::Plan,
-    roots: &[Root],
+/// A file to restore: its root, its path beneath it, its entry.
+type FileIn<'m> = (usize, Vec<u8>, &'m Entry);
+
+/// Plan records (pages of page-mapped files, chunks of the others) one
+/// batch may hold. The plan is built and fetched a batch of files at a
+/// time, so its memory (about 100 bytes a record: ~26 MiB) does not grow
+/// with the backup; only a pack read across a batch boundary is read twice.
+const PLAN_RECORDS: u64 = 1 << 18;
+
+/// What planning `e` holds in memory, in records.
+fn records(e: &Entry) -> u64 {
+    let pages = e
+        .pages
+        .as_ref()
+        .map_or(0, |m| e.size / u64::from(m.page_size.max(1)));
+    pages + e.chunks.len() as u64
+}
+
+/// Consecutive runs of `files` of at most `budget` records each (a file
+/// larger than that is a batch of its own).
+fn batches(files: &[FileIn], budget: u64) -> Vec<std::ops::Range<usize>> {
+    let (mut out, mut start, mut held) = (Vec::new(), 0, 0u64);
+    for (i, f) in files.iter().enumerate() {
+        let r = records(f.2);
+        if i > start && held + r > budget {
+            out.push(start..i);
+            (start, held) = (i, 0);
+        }
+        held += r;
+    }
+    if start < files.len() {
+        out.push(start..files.len());
+    }
+    out
+}
+
+/// Fails before anything is written if the index lacks a chunk.
+fn locate_all(index: &RepoIndex, files: &[FileIn]) -> Result<(), Problem> {
+    for (_, _, e) in files {
+        for (id, _) in &e.chunks {
+            index.locate(id)?;
+        }
+    }
+    Ok(())
+}
+
+fn progress_for(files: &[FileIn]) -> fetch::Progress {
+    fetch::Progress {
+        bytes_total: files.iter().map(|f| f.2.size).sum::<u64>().into(),
+        files_total: files.len() as u64,
+        ..Default::default()
+    }
+}
+
+/// Plans and fetches files a batch at a time ([`PLAN_RECORDS`]).
+struct Batches<'a> {
+    repo: &'a Repository,
+    index: &'a RepoIndex,
+    roots: &'a [Root],
     threads: usize,
-    progress: &fetch::Progress,
-    (bus, subj, t0): (&EventBus, &Map<String, Value>, Instant),
-) -> Result<(), Problem> {
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let reporter = s.spawn(|| report(bus, subj, plan, progress, &done, t0));
-        let r = fetch::fetch(repo, plan, roots, threads, progress);
-        done.store(true, Ordering::Release);
-        reporter.thread().unpark();
-        let _ = reporter.join();
-        r
-    })
+    /// Compare each batch with what the target holds first.
+    delta: bool,
+    /// Set each file's mode, owner and times once it is written.
+    finish: bool,
+    /// Records per batch: [`PLAN_RECORDS`].
+    budget: u64,
+}
+
+impl Batches<'_> {
+    fn run(&self, files: &[FileIn], progress: &fetch::Progress) -> Result<(), Problem> {
+        let mut packs = std::collections::HashSet::new();
+        for b in batches(files, self.budget) {
+            let part = &files[b];
+            let have = match self.delta {
+                true => Some(delta::compare(self.repo, self.roots, part, self.threads)?),
+                false => None,
+            };
+            let plan = plan::plan(self.index, part, max_read(self.repo), have.as_deref())?;
+            // The sizes counted for this batch become what it writes.
+            let sizes: u64 = part.iter().map(|f| f.2.size).sum();
+            progress
+                .bytes_total
+                .fetch_add(plan.bytes_total, Ordering::Relaxed);
+            progress.bytes_total.fetch_sub(sizes, Ordering::Relaxed);
+            packs.extend(plan.packs.iter().copied());
+            progress
+                .packs_touched
+                .store(packs.len() as u64, Ordering::Relaxed);
+            fetch::fetch(self.repo, &plan, self.roots, self.threads, progress)?;
+            if self.finish {
+                crate::parallel::for_each(
+                    &plan.files,
+                    self.threads,
+                    64,
+                    || (),
+                    |_, f| self.roots[f.root].finish(&f.rel, f.entry, false),
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Directories (parents first, as the manifest lists them) and the links
@@ -397,16 +479,15 @@ fn finish_tree(m: &Manifest, places: &Places, roots: &[Root]) -> Result<(), Prob
 fn report(
     bus: &EventBus,
     subj: &Map<String, Value>,
-    plan: &plan::Plan,
     p: &fetch::Progress,
     done: &std::sync::atomic::AtomicBool,
     t0: Instant,
 ) {
-    let total = plan.bytes_total;
     loop {
         std::thread::park_timeout(PROGRESS_EVERY);
         let finished = done.load(Ordering::Acquire);
         let bytes = p.bytes.load(Ordering::Relaxed);
+        let total = p.bytes_total.load(Ordering::Relaxed);
         let secs = t0.elapsed().as_secs_f64().max(1e-3);
         let rate = bytes as f64 / secs;
         let eta = (rate > 0.0).then(|| (total.saturating_sub(bytes) as f64 / rate).round() as u64);
@@ -417,9 +498,9 @@ fn report(
                     "bytes_done": bytes,
                     "bytes_total": total,
                     "files_done": p.files_done.load(Ordering::Relaxed),
-                    "files_total": plan.files.len(),
+                    "files_total": p.files_total,
                     "requests": p.requests.load(Ordering::Relaxed),
-                    "packs_touched": plan.packs_touched,
+                    "packs_touched": p.packs_touched.load(Ordering::Relaxed),
                     "throughput_mb_s": (rate / 1e6 * 10.0).round() / 10.0,
                     "eta_seconds": eta,
                 })),
@@ -445,14 +526,22 @@ pub(crate) fn fetch_only(
         .iter()
         .map(|e| Ok((0, e.path_bytes()?, e)))
         .collect::<Result<Vec<_>, Problem>>()?;
-    let plan = plan::plan(&index, files, max_read(repo), None)?;
     let roots = [Root::open(target)?];
-    let progress = fetch::Progress::default();
-    fetch::fetch(repo, &plan, &roots, threads, &progress)?;
+    let progress = progress_for(&files);
+    let batches = Batches {
+        repo,
+        index: &index,
+        roots: &roots,
+        threads,
+        delta: false,
+        finish: false,
+        budget: PLAN_RECORDS,
+    };
+    batches.run(&files, &progress)?;
     Ok(crate::bench_restore::Figures {
         bytes: progress.bytes.load(Ordering::Relaxed),
         seconds: t0.elapsed().as_secs_f64(),
-        packs_touched: plan.packs_touched,
+        packs_touched: progress.packs_touched.load(Ordering::Relaxed) as usize,
         requests: progress.requests.load(Ordering::Relaxed),
     })
 }
@@ -461,3 +550,108 @@ pub(crate) fn fetch_only(
 /// file verified and the filesystem was synced. A failed or killed restore
 /// leaves it behind, so an incomplete tree never passes for a complete one.
 pub const IN_PROGRESS_MARKER: &str = ".pg_hardstorage-restore-in-progress";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(size: u64, chunks: usize) -> Entry {
+        Entry {
+            path: "f".into(),
+            path_hex: false,
+            kind: EntryKind::File,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime_s: 0,
+            mtime_ns: 0,
+            size,
+            target: None,
+            chunks: vec![(pg_hardstorage_engine::stage::ChunkId([0; 32]), 1); chunks],
+            pages: None,
+        }
+    }
+
+    #[test]
+    fn files_are_planned_in_batches_within_the_record_budget() {
+        let es = [
+            entry(0, 3),
+            entry(0, 4),
+            entry(0, 10),
+            entry(0, 1),
+            entry(0, 2),
+        ];
+        let files: Vec<FileIn> = es.iter().map(|e| (0, Vec::new(), e)).collect();
+        // 3+4 fit in 8; 10 is alone (larger than the budget); then 1+2.
+        assert_eq!(batches(&files, 8), vec![0..2, 2..3, 3..5]);
+        assert_eq!(batches(&files, 100), vec![0..5]);
+        assert_eq!(
+            batches(&files[..0], 8),
+            Vec::<std::ops::Range<usize>>::new()
+        );
+        // A page-mapped file counts its pages.
+        let mut paged = entry(64 * 8192, 1);
+        paged.pages = Some(pg_hardstorage_engine::format::PageMap {
+            page_size: 8192,
+            records: String::new(),
+        });
+        assert_eq!(records(&paged), 65);
+    }
+
+    #[test]
+    fn a_restore_in_many_small_batches_writes_what_one_batch_writes() {
+        let repo = crate::testing::memory_repo();
+        let opts = crate::bench::BenchOptions {
+            size: 12 << 20,
+            file_size: 1 << 20,
+            compressibility: 0.5,
+            dir: None,
+            sample: 1 << 20,
+            zstd_level: 1,
+            pipeline: pg_hardstorage_engine::pipeline::PipelineConfig {
+                workers: 2,
+                pin_cores: false,
+                ..Default::default()
+            },
+        };
+        let entries = crate::bench_restore::back_up_generated(&repo, &opts, &EventBus::new())
+            .expect("backup");
+        let index = RepoIndex::load(&repo).expect("index");
+        let files: Vec<FileIn> = entries
+            .iter()
+            .map(|e| (0, e.path_bytes().expect("path"), e))
+            .collect();
+        let tmp = tempfile::tempdir().expect("tmp");
+        let restore = |dir: &str, budget: u64| {
+            let target = tmp.path().join(dir);
+            std::fs::create_dir(&target).expect("mkdir");
+            let roots = [Root::open(&target).expect("root")];
+            let progress = progress_for(&files);
+            let b = Batches {
+                repo: &repo,
+                index: &index,
+                roots: &roots,
+                threads: 2,
+                delta: false,
+                finish: false,
+                budget,
+            };
+            b.run(&files, &progress).expect("restore");
+            let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            let got = (n(&progress.bytes), n(&progress.bytes_total));
+            assert_eq!(got, (12 << 20, 12 << 20), "{dir}");
+            assert_eq!(n(&progress.files_done), files.len() as u64, "{dir}");
+            (target, n(&progress.packs_touched), n(&progress.requests))
+        };
+        let (one, packs_one, _) = restore("one", u64::MAX);
+        // One file per batch.
+        let (many, packs_many, requests) = restore("many", 1);
+        assert_eq!(packs_many, packs_one, "packs are counted once");
+        assert!(requests >= packs_many);
+        for e in &entries {
+            let a = std::fs::read(one.join(&e.path)).expect("read");
+            let b = std::fs::read(many.join(&e.path)).expect("read");
+            assert!(a == b && a.len() as u64 == e.size, "{}", e.path);
+        }
+    }
+}

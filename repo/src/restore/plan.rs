@@ -69,7 +69,8 @@ pub struct Plan<'m> {
     pub reads: Vec<Read>,
     /// Bytes the restore writes.
     pub bytes_total: u64,
-    pub packs_touched: usize,
+    /// The packs it reads (index numbers, ascending, each once).
+    pub packs: Vec<u32>,
 }
 
 /// Builds the plan for `files` (each `(root, rel, entry)`), reading no
@@ -77,14 +78,14 @@ pub struct Plan<'m> {
 /// restore), chunks and pages already on disk are left out.
 pub fn plan<'m>(
     index: &RepoIndex,
-    files: Vec<(usize, Vec<u8>, &'m Entry)>,
+    files: &[(usize, Vec<u8>, &'m Entry)],
     max_read: u64,
     have: Option<&[Option<Vec<bool>>]>,
 ) -> Result<Plan<'m>, Problem> {
     let mut jobs: HashMap<ChunkId, Job> = HashMap::new();
     let mut planned = Vec::with_capacity(files.len());
     let mut bytes_total = 0u64;
-    for (n, (root, rel, e)) in files.into_iter().enumerate() {
+    for (n, &(root, ref rel, e)) in files.iter().enumerate() {
         let file = u32::try_from(n).map_err(|_| Problem::internal("too many files"))?;
         let same = have.and_then(|h| h.get(n)).and_then(|s| s.as_deref());
         let mut places = Vec::new();
@@ -113,19 +114,19 @@ pub fn plan<'m>(
         bytes_total += write_bytes;
         planned.push(PlannedFile {
             root,
-            rel,
+            rel: rel.clone(),
             entry: e,
             pages,
             fresh: same.is_none(),
             write_bytes,
         });
     }
-    let (reads, packs_touched) = coalesce(index, jobs, max_read)?;
+    let (reads, packs) = coalesce(index, jobs, max_read)?;
     Ok(Plan {
         files: planned,
         reads,
         bytes_total,
-        packs_touched,
+        packs,
     })
 }
 
@@ -197,7 +198,7 @@ fn coalesce(
     index: &RepoIndex,
     jobs: HashMap<ChunkId, Job>,
     max_read: u64,
-) -> Result<(Vec<Read>, usize), Problem> {
+) -> Result<(Vec<Read>, Vec<u32>), Problem> {
     let mut by_pack: HashMap<u32, Vec<Job>> = HashMap::new();
     for (id, j) in jobs {
         let (_, loc) = index.locate(&id)?;
@@ -205,7 +206,7 @@ fn coalesce(
     }
     let mut packs: Vec<_> = by_pack.into_iter().collect();
     packs.sort_by_key(|(p, _)| *p);
-    let touched = packs.len();
+    let touched = packs.iter().map(|(p, _)| *p).collect();
     let mut reads = Vec::new();
     for (p, mut jobs) in packs {
         let pack = index
