@@ -340,6 +340,11 @@ impl PgCluster {
 
     /// Starts the server; on failure returns pg_ctl's error and the server log.
     pub fn try_started(mut self) -> Result<PgCluster, String> {
+        self.start_in_place()?;
+        Ok(self)
+    }
+
+    fn start_in_place(&mut self) -> Result<(), String> {
         let opts = format!(
             "-p {} -c listen_addresses={} -c unix_socket_directories='{}'",
             self.port,
@@ -370,7 +375,80 @@ impl PgCluster {
             ));
         }
         self.running = true;
-        Ok(self)
+        Ok(())
+    }
+
+    /// A streaming hot standby of this running primary, not started: the
+    /// primary is stopped cleanly, its data directory copied and the
+    /// primary started again; the copy gets `standby.signal` and a
+    /// `primary_conninfo` to the primary's socket. The primary keeps 1 GB
+    /// of WAL for it (`wal_keep_size`).
+    pub fn standby(&mut self) -> PgCluster {
+        self.configure(&["wal_keep_size = '1GB'"]);
+        self.stop();
+        let tmp = scratch();
+        give_to_postgres(tmp.path());
+        let data = tmp.path().join("data");
+        let sock = tmp.path().join("sock");
+        std::fs::create_dir_all(&sock).expect("sock dir");
+        give_to_postgres(&sock);
+        let (from, to) = (
+            self.data.to_str().expect("utf8"),
+            data.to_str().expect("utf8"),
+        );
+        check(
+            "cp",
+            run_as_postgres(Path::new("/bin/cp"), &["-a", from, to]),
+        );
+        self.start_in_place().unwrap_or_else(|e| panic!("{e}"));
+        let signal = data.join("standby.signal");
+        std::fs::write(&signal, "").expect("standby.signal");
+        give_to_postgres(&signal);
+        let s = PgCluster {
+            port: crate::s3::free_port(),
+            data,
+            sock,
+            _tmp: Some(tmp),
+            listen: "''".into(),
+            running: false,
+            server_bin: self.server_bin.clone(),
+            major: self.major,
+        };
+        s.configure(&[&format!(
+            "primary_conninfo = 'host={} port={} user=postgres'",
+            self.sock.display(),
+            self.port
+        )]);
+        s
+    }
+
+    /// Waits (up to 60 s) until this standby has replayed everything
+    /// `primary` has written so far.
+    pub fn catch_up(&self, primary: &PgCluster) {
+        let lsn = primary.psql("postgres", "SELECT pg_current_wal_lsn()");
+        let sql = format!(
+            "SELECT pg_last_wal_replay_lsn() >= '{}'::pg_lsn",
+            lsn.trim()
+        );
+        let t0 = std::time::Instant::now();
+        while self.try_psql("postgres", &sql).map(|o| o.trim() == "t") != Ok(true) {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(60),
+                "the standby did not reach {lsn} in 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// `pg_ctl promote`, waiting until the server accepts writes.
+    pub fn promote(&self) {
+        let data = self.data.to_str().expect("utf8");
+        let pg_ctl = self.server_bin.join("pg_ctl");
+        check(
+            "pg_ctl promote",
+            run_as_postgres(&pg_ctl, &["-D", data, "-w", "-t", "120", "promote"]),
+        );
     }
 
     pub fn conninfo(&self) -> String {

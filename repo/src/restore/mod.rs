@@ -226,7 +226,7 @@ fn run(
     let places = checked_places(m, opts)?;
     let index = RepoIndex::load(repo)?;
     let mut files = Vec::new();
-    for e in m.entries.iter().filter(|e| e.kind == EntryKind::File) {
+    for e in restored(m).filter(|e| e.kind == EntryKind::File) {
         let (root, rel) = places.place(e)?;
         files.push((root, rel, e));
     }
@@ -336,11 +336,24 @@ fn stage_wal(
     )
 }
 
+/// Files a PostgreSQL base backup may hold that a restore leaves out: a
+/// backup taken on a standby holds its `standby.signal`, which would start
+/// the restored cluster as a standby of the live primary, following it past
+/// the backup. The restore writes the recovery it is asked for instead
+/// (`recovery.signal` for a point in time). pg_verifybackup ignores both.
+const NOT_RESTORED: [&str; 2] = ["standby.signal", "recovery.signal"];
+
+/// The manifest's entries a restore writes, in manifest order.
+fn restored(m: &Manifest) -> impl DoubleEndedIterator<Item = &Entry> {
+    let pg = m.source["type"] == "postgres";
+    m.entries
+        .iter()
+        .filter(move |e| !(pg && NOT_RESTORED.contains(&e.path.as_str())))
+}
+
 /// Delta: removes from the roots whatever the manifest does not place there.
 fn prune(m: &Manifest, places: &Places, roots: &[Root]) -> Result<(), Problem> {
-    let placed = m
-        .entries
-        .iter()
+    let placed = restored(m)
         .map(|e| places.place(e).map(|(root, rel)| (root, rel, e.kind)))
         .collect::<Result<Vec<_>, Problem>>()?;
     delta::prune(roots, &delta::expected(roots.len(), placed.into_iter())).map(|_| ())
@@ -452,7 +465,7 @@ impl Batches<'_> {
 /// Directories (parents first, as the manifest lists them) and the links
 /// to tablespace directories.
 fn make_tree(m: &Manifest, places: &Places, roots: &[Root]) -> Result<(), Problem> {
-    for e in m.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+    for e in restored(m).filter(|e| e.kind == EntryKind::Dir) {
         let (root, rel) = places.place(e)?;
         roots[root].mkdir(&rel)?;
     }
@@ -462,13 +475,13 @@ fn make_tree(m: &Manifest, places: &Places, roots: &[Root]) -> Result<(), Proble
 /// Symbolic links, then directories' modes, owners and times, deepest
 /// first, so writing into them does not disturb the times just set.
 fn finish_tree(m: &Manifest, places: &Places, roots: &[Root]) -> Result<(), Problem> {
-    for e in m.entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
+    for e in restored(m).filter(|e| e.kind == EntryKind::Symlink) {
         let (root, rel) = places.place(e)?;
         let link = e.target.clone().unwrap_or_default();
         roots[root].symlink(&rel, link.as_bytes())?;
         roots[root].finish_symlink(&rel, e)?;
     }
-    for e in m.entries.iter().rev().filter(|e| e.kind == EntryKind::Dir) {
+    for e in restored(m).rev().filter(|e| e.kind == EntryKind::Dir) {
         let (root, rel) = places.place(e)?;
         roots[root].finish(&rel, e, true)?;
     }

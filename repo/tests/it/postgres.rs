@@ -324,3 +324,53 @@ fn a_cluster_with_another_wal_segment_size_is_refused() {
     assert_eq!(e.exit_code(), 4);
     assert!(e.message.contains("32MB"), "{e}");
 }
+
+/// A deployment pointing at a hot standby takes its base backups there
+/// (`BASE_BACKUP` on the standby, its end from the standby's replay): the
+/// backup says it came from a standby, restores, verifies, starts and
+/// holds the tables as the standby had them, writes made on the primary
+/// afterwards excluded.
+#[test]
+fn a_hot_standby_is_backed_up_there_and_restores() {
+    let (tmp, repo) = local_repo(Default::default());
+    let mut primary = PgCluster::start();
+    primary.run("pgbench", &["-i", "-s", "2", "-q", "postgres"]);
+    let standby = primary.standby().started();
+    primary.psql(
+        "postgres",
+        "UPDATE pgbench_accounts SET abalance = aid % 89 WHERE aid % 7 = 0",
+    );
+    standby.catch_up(&primary);
+    let in_recovery = standby.psql("postgres", "SELECT pg_is_in_recovery()");
+    assert_eq!(in_recovery.trim(), "t", "not a standby");
+    let before = checksums(&standby);
+    assert_eq!(before, checksums(&primary), "the standby lags");
+
+    add_pg_deployment(&repo, "replica", &standby);
+    let (m, _) = backup(&repo, "replica").expect("a base backup on the standby");
+    primary.psql(
+        "postgres",
+        "UPDATE pgbench_branches SET bbalance = bbalance + 1",
+    );
+    standby.catch_up(&primary);
+
+    let target = tmp.path().join("restored");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    restore_to(&repo, &m, &target).expect("restore");
+    let label = std::fs::read_to_string(target.join("backup_label")).expect("backup_label");
+    assert!(label.contains("BACKUP FROM: standby"), "{label}");
+    // The standby's signal file is in the backup but not restored: the
+    // restore would otherwise follow the live primary past the backup.
+    assert!(m.entries.iter().any(|e| e.path == "standby.signal"));
+    assert!(!target.join("standby.signal").exists());
+    check_with_pg_verifybackup(&target);
+    let restored = PgCluster::on_existing(&target).started();
+    let in_recovery = restored.psql("postgres", "SELECT pg_is_in_recovery()");
+    assert_eq!(in_recovery.trim(), "f", "{}", restored.log());
+    assert_eq!(checksums(&restored), before, "restored tables differ");
+    restored.amcheck();
+}
