@@ -28,6 +28,7 @@ pub mod pitr;
 pub mod repository;
 pub mod restore;
 pub mod retention;
+pub mod timelines;
 pub mod tokens;
 pub mod verify;
 pub mod wal;

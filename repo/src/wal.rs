@@ -292,6 +292,31 @@ fn resume_point(
     Ok(archived.max(slot_restart - slot_restart % SEGMENT_SIZE))
 }
 
+/// Where streaming starts, and on which timeline: after the newest segment
+/// archived on the path to `tli` (a slot made just now, on a new primary
+/// after a failover, holds nothing for us yet: the server may still have
+/// the WAL since), else where the slot's WAL begins.
+fn start_point(
+    repo: &Repository,
+    deployment: &str,
+    history: &[(u32, u64)],
+    tli: u32,
+    restart: u64,
+    created: bool,
+) -> Result<(u64, u32), Problem> {
+    let names = list_names(repo, deployment)?;
+    let slot_start = restart - restart % SEGMENT_SIZE;
+    let pos = match crate::timelines::archive_end(&names, history, tli) {
+        Some(a) if created => a,
+        Some(a) => a.max(slot_start),
+        None => slot_start,
+    };
+    Ok((
+        pos,
+        crate::timelines::of_segment(pos / SEGMENT_SIZE, history, tli),
+    ))
+}
+
 /// Streams WAL from the deployment's slot into the repository until an
 /// error (returned) or the server ends the stream. `stop` is polled between
 /// messages.
@@ -308,8 +333,8 @@ pub fn stream_once(
     // address must never be archived under this deployment.
     let system = crate::pgbackup::preflight(repo, deployment, &mut conn, bus)?;
     let slot = slot_name(deployment);
-    let restart = match conn.read_slot(&slot)? {
-        Some((lsn, _)) if lsn > 0 => lsn,
+    let (restart, created) = match conn.read_slot(&slot)? {
+        Some((lsn, _)) if lsn > 0 => (lsn, false),
         Some(_) => {
             // PostgreSQL invalidated the slot (max_slot_wal_keep_size): the
             // WAL it held is gone from the server. Say so loudly, make the
@@ -332,14 +357,14 @@ pub fn stream_once(
                     "to": segment_name(system.timeline, gap_to / SEGMENT_SIZE - 1),
                 })));
             }
-            fresh
+            (fresh, false)
         }
         None => {
             conn.create_slot(&slot)?;
             bus.publish(
                 Event::new(Severity::Notice, "wal_slot_created").body(json!({"slot": slot})),
             );
-            conn.read_slot(&slot)?.map(|(l, _)| l).unwrap_or(0)
+            (conn.read_slot(&slot)?.map(|(l, _)| l).unwrap_or(0), true)
         }
     };
     let tli = system.timeline;
@@ -357,14 +382,34 @@ pub fn stream_once(
             )?;
         }
     }
-    let mut pos = resume_point(repo, deployment, tli, restart)?;
+    let history = match tli > 1 {
+        true => crate::timelines::parse_history(&conn.timeline_history(tli)?.1),
+        false => Vec::new(),
+    };
+    let (mut pos, mut on) = start_point(repo, deployment, &history, tli, restart, created)?;
     bus.publish(
         Event::new(Severity::Info, "wal_stream_started").body(json!({
-            "deployment": deployment, "slot": slot, "timeline": tli, "start_lsn": format_lsn(pos),
+            "deployment": deployment, "slot": slot, "timeline": on, "start_lsn": format_lsn(pos),
             "system_identifier": system.system_identifier,
         })),
     );
-    conn.start_replication(&slot, pos, tli)?;
+    let slot_start = restart - restart % SEGMENT_SIZE;
+    if let Err(p) = conn.start_replication(&slot, pos, on) {
+        // A new primary's fresh slot, and the server no longer has the WAL
+        // after the archive's end: that WAL is lost. Say so; go on from
+        // the slot, on a new session.
+        if !(created && pos < slot_start && p.message.contains("already been removed")) {
+            return Err(p);
+        }
+        bus.publish(Event::new(Severity::Error, "wal_gap").body(json!({
+            "deployment": deployment, "timeline": on,
+            "from": segment_name(on, pos / SEGMENT_SIZE),
+            "to": segment_name(tli, slot_start / SEGMENT_SIZE - 1),
+        })));
+        conn = Conn::connect(&ci, true)?;
+        (pos, on) = (slot_start, tli);
+        conn.start_replication(&slot, pos, on)?;
+    }
     let mut seg: Vec<u8> = Vec::with_capacity(SEGMENT_SIZE as usize);
     let mut flushed = pos;
     let mut last_report = std::time::Instant::now();
@@ -389,7 +434,7 @@ pub fn stream_once(
                     seg.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     if seg.len() as u64 == SEGMENT_SIZE {
-                        let name = segment_name(tli, pos / SEGMENT_SIZE);
+                        let name = segment_name(on, pos / SEGMENT_SIZE);
                         let bytes = Bytes::from(std::mem::replace(
                             &mut seg,
                             Vec::with_capacity(SEGMENT_SIZE as usize),
@@ -417,6 +462,9 @@ pub fn stream_once(
                     })));
                 }
             }
+            // Timeline `on` ended at its switch point (the server was
+            // promoted since): the partial segment held is superseded by
+            // the next timeline's copy of it; the caller reconnects.
             ReplMsg::End => return Ok(()),
         }
     }

@@ -58,6 +58,28 @@ pub enum CopyEvent {
 
 pub type Rows = Vec<Vec<Option<String>>>;
 
+/// No host of a multi-host string would do: one error naming each host
+/// and why. Its code is the hosts' common one (all refused the password:
+/// `pg.auth_failed`), else `pg.unreachable`.
+fn no_host(ci: &ConnInfo, tried: Vec<(String, Problem)>) -> Problem {
+    let why: Vec<String> = tried
+        .iter()
+        .map(|(h, p)| format!("{h}: {} ({})", p.message, p.code.as_ref()))
+        .collect();
+    let code = match tried.first() {
+        Some((_, p)) if tried.iter().all(|(_, q)| q.code == p.code) => p.code,
+        _ => Code::PgUnreachable,
+    };
+    Problem::new(
+        code,
+        format!("no host is {}: {}", ci.session_attrs.name(), why.join("; ")),
+    )
+    .suggest(
+        "Check that one of the hosts is up and, for read-write, that it is the primary",
+        None,
+    )
+}
+
 fn proto(m: impl std::fmt::Display) -> Problem {
     Problem::new(Code::PgProtocol, format!("PostgreSQL protocol: {m}"))
 }
@@ -322,7 +344,62 @@ impl Conn {
     /// TLS when the server refuses it; `prefer` tries TLS first and clear
     /// when the server declines or the handshake fails; `require` and the
     /// `verify-*` modes never speak in clear.
+    /// Connects as libpq does: each host in turn until one answers and
+    /// matches `target_session_attrs` (for `prefer-standby`, a pass for a
+    /// standby first, then any).
     pub fn connect(ci: &ConnInfo, replication: bool) -> Result<Conn, Problem> {
+        use crate::conninfo::SessionAttrs;
+        if ci.hosts.len() <= 1 && ci.session_attrs == SessionAttrs::Any {
+            return Self::connect_one(ci, replication);
+        }
+        let passes: &[SessionAttrs] = match ci.session_attrs {
+            SessionAttrs::PreferStandby => &[SessionAttrs::Standby, SessionAttrs::Any],
+            a => &[a],
+        };
+        let mut tried: Vec<(String, Problem)> = Vec::new();
+        for &want in passes {
+            for h in &ci.hosts {
+                let where_ = format!("{}:{}", h.host, h.port);
+                let r = Self::connect_one(&ci.for_host(h), replication)
+                    .and_then(|mut c| c.session_is(want).map(|ok| (c, ok)));
+                match r {
+                    Ok((c, true)) => return Ok(c),
+                    Ok((_, false)) => tried.push((
+                        where_,
+                        Problem::new(Code::PgUnreachable, format!("not {}", want.name())),
+                    )),
+                    Err(p) => tried.push((where_, p)),
+                }
+            }
+        }
+        Err(no_host(ci, tried))
+    }
+
+    /// Whether this session is what `want` asks for.
+    fn session_is(&mut self, want: crate::conninfo::SessionAttrs) -> Result<bool, Problem> {
+        use crate::conninfo::SessionAttrs;
+        let major = self.server_major();
+        let mut show = |what: &str| -> Result<bool, Problem> {
+            let rows = self.simple_query(&format!("SHOW {what}"))?;
+            let v = rows.first().and_then(|s| s.first()).and_then(|r| r.first());
+            Ok(v.cloned().flatten().as_deref() == Some("on"))
+        };
+        Ok(match want {
+            SessionAttrs::Any => true,
+            SessionAttrs::ReadWrite => !show("transaction_read_only")?,
+            SessionAttrs::ReadOnly => show("transaction_read_only")?,
+            SessionAttrs::Primary | SessionAttrs::Standby | SessionAttrs::PreferStandby => {
+                // in_hot_standby is 14's; before it a standby is read-only.
+                let hot = match major >= 14 {
+                    true => show("in_hot_standby")?,
+                    false => show("transaction_read_only")?,
+                };
+                hot == (want != SessionAttrs::Primary)
+            }
+        })
+    }
+
+    fn connect_one(ci: &ConnInfo, replication: bool) -> Result<Conn, Problem> {
         use crate::conninfo::SslMode;
         if ci.is_unix() {
             return Self::attempt(ci, replication, Tls::Off);

@@ -23,6 +23,63 @@ pub struct ConnInfo {
     pub tls: TlsSettings,
     pub require_auth: RequireAuth,
     pub connect_timeout: Option<std::time::Duration>,
+    /// Every host of a multi-host string (`host=a,b port=5432,5433`), in
+    /// order; `host`, `hostaddr` and `port` above are the first one's.
+    pub hosts: Vec<Host>,
+    /// libpq's `target_session_attrs`: which of the hosts to settle on.
+    pub session_attrs: SessionAttrs,
+}
+
+/// One server of a connection string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Host {
+    pub host: String,
+    pub hostaddr: Option<String>,
+    pub port: u16,
+}
+
+/// libpq's `target_session_attrs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SessionAttrs {
+    #[default]
+    Any,
+    /// `transaction_read_only` is off.
+    ReadWrite,
+    ReadOnly,
+    /// Not in hot standby.
+    Primary,
+    Standby,
+    /// A standby if one answers, else any.
+    PreferStandby,
+}
+
+impl SessionAttrs {
+    fn parse(v: &str) -> Result<Self, Problem> {
+        Ok(match v {
+            "any" => SessionAttrs::Any,
+            "read-write" => SessionAttrs::ReadWrite,
+            "read-only" => SessionAttrs::ReadOnly,
+            "primary" => SessionAttrs::Primary,
+            "standby" => SessionAttrs::Standby,
+            "prefer-standby" => SessionAttrs::PreferStandby,
+            _ => {
+                return Err(bad(format!(
+                    "target_session_attrs {v:?} is not any, read-write, read-only, primary, standby or prefer-standby"
+                )))
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+            SessionAttrs::ReadOnly => "read-only",
+            SessionAttrs::Primary => "primary",
+            SessionAttrs::Standby => "standby",
+            SessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
 }
 
 /// libpq's `sslmode`.
@@ -156,6 +213,51 @@ impl RequireAuth {
     pub fn permits(&self, m: AuthMethod) -> bool {
         self.methods.is_empty() || self.methods.contains(&m) != self.negated
     }
+}
+
+/// The hosts of `host`, `hostaddr` and `port` (each a comma-separated
+/// list): one port for all hosts or one each; hostaddr one each, if given.
+fn hosts(
+    host: Option<String>,
+    hostaddr: Option<String>,
+    port: Option<String>,
+) -> Result<Vec<Host>, Problem> {
+    let list = |v: &Option<String>| -> Vec<String> {
+        v.as_deref()
+            .map(|s| s.split(',').map(|x| x.trim().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let (hs, addrs, ports) = (list(&host), list(&hostaddr), list(&port));
+    let n = hs.len().max(addrs.len()).max(1);
+    if (!hs.is_empty() && hs.len() != n) || (!addrs.is_empty() && addrs.len() != n) {
+        return Err(bad(format!(
+            "{} hosts but {} hostaddrs: give one each",
+            hs.len(),
+            addrs.len()
+        )));
+    }
+    if ports.len() > 1 && ports.len() != n {
+        return Err(bad(format!(
+            "{n} hosts but {} ports: give one port, or one each",
+            ports.len()
+        )));
+    }
+    (0..n)
+        .map(|i| {
+            // The port alone: the string may hold a password.
+            let p = ports.get(i).or(ports.first()).map(String::as_str);
+            let port = match p.filter(|p| !p.is_empty()) {
+                Some(p) => p.parse().map_err(|_| bad(format!("bad port {p:?}")))?,
+                None => 5432,
+            };
+            let host = hs.get(i).filter(|h| !h.is_empty()).cloned();
+            Ok(Host {
+                host: host.unwrap_or_else(|| "/var/run/postgresql".into()),
+                hostaddr: addrs.get(i).filter(|a| !a.is_empty()).cloned(),
+                port,
+            })
+        })
+        .collect()
 }
 
 fn bad(m: String) -> Problem {
@@ -332,6 +434,7 @@ const KEYWORDS: &[(&str, Option<&str>)] = &[
     ("channel_binding", Some("PGCHANNELBINDING")),
     ("require_auth", Some("PGREQUIREAUTH")),
     ("connect_timeout", Some("PGCONNECT_TIMEOUT")),
+    ("target_session_attrs", Some("PGTARGETSESSIONATTRS")),
     ("service", Some("PGSERVICE")),
     ("application_name", None),
     ("fallback_application_name", None),
@@ -368,6 +471,22 @@ fn percent_decode(s: &str) -> Result<String, Problem> {
     String::from_utf8(out).map_err(|_| bad("the connection URI decodes to invalid UTF-8".into()))
 }
 
+/// One `host[:port]` of a URI's authority (`[v6]:port` too).
+fn uri_host_port(hostport: &str) -> Result<(&str, Option<&str>), Problem> {
+    Ok(match hostport.strip_prefix('[') {
+        Some(v6) => {
+            let (h, rest) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("an IPv6 host in the connection URI has no closing ]".into()))?;
+            (h, rest.strip_prefix(':'))
+        }
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        },
+    })
+}
+
 /// A URI's parts as keyword/value pairs (decoded); its query parameters
 /// come last, so they override what the authority says, as in libpq.
 fn uri_pairs(u: &Uri) -> Result<Vec<(String, String)>, Problem> {
@@ -388,23 +507,18 @@ fn uri_pairs(u: &Uri) -> Result<Vec<(String, String)>, Problem> {
     if !db.is_empty() {
         out.push(("dbname".into(), percent_decode(db)?));
     }
-    let (host, port) = match hostport.strip_prefix('[') {
-        Some(v6) => {
-            let (h, rest) = v6
-                .split_once(']')
-                .ok_or_else(|| bad("an IPv6 host in the connection URI has no closing ]".into()))?;
-            (h, rest.strip_prefix(':'))
-        }
-        None => match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        },
-    };
-    if !host.is_empty() {
-        out.push(("host".into(), percent_decode(host)?));
+    // Several hosts (`h1:p1,h2:p2`): host and port lists, as libpq reads them.
+    let (mut hosts, mut ports) = (Vec::new(), Vec::new());
+    for piece in hostport.split(',') {
+        let (h, p) = uri_host_port(piece)?;
+        hosts.push(percent_decode(h)?);
+        ports.push(p.unwrap_or("").to_string());
     }
-    if let Some(p) = port.filter(|p| !p.is_empty()) {
-        out.push(("port".into(), p.to_string()));
+    if hosts.iter().any(|h| !h.is_empty()) {
+        out.push(("host".into(), hosts.join(",")));
+    }
+    if ports.iter().any(|p| !p.is_empty()) {
+        out.push(("port".into(), ports.join(",")));
     }
     for (i, kv) in u
         .query
@@ -596,11 +710,7 @@ impl ConnInfo {
     pub fn parse_with(s: &str, env: Env) -> Result<Self, Problem> {
         let m = settings(s, env)?;
         let get = |k: &str| m.get(k).cloned();
-        // The port alone: the string may hold a password.
-        let port = match get("port") {
-            Some(p) => p.parse().map_err(|_| bad(format!("bad port {p:?}")))?,
-            None => 5432,
-        };
+        let hosts = hosts(get("host"), get("hostaddr"), get("port"))?;
         let connect_timeout = match get("connect_timeout") {
             Some(t) => match t.parse::<u64>() {
                 Ok(0) => None,
@@ -613,10 +723,11 @@ impl ConnInfo {
             },
             None => None,
         };
+        let first = hosts[0].clone();
         Ok(ConnInfo {
-            host: get("host").unwrap_or_else(|| "/var/run/postgresql".into()),
-            hostaddr: get("hostaddr"),
-            port,
+            host: first.host,
+            hostaddr: first.hostaddr,
+            port: first.port,
             user: get("user").unwrap_or_else(|| "postgres".into()),
             password: get("password"),
             passfile: get("passfile")
@@ -629,7 +740,23 @@ impl ConnInfo {
                 None => RequireAuth::default(),
             },
             connect_timeout,
+            hosts,
+            session_attrs: match get("target_session_attrs") {
+                Some(v) => SessionAttrs::parse(&v)?,
+                None => SessionAttrs::Any,
+            },
         })
+    }
+
+    /// This connection string aimed at `h` alone.
+    pub fn for_host(&self, h: &Host) -> ConnInfo {
+        ConnInfo {
+            host: h.host.clone(),
+            hostaddr: h.hostaddr.clone(),
+            port: h.port,
+            hosts: vec![h.clone()],
+            ..self.clone()
+        }
     }
 
     /// The password file's entry for this connection (`replication` as the
@@ -940,5 +1067,46 @@ mod tests {
         assert!(RequireAuth::default().permits(AuthMethod::Password));
         assert!(RequireAuth::parse("md5,!password").is_err());
         assert!(RequireAuth::parse("kerberos").is_err());
+    }
+
+    #[test]
+    fn several_hosts_are_read_as_libpq_reads_them() {
+        let env = env_of(&[]);
+        let c = ConnInfo::parse_with(
+            "host=/tmp/a,db2 port=5433,5434 target_session_attrs=read-write",
+            &env,
+        )
+        .expect("two hosts");
+        let hp: Vec<_> = c.hosts.iter().map(|h| (h.host.as_str(), h.port)).collect();
+        assert_eq!(hp, [("/tmp/a", 5433), ("db2", 5434)]);
+        assert_eq!((c.host.as_str(), c.port), ("/tmp/a", 5433));
+        assert_eq!(c.session_attrs, SessionAttrs::ReadWrite);
+        let one = c.for_host(&c.hosts[1]);
+        assert_eq!(
+            (one.host.as_str(), one.port, one.hosts.len()),
+            ("db2", 5434, 1)
+        );
+        // One port for all; the URI form; the default.
+        let c = ConnInfo::parse_with("host=a,b port=6000", &env).expect("one port");
+        assert!(c.hosts.iter().all(|h| h.port == 6000));
+        let c = ConnInfo::parse_with(
+            "postgresql://u@h1:5001,h2,[::1]:5003/db?target_session_attrs=prefer-standby",
+            &env,
+        )
+        .expect("uri");
+        let hp: Vec<_> = c.hosts.iter().map(|h| (h.host.as_str(), h.port)).collect();
+        assert_eq!(hp, [("h1", 5001), ("h2", 5432), ("::1", 5003)]);
+        assert_eq!(c.session_attrs, SessionAttrs::PreferStandby);
+        let c = ConnInfo::parse_with("user=x", &env).expect("default");
+        assert_eq!((c.hosts.len(), c.session_attrs), (1, SessionAttrs::Any));
+        // Lists that do not line up, and an unknown attribute.
+        for bad in [
+            "host=a,b port=1,2,3",
+            "host=a,b hostaddr=127.0.0.1",
+            "host=a target_session_attrs=writable",
+        ] {
+            let e = ConnInfo::parse_with(bad, &env).expect_err(bad);
+            assert_eq!(e.code, "deployment.invalid", "{bad}: {e}");
+        }
     }
 }
