@@ -46,7 +46,8 @@ pub fn parse_segment_name(name: &str) -> Option<(u32, u64)> {
 }
 
 fn valid_wal_file(name: &str) -> bool {
-    parse_segment_name(name).is_some()
+    let segment = name.strip_suffix(PARTIAL).unwrap_or(name);
+    parse_segment_name(segment).is_some()
         || (name.len() == 16
             && name.ends_with(".history")
             && name[..8].chars().all(|c| c.is_ascii_hexdigit()))
@@ -84,7 +85,8 @@ impl Source for OneFile {
     }
 }
 
-/// Archives one WAL file; `Ok(false)` when it was already archived.
+/// Archives one WAL file; `Ok(false)` when it was already archived. A
+/// complete segment replaces its `.partial` record, which is then removed.
 pub fn archive(
     repo: &Repository,
     deployment: &str,
@@ -92,7 +94,7 @@ pub fn archive(
     data: Bytes,
     bus: &EventBus,
 ) -> Result<bool, Problem> {
-    if !valid_wal_file(name) {
+    if !valid_wal_file(name) || name.ends_with(PARTIAL) {
         return Err(Problem::new(
             Code::UsageInvalidArgument,
             format!("{name:?} is not a WAL file name"),
@@ -102,6 +104,64 @@ pub fn archive(
     if repo.store.head(&k)?.is_some() {
         return Ok(false);
     }
+    let size = data.len() as u64;
+    let fresh = store_record(repo, deployment, name, data, bus, true)?;
+    if fresh {
+        if parse_segment_name(name).is_some() {
+            repo.store
+                .delete(&key(deployment, &format!("{name}{PARTIAL}")))?;
+        }
+        bus.publish(Event::new(Severity::Info, "wal_archived").body(json!({
+            "deployment": deployment, "segment": name, "bytes": size,
+        })));
+    }
+    Ok(fresh)
+}
+
+/// Suffix of the record of a segment's first bytes (`<segment>.partial`,
+/// as PostgreSQL names one): written, replacing the last one, when the
+/// server asks the streamer to confirm WAL it holds short of a whole
+/// segment (a shutting-down primary waits for that before it stops).
+/// Recovery never reads it; `wal fetch` hands it out by its own name.
+pub const PARTIAL: &str = ".partial";
+
+/// Archives the first bytes of segment `name` as `<name>.partial`,
+/// replacing an earlier, shorter one; once it returns they are durable.
+pub fn archive_partial(
+    repo: &Repository,
+    deployment: &str,
+    name: &str,
+    data: Bytes,
+    bus: &EventBus,
+) -> Result<(), Problem> {
+    if parse_segment_name(name).is_none() {
+        return Err(Problem::new(
+            Code::UsageInvalidArgument,
+            format!("{name:?} is not a WAL segment name"),
+        ));
+    }
+    let size = data.len() as u64;
+    let partial = format!("{name}{PARTIAL}");
+    store_record(repo, deployment, &partial, data, bus, false)?;
+    bus.publish(
+        Event::new(Severity::Info, "wal_partial_archived").body(json!({
+            "deployment": deployment, "segment": partial, "bytes": size,
+        })),
+    );
+    Ok(())
+}
+
+/// Stores `data` through the pipeline and commits its record under `name`
+/// (create-only when `create`, else replacing). `Ok(false)`: it existed.
+fn store_record(
+    repo: &Repository,
+    deployment: &str,
+    name: &str,
+    data: Bytes,
+    bus: &EventBus,
+    create: bool,
+) -> Result<bool, Problem> {
+    let k = key(deployment, name);
     let size = data.len() as u64;
     // A writer like a backup: garbage collection never runs meanwhile, so
     // no chunk this segment dedups against can vanish before its record.
@@ -141,13 +201,10 @@ pub fn archive(
     let sealed = repo.seal(WAL_MAGIC, &k, &body)?;
     // The record is the commit point of the segment, after its packs.
     lease.ensure_held()?;
-    let fresh = repo.store.put_if_absent(&k, Bytes::from(sealed))?;
-    if fresh {
-        bus.publish(Event::new(Severity::Info, "wal_archived").body(json!({
-            "deployment": deployment, "segment": name, "bytes": size,
-        })));
+    match create {
+        true => repo.store.put_if_absent(&k, Bytes::from(sealed)),
+        false => repo.store.put(&k, Bytes::from(sealed)).map(|()| true),
     }
-    Ok(fresh)
 }
 
 pub fn record(
@@ -193,7 +250,13 @@ pub fn list(repo: &Repository, deployment: &str) -> Result<serde_json::Value, Pr
             }));
         }
     }
+    for g in path_gaps(repo, deployment, &names, &segs)? {
+        if !gaps.contains(&g) {
+            gaps.push(g);
+        }
+    }
     let history: Vec<&String> = names.iter().filter(|n| n.ends_with(".history")).collect();
+    let partial: Vec<&String> = names.iter().filter(|n| n.ends_with(PARTIAL)).collect();
     Ok(json!({
         "deployment": deployment,
         "segments": segs.iter().map(|(_, _, n)| n).collect::<Vec<_>>(),
@@ -201,7 +264,51 @@ pub fn list(repo: &Repository, deployment: &str) -> Result<serde_json::Value, Pr
         "last": segs.last().map(|s| &s.2),
         "gaps": gaps,
         "history_files": history,
+        "partial": partial,
     }))
+}
+
+/// Gaps on the path recovery follows to the newest archived timeline: the
+/// segments it would read (each from the timeline the history says) that
+/// the archive lacks, between the first and the last it holds. A gap
+/// across a timeline switch shows only here.
+fn path_gaps(
+    repo: &Repository,
+    deployment: &str,
+    names: &[String],
+    segs: &[(u32, u64, String)],
+) -> Result<Vec<serde_json::Value>, Problem> {
+    use crate::timelines::{of_segment, parse_history};
+    let newest = names
+        .iter()
+        .filter(|n| n.ends_with(".history"))
+        .filter_map(|n| u32::from_str_radix(&n[..8], 16).ok().map(|t| (t, n)))
+        .max();
+    let (tli, history) = match newest {
+        Some((t, n)) => (
+            t,
+            parse_history(&String::from_utf8_lossy(&read(repo, deployment, n)?)),
+        ),
+        None => return Ok(Vec::new()),
+    };
+    let on_path: std::collections::BTreeSet<u64> = segs
+        .iter()
+        .filter(|(t, s, _)| *t == of_segment(*s, &history, tli))
+        .map(|(_, s, _)| *s)
+        .collect();
+    let on_path: Vec<u64> = on_path.into_iter().collect();
+    let name = |s: u64| segment_name(of_segment(s, &history, tli), s);
+    Ok(on_path
+        .windows(2)
+        .filter(|w| w[1] > w[0] + 1)
+        .map(|w| {
+            json!({
+                "timeline": of_segment(w[0] + 1, &history, tli),
+                "from": name(w[0] + 1),
+                "to": name(w[1] - 1),
+            })
+        })
+        .collect())
 }
 
 /// The restore_command shim: writes WAL file `name` to `dest`, verified.
@@ -448,8 +555,18 @@ pub fn stream_once(
                 }
             }
             ReplMsg::Keepalive { reply, end } => {
+                let received = pos + seg.len() as u64;
+                if reply && end == received && received > flushed {
+                    // Caught up and asked to confirm (a primary shutting
+                    // down waits for this): make the segment's first bytes
+                    // durable, then confirm them.
+                    let name = segment_name(on, pos / SEGMENT_SIZE);
+                    let head = Bytes::copy_from_slice(&seg);
+                    archive_partial(repo, deployment, &name, head, bus)?;
+                    flushed = received;
+                }
                 if reply {
-                    conn.send_status(pos + seg.len() as u64, flushed, flushed)?;
+                    conn.send_status(received, flushed, flushed)?;
                 }
                 if last_report.elapsed() >= Duration::from_secs(10) {
                     last_report = std::time::Instant::now();

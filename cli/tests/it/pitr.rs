@@ -975,3 +975,218 @@ fn doctor_reports_a_missing_slot_a_stale_backup_and_a_wal_gap() {
     );
     assert_eq!(slot["command"], "pg_hardstorage wal repair pg");
 }
+
+/// Waits until `wal list` shows segment `name` and history file `history`
+/// (if any); returns the listing.
+fn wait_archived(env: &Env, k: &str, name: &str, history: Option<&str>) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let l = env.ok(&["wal", "list", "pg", "--key-file", k]);
+        let has = |field: &str, n: &str| {
+            l[field]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|s| s.as_str() == Some(n)))
+        };
+        if has("segments", name) && history.is_none_or(|h| has("history_files", h)) {
+            return l;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{name} {history:?} never archived: {l}\nthe streamer said: {}",
+            std::fs::read_to_string(env.path("stream.ndjson")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A WAL record, a switch, and the name of the segment that held it.
+fn switch_wal(pg: &PgCluster, timeline: u32) -> String {
+    pg.psql(
+        "postgres",
+        "SELECT pg_logical_emit_message(false, 'phs', 'tick')",
+    );
+    let at = lsn(&pg.psql("postgres", "SELECT pg_current_wal_insert_lsn()"));
+    pg.psql("postgres", "SELECT pg_switch_wal()");
+    format!(
+        "{timeline:08X}{:08X}{:08X}",
+        (at / SEG) / 256,
+        (at / SEG) % 256
+    )
+}
+
+/// Failover: the deployment names a primary and its streaming standby
+/// (`host=S,P … target_session_attrs=read-write`). The streamer is down
+/// while the primary writes whole segments and stops, and the standby is
+/// promoted; started again, it settles on the new primary, gets timeline 1
+/// from it up to the switch point (the segments it missed), then its
+/// history file and timeline 2 from the switch segment on. `wal list`
+/// shows both timelines and no gap; a point-in-time restore to a moment
+/// after the promotion lands exactly there.
+#[test]
+fn wal_streaming_follows_a_failover_to_the_promoted_standby() {
+    let env = Env::new();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let key = env.path("repo.key");
+    std::fs::write(&key, "5a".repeat(32)).expect("key");
+    give_to_postgres(&key);
+    let k = key.to_str().expect("utf8");
+    let mut primary = PgCluster::start();
+    primary.psql("postgres", "CREATE TABLE t (v text)");
+    let standby = primary.standby().started();
+    env.ok(&["repo", "init", "--key-file", k]);
+    share_with_postgres_group(&env.repo());
+    let conninfo = format!(
+        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
+        standby.sock.display(),
+        primary.sock.display(),
+        standby.port,
+        primary.port
+    );
+    env.ok(&[
+        "deployment",
+        "create",
+        "pg",
+        "--pg",
+        &conninfo,
+        "--key-file",
+        k,
+    ]);
+    // The standby is listed first: read-write settles on the primary.
+    let b = env.ok(&["backup", "run", "pg", "--key-file", k]);
+    assert!(b["backup_id"].is_string(), "{b}");
+    let streamer = || {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(env.path("stream.ndjson"))
+            .expect("log");
+        Streamer(
+            env.cmd(&["wal", "stream", "pg", "--key-file", k, "-o", "ndjson"])
+                .stdout(log)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("wal stream"),
+        )
+    };
+    let first = streamer();
+    primary.psql("postgres", "INSERT INTO t VALUES ('a')");
+    let seg_a = switch_wal(&primary, 1);
+    wait_archived(&env, k, &seg_a, None);
+    drop(first);
+    // Whole segments the streamer never sees from the old primary.
+    primary.psql("postgres", "INSERT INTO t VALUES ('b')");
+    let seg_b = switch_wal(&primary, 1);
+    primary.psql("postgres", "INSERT INTO t VALUES ('c')");
+    let seg_c = switch_wal(&primary, 1);
+    primary.psql("postgres", "INSERT INTO t VALUES ('d')");
+    standby.catch_up(&primary);
+    primary.stop();
+    assert!(
+        primary.try_psql("postgres", "SELECT 1").is_err(),
+        "still up"
+    );
+    standby.promote();
+    standby.psql("postgres", "INSERT INTO t VALUES ('e')");
+    std::thread::sleep(Duration::from_millis(1100));
+    let t = now_utc(&standby);
+    std::thread::sleep(Duration::from_millis(1100));
+    standby.psql("postgres", "INSERT INTO t VALUES ('f')");
+    let _streamer = streamer();
+    let seg_f = switch_wal(&standby, 2);
+    let l = wait_archived(&env, k, &seg_f, Some("00000002.history"));
+    assert_eq!(l["gaps"].as_array().map(Vec::len), Some(0), "{l}");
+    let segs: Vec<&str> = l["segments"]
+        .as_array()
+        .expect("segments")
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    for s in [&seg_b, &seg_c] {
+        assert!(
+            segs.contains(&s.as_str()),
+            "{s} (timeline 1, from the new primary): {l}"
+        );
+    }
+    // The switch segment comes from timeline 2 (it holds timeline 1's
+    // bytes up to the switch), and the streamer took it whole.
+    let switch = format!("00000002{}", &seg_c[8..]);
+    let next: u64 = u64::from_str_radix(&switch[16..], 16).expect("hex") + 1;
+    let switch = format!("{}{next:08X}", &switch[..16]);
+    assert!(segs.contains(&switch.as_str()), "{switch}: {l}");
+
+    let target = env.path("pitr");
+    let r = env.ok(&[
+        "restore",
+        "pg",
+        "--backup",
+        "latest",
+        "--target",
+        target.to_str().expect("utf8"),
+        "--to",
+        t.trim(),
+        "--key-file",
+        k,
+    ]);
+    assert!(r["files"].as_u64().is_some_and(|f| f > 100), "{r}");
+    let restored = PgCluster::on_existing(&target).started();
+    wait_promoted(&restored);
+    assert_eq!(
+        rows(&restored),
+        "a,b,c,d,e",
+        "rows before the target (both timelines), none after"
+    );
+}
+
+/// A primary shutting down cleanly waits until every walsender's client
+/// confirms all WAL flushed. The streamer, holding part of a segment,
+/// makes those bytes durable as `<segment>.partial` and confirms them, so
+/// `pg_ctl stop` completes; `wal fetch` returns the bytes the server wrote.
+#[test]
+fn a_clean_shutdown_is_confirmed_with_a_partial_segment() {
+    let mut s = Setup::new();
+    let _streamer = s.streamer();
+    s.archive_now();
+    s.src.psql("postgres", "INSERT INTO t VALUES ('tail')");
+    let seg = s
+        .src
+        .psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+    let seg = seg.trim().to_string();
+    let t0 = Instant::now();
+    s.src.stop();
+    assert!(
+        s.src.try_psql("postgres", "SELECT 1").is_err(),
+        "the primary did not stop"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "stop took {:?}",
+        t0.elapsed()
+    );
+    let partial = format!("{seg}.partial");
+    let l = s.env.ok(&s.args(&["wal", "list", "pg"]));
+    assert!(
+        l["partial"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|n| n == partial.as_str())),
+        "{l}"
+    );
+    let dest = s.env.path("partial");
+    s.env
+        .ok(&s.args(&["wal", "fetch", "pg", &partial, dest.to_str().expect("utf8")]));
+    let got = std::fs::read(&dest).expect("fetched");
+    let server = std::fs::read(s.src.data.join("pg_wal").join(&seg)).expect("server's segment");
+    assert!(
+        !got.is_empty() && got.len() < server.len(),
+        "{} bytes",
+        got.len()
+    );
+    assert_eq!(
+        got[..],
+        server[..got.len()],
+        "the partial is the segment's first bytes"
+    );
+}
