@@ -1190,3 +1190,116 @@ fn a_clean_shutdown_is_confirmed_with_a_partial_segment() {
         "the partial is the segment's first bytes"
     );
 }
+
+/// The failover rehearsal: `wal stream` runs against
+/// `host=P,S target_session_attrs=read-write` while pgbench writes to the
+/// primary; the primary stops in the middle of the run (its last bytes
+/// confirmed as a `.partial`), the standby is promoted and pgbench goes on
+/// there. The streamer rides through on its own (retrying until a host is
+/// read-write); `wal list` shows both timelines, the history file and no
+/// gap; PITR to a time after the promotion lands between two marked rows,
+/// and the restored cluster passes pg_amcheck.
+#[test]
+fn wal_stream_rides_through_a_promotion_in_the_middle_of_pgbench() {
+    let env = Env::new();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let key = env.path("repo.key");
+    std::fs::write(&key, "6b".repeat(32)).expect("key");
+    give_to_postgres(&key);
+    let k = key.to_str().expect("utf8");
+    let mut primary = PgCluster::start();
+    primary.run("pgbench", &["-i", "-s", "2", "-q", "postgres"]);
+    primary.psql("postgres", "CREATE TABLE t (v text)");
+    let standby = primary.standby().started();
+    env.ok(&["repo", "init", "--key-file", k]);
+    share_with_postgres_group(&env.repo());
+    let conninfo = format!(
+        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
+        primary.sock.display(),
+        standby.sock.display(),
+        primary.port,
+        standby.port
+    );
+    env.ok(&[
+        "deployment",
+        "create",
+        "pg",
+        "--pg",
+        &conninfo,
+        "--key-file",
+        k,
+    ]);
+    env.ok(&["backup", "run", "pg", "--key-file", k]);
+    let _streamer = Streamer(
+        env.cmd(&["wal", "stream", "pg", "--key-file", k, "-o", "ndjson"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wal stream"),
+    );
+    let port = primary.port.to_string();
+    let mut bench = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(pg_hardstorage_testkit::pg::bindir().join("pgbench"))
+        .args(["-h", primary.sock.to_str().expect("utf8"), "-p", &port])
+        .args(["-c", "2", "-j", "2", "-T", "60", "postgres"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pgbench");
+    std::thread::sleep(Duration::from_secs(2));
+    primary.psql("postgres", "INSERT INTO t VALUES ('a')");
+    std::thread::sleep(Duration::from_secs(1));
+    standby.catch_up(&primary);
+    primary.stop();
+    let _ = bench.wait();
+    assert!(
+        primary.try_psql("postgres", "SELECT 1").is_err(),
+        "still up"
+    );
+    standby.promote();
+    standby.run("pgbench", &["-c", "2", "-j", "2", "-T", "2", "postgres"]);
+    standby.psql("postgres", "INSERT INTO t VALUES ('b')");
+    std::thread::sleep(Duration::from_millis(1100));
+    let t = now_utc(&standby);
+    std::thread::sleep(Duration::from_millis(1100));
+    standby.psql("postgres", "INSERT INTO t VALUES ('c')");
+    standby.run("pgbench", &["-c", "2", "-j", "2", "-T", "1", "postgres"]);
+    let seg = switch_wal(&standby, 2);
+    let l = wait_archived(&env, k, &seg, Some("00000002.history"));
+    assert_eq!(l["gaps"].as_array().map(Vec::len), Some(0), "{l}");
+    let segs = l["segments"].as_array().expect("segments");
+    for tl in ["00000001", "00000002"] {
+        let on = segs
+            .iter()
+            .filter_map(|s| s.as_str())
+            .any(|s| s.starts_with(tl));
+        assert!(on, "no segment of timeline {tl}: {l}");
+    }
+
+    let target = env.path("pitr");
+    env.ok(&[
+        "restore",
+        "pg",
+        "--backup",
+        "latest",
+        "--target",
+        target.to_str().expect("utf8"),
+        "--to",
+        t.trim(),
+        "--key-file",
+        k,
+    ]);
+    let restored = PgCluster::on_existing(&target).started();
+    wait_promoted(&restored);
+    assert_eq!(
+        rows(&restored),
+        "a,b",
+        "the rows before the target, none after"
+    );
+    restored.amcheck();
+}
