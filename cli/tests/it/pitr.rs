@@ -1303,3 +1303,77 @@ fn wal_stream_rides_through_a_promotion_in_the_middle_of_pgbench() {
     );
     restored.amcheck();
 }
+
+/// A deployment pointing at a hot standby: its base backup is taken
+/// there, `wal stream` streams from a slot on the standby (cascading), and
+/// a point-in-time restore of that backup lands between two rows written
+/// on the primary.
+#[test]
+fn a_standby_deployment_streams_wal_and_recovers_to_a_point_in_time() {
+    let env = Env::new();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let key = env.path("repo.key");
+    std::fs::write(&key, "7c".repeat(32)).expect("key");
+    give_to_postgres(&key);
+    let k = key.to_str().expect("utf8");
+    let mut primary = PgCluster::start();
+    primary.psql("postgres", "CREATE TABLE t (v text)");
+    let standby = primary.standby().started();
+    env.ok(&["repo", "init", "--key-file", k]);
+    share_with_postgres_group(&env.repo());
+    let conninfo = standby.conninfo();
+    env.ok(&[
+        "deployment",
+        "create",
+        "pg",
+        "--pg",
+        &conninfo,
+        "--key-file",
+        k,
+    ]);
+    env.ok(&["backup", "run", "pg", "--key-file", k]);
+    let _streamer = Streamer(
+        env.cmd(&["wal", "stream", "pg", "--key-file", k, "-o", "ndjson"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wal stream"),
+    );
+    primary.psql("postgres", "INSERT INTO t VALUES ('a')");
+    std::thread::sleep(Duration::from_millis(1100));
+    let t = now_utc(&primary);
+    std::thread::sleep(Duration::from_millis(1100));
+    primary.psql("postgres", "INSERT INTO t VALUES ('b')");
+    let seg = switch_wal(&primary, 1);
+    let l = wait_archived(&env, k, &seg, None);
+    assert_eq!(l["gaps"].as_array().map(Vec::len), Some(0), "{l}");
+    // The slot is the standby's.
+    let slot = standby.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_hardstorage_pg'",
+    );
+    assert_eq!(slot.trim(), "1", "the standby holds the slot");
+    let on_primary = primary.psql("postgres", "SELECT count(*) FROM pg_replication_slots");
+    assert_eq!(on_primary.trim(), "0", "the primary has no slot of ours");
+
+    let target = env.path("pitr");
+    env.ok(&[
+        "restore",
+        "pg",
+        "--backup",
+        "latest",
+        "--target",
+        target.to_str().expect("utf8"),
+        "--to",
+        t.trim(),
+        "--key-file",
+        k,
+    ]);
+    let restored = PgCluster::on_existing(&target).started();
+    wait_promoted(&restored);
+    assert_eq!(rows(&restored), "a", "row a present, row b absent");
+}
