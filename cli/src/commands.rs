@@ -514,6 +514,7 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
         BackupCmd::Run {
             deployment,
             pipeline,
+            full,
         } => {
             let r = open(cli)?;
             deployment::get(&r, deployment)?;
@@ -521,6 +522,7 @@ fn backup(cli: &Cli, out: &mut Out, c: &BackupCmd) -> R {
             let opts = BackupOptions {
                 pipeline: pipeline_cfg(pipeline),
                 read_backend: None,
+                full: *full,
             };
             let body = ops::backups_take(&r, &cli_actor(), deployment, &out.bus, &opts)?;
             out.success("backups.take", body, |b| {

@@ -319,6 +319,10 @@ pub enum BackupCmd {
         deployment: String,
         #[command(flatten)]
         pipeline: PipelineArgs,
+        /// PostgreSQL 17+: read every file, not only the blocks the server's
+        /// WAL summaries say changed since the previous backup
+        #[arg(long)]
+        full: bool,
     },
     List {
         deployment: Option<String>,

@@ -27,6 +27,9 @@ pub struct BackupOptions {
     pub pipeline: PipelineConfig,
     /// `None`: probe.
     pub read_backend: Option<Backend>,
+    /// PostgreSQL 17+: read every file even where the server could send
+    /// only the blocks changed since the previous backup (`--full`).
+    pub full: bool,
 }
 
 /// What `backup list` shows of each backup.

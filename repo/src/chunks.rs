@@ -7,6 +7,33 @@ use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
 use phs_encrypt::{open_chunk, Aead};
 
+/// Reads and checks `chunks` in order (each located in `index`) and joins
+/// them; `what` names the object in errors.
+pub fn read_chunks(
+    repo: &Repository,
+    index: &crate::index::RepoIndex,
+    chunks: &[(ChunkId, u32)],
+    what: &str,
+) -> Result<Vec<u8>, Problem> {
+    let aead = repo.aead();
+    let mut out = Vec::new();
+    for (id, len) in chunks {
+        let (pack, loc) = index.locate(id)?;
+        let env = repo
+            .store
+            .get_range(pack, loc.offset..loc.offset + loc.len as u64)?;
+        let plain = decode_chunk(repo, aead.as_ref(), id, &env)?;
+        if plain.len() != *len as usize {
+            return Err(Problem::new(
+                Code::VerifyChecksumMismatch,
+                format!("{what}: chunk length differs"),
+            ));
+        }
+        out.extend_from_slice(&plain);
+    }
+    Ok(out)
+}
+
 /// Opens and checks one chunk envelope; returns its plaintext.
 pub fn decode_chunk(
     repo: &Repository,

@@ -5,7 +5,8 @@
 use crate::Repository;
 use pg_hardstorage_engine::format::{BackupStats, Entry, Manifest};
 use pg_hardstorage_engine::stage::ChunkRef;
-use phs_chunk::{Baseline, PagePlan, PagePlanner, PagedFile};
+use phs_chunk::{Baseline, PagePlan, PagePlanner, PagedFile, SparsePages};
+use phs_pg::incremental::Incremental;
 use phs_pg::source::TarEntry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,8 @@ pub struct RelationPlanner {
     baseline: HashMap<String, Arc<Baseline>>,
     page_size: u32,
     done: Mutex<HashMap<u64, PagedFile>>,
+    /// An incremental backup's `INCREMENTAL.*` headers, by member.
+    increments: Arc<Mutex<HashMap<u64, Incremental>>>,
 }
 
 impl RelationPlanner {
@@ -56,6 +59,7 @@ impl RelationPlanner {
     /// are not all there (a quarantined pack) is stored afresh.
     pub fn new(
         members: Arc<Mutex<Vec<TarEntry>>>,
+        increments: Arc<Mutex<HashMap<u64, Incremental>>>,
         page_size: u32,
         previous: Option<&Manifest>,
         indexed: &phs_dedup::DedupIndex,
@@ -85,6 +89,7 @@ impl RelationPlanner {
             baseline,
             page_size,
             done: Mutex::new(HashMap::new()),
+            increments,
         }
     }
 
@@ -117,11 +122,26 @@ impl PagePlanner for RelationPlanner {
     fn plan(&self, file: u64) -> Option<PagePlan> {
         let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
         let m = members.get(file as usize)?;
-        let paged =
-            m.size > 0 && m.size.is_multiple_of(self.page_size as u64) && is_relation_path(&m.path);
+        // Only some pages of an incremental member come: it must be paged.
+        let sparse = self
+            .increments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&file)
+            .map(|i| {
+                Arc::new(SparsePages {
+                    pages: i.blocks.clone(),
+                    length: i.length_blocks(),
+                    truncation: i.truncation_blocks,
+                })
+            });
+        let paged = m.size > 0
+            && (sparse.is_some()
+                || (m.size.is_multiple_of(self.page_size as u64) && is_relation_path(&m.path)));
         paged.then(|| PagePlan {
             page_size: self.page_size,
             baseline: self.baseline.get(&m.path).cloned(),
+            sparse,
         })
     }
 

@@ -161,7 +161,9 @@ pub fn backup_postgres(
     r.map(|(m, _)| m)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Takes the backup: incremental where the server can (PostgreSQL 17+
+/// with `summarize_wal`, a previous backup, no `--full`); an incremental
+/// attempt the server or the baseline refuses is taken again in full.
 fn run(
     repo: &Repository,
     lease: &Lease,
@@ -171,27 +173,178 @@ fn run(
     bus: &EventBus,
     opts: &BackupOptions,
 ) -> Result<(Manifest, bool), Problem> {
+    let previous = crate::pages::previous_backup(repo, name);
+    let mut try_incremental = !opts.full;
+    let at = Attempt {
+        repo,
+        lease,
+        name,
+        ci,
+        backup_id,
+        bus,
+        opts,
+        previous: previous.as_ref(),
+    };
+    let first = at.take(&mut try_incremental);
+    match first {
+        Err(p) if try_incremental && retry_in_full(&p) => {
+            fallback(
+                bus,
+                name,
+                &format!("the incremental backup failed: {}", p.message),
+            );
+            at.take(&mut false)
+        }
+        r => r,
+    }
+}
+
+/// Errors of an incremental attempt that a full read may not meet.
+fn retry_in_full(p: &Problem) -> bool {
+    matches!(
+        p.code.as_ref(),
+        "pg.server_error" | "pg.protocol" | "backup.source_unreadable"
+    )
+}
+
+/// Says why a backup reads every file although it could have been incremental.
+fn fallback(bus: &EventBus, deployment: &str, reason: &str) {
+    bus.publish(
+        Event::new(Severity::Notice, "backup_incremental_fallback").body(json!({
+            "deployment": deployment, "reason": reason,
+        })),
+    );
+}
+
+/// What one attempt at the backup needs.
+struct Attempt<'a> {
+    repo: &'a Repository,
+    lease: &'a Lease,
+    name: &'a str,
+    ci: &'a ConnInfo,
+    backup_id: &'a str,
+    bus: &'a EventBus,
+    opts: &'a BackupOptions,
+    previous: Option<&'a Manifest>,
+}
+
+/// Hands the server the previous backup's `backup_manifest` if an
+/// incremental backup is possible: PostgreSQL 17+, `summarize_wal` on, a
+/// previous backup with one. `None` (with the reason published where the
+/// server could have) when not.
+fn incremental_base(
+    repo: &Repository,
+    conn: &mut Conn,
+    previous: Option<&Manifest>,
+    deployment: &str,
+    bus: &EventBus,
+) -> Result<Option<String>, Problem> {
+    if conn.server_major() < 17 {
+        return Ok(None);
+    }
+    if show(conn, "summarize_wal")? != "on" {
+        fallback(
+            bus,
+            deployment,
+            "summarize_wal is off on the server: set summarize_wal = on for incremental backups",
+        );
+        return Ok(None);
+    }
+    let Some(prev) = previous else {
+        return Ok(None);
+    };
+    let Some(e) = prev.entries.iter().find(|e| e.path == "backup_manifest") else {
+        fallback(
+            bus,
+            deployment,
+            &format!("{} has no backup_manifest", prev.backup_id),
+        );
+        return Ok(None);
+    };
+    let index = RepoIndex::load(repo)?;
+    let text = crate::chunks::read_chunks(repo, &index, &e.chunks, "backup_manifest")?;
+    if let Err(p) = conn.upload_manifest(&text) {
+        fallback(
+            bus,
+            deployment,
+            &format!(
+                "the server refused {}'s manifest: {}",
+                prev.backup_id, p.message
+            ),
+        );
+        return Ok(None);
+    }
+    Ok(Some(prev.backup_id.clone()))
+}
+
+impl Attempt<'_> {
+    /// One backup; `incremental` says on entry whether to try one and on
+    /// return whether it was.
+    fn take(&self, incremental: &mut bool) -> Result<(Manifest, bool), Problem> {
+        let Attempt {
+            repo,
+            lease,
+            name,
+            ci,
+            backup_id,
+            bus,
+            opts,
+            previous,
+        } = *self;
+        take(
+            repo,
+            lease,
+            name,
+            ci,
+            backup_id,
+            bus,
+            opts,
+            previous,
+            incremental,
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn take(
+    repo: &Repository,
+    lease: &Lease,
+    name: &str,
+    ci: &ConnInfo,
+    backup_id: &str,
+    bus: &EventBus,
+    opts: &BackupOptions,
+    previous: Option<&Manifest>,
+    incremental: &mut bool,
+) -> Result<(Manifest, bool), Problem> {
     let started_at = pg_hardstorage_engine::event::now_rfc3339();
     let mut conn = Conn::connect(ci, true)?;
     let system = preflight(repo, name, &mut conn, bus)?;
     let server_version = conn.server_version.clone();
     let label = format!("pg_hardstorage {backup_id}");
     let page_size = block_size(&mut conn)?;
-    let source = BaseBackupSource::new(conn, label.clone());
+    let from = match *incremental {
+        true => incremental_base(repo, &mut conn, previous, name, bus)?,
+        false => None,
+    };
+    *incremental = from.is_some();
+    let mut source = BaseBackupSource::new(conn, label.clone());
+    if from.is_some() {
+        source = source.incremental(page_size);
+    }
     let (members, info) = (source.entries.clone(), source.info.clone());
+    let increments = source.increments.clone();
     let index = RepoIndex::load(repo)?;
     let dedup = Arc::new(index.dedup());
     drop(index);
     // Relation files are paged against the deployment's newest backup.
-    let planner = {
-        let previous = crate::pages::previous_backup(repo, name);
-        Arc::new(RelationPlanner::new(
-            members.clone(),
-            page_size,
-            previous.as_ref(),
-            &dedup,
-        ))
-    };
+    let planner = Arc::new(RelationPlanner::new(
+        members.clone(),
+        increments,
+        page_size,
+        previous,
+        &dedup,
+    ));
     let mut added = crate::pages::Added::default();
     let mut chunks: Vec<Vec<(ChunkId, u32)>> = Vec::new();
     let report = run_pipeline(
@@ -267,6 +420,11 @@ fn run(
             "label": label,
             "wal_included": true,
             "has_backup_manifest": info.has_manifest,
+            // The backup whose manifest the server compared against, when
+            // it sent only changed blocks (PostgreSQL 17+); every backup
+            // restores on its own either way.
+            "incremental_from": from,
+            "bytes_received": info.bytes_received,
             "tablespaces": info.tablespaces.iter().map(|(oid, loc)| json!({"oid": oid, "location": loc})).collect::<Vec<_>>(),
         }),
         started_at,

@@ -5,7 +5,6 @@
 //! PostgreSQL as flushed, so the server never recycles WAL we do not hold.
 
 use crate::backup::run_pipeline;
-use crate::chunks::decode_chunk;
 use crate::index::RepoIndex;
 use crate::{deployment, Repository};
 use bytes::Bytes;
@@ -349,22 +348,7 @@ pub fn read_with(
         .with("deployment", deployment)
         .with("segment", name)
     })?;
-    let aead = repo.aead();
-    let mut out = Vec::with_capacity(rec.size as usize);
-    for (id, len) in &rec.chunks {
-        let (pack, loc) = index.locate(id)?;
-        let env = repo
-            .store
-            .get_range(pack, loc.offset..loc.offset + loc.len as u64)?;
-        let plain = decode_chunk(repo, aead.as_ref(), id, &env)?;
-        if plain.len() != *len as usize {
-            return Err(Problem::new(
-                Code::VerifyChecksumMismatch,
-                format!("{name}: chunk length differs"),
-            ));
-        }
-        out.extend_from_slice(&plain);
-    }
+    let out = crate::chunks::read_chunks(repo, index, &rec.chunks, name)?;
     if out.len() as u64 != rec.size {
         return Err(Problem::new(
             Code::VerifyChecksumMismatch,

@@ -25,6 +25,9 @@ pub struct TakeBackup {
     /// Byte budget of the pipeline's queues (1 MiB to 256 MiB).
     #[serde(default)]
     pub queue_bytes: Option<u64>,
+    /// PostgreSQL 17+: read every file, not only the changed blocks.
+    #[serde(default)]
+    pub full: bool,
 }
 
 /// `DELETE /v1/deployments/{d}/backups/{id}` (the body is optional).
@@ -99,6 +102,7 @@ pub fn take(c: Ctx) -> Reply {
         let opts = BackupOptions {
             pipeline: pipeline_for(&b),
             read_backend: None,
+            full: b.full,
         };
         let (st, d, actor) = (c.st.clone(), c.deployment(), c.actor());
         Ok(stream(&c.st, c.command(), c.mode, move |bus| {

@@ -46,6 +46,7 @@ fn slow_storage_pauses_the_chunker_and_memory_stays_bounded() {
         &BackupOptions {
             pipeline: cfg,
             read_backend: None,
+            full: false,
         },
     )
     .expect("backup");

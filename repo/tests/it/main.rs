@@ -67,6 +67,15 @@ pub fn fast_pipeline() -> PipelineConfig {
 }
 
 pub fn backup(repo: &Repository, name: &str) -> Result<(Manifest, Recorder), Problem> {
+    backup_opts(repo, name, false)
+}
+
+/// A backup; `full` reads every file even where it could be incremental.
+pub fn backup_opts(
+    repo: &Repository,
+    name: &str,
+    full: bool,
+) -> Result<(Manifest, Recorder), Problem> {
     let bus = EventBus::new();
     let rec = Recorder::new();
     bus.add_sink(rec.clone());
@@ -77,6 +86,7 @@ pub fn backup(repo: &Repository, name: &str) -> Result<(Manifest, Recorder), Pro
         &BackupOptions {
             pipeline: fast_pipeline(),
             read_backend: None,
+            full,
         },
     );
     bus.close();

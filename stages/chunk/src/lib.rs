@@ -13,7 +13,7 @@ use pg_hardstorage_engine::stage::{Block, Chunk, Splitter, SplitterFactory};
 use pg_hardstorage_engine::Problem;
 
 pub mod pages;
-pub use pages::{Baseline, PageAwareFactory, PagePlan, PagePlanner, PagedFile};
+pub use pages::{Baseline, PageAwareFactory, PagePlan, PagePlanner, PagedFile, SparsePages};
 
 /// A run's chunk id, computed by the page splitter itself (it hashes every
 /// page anyway and needs the id for its map): the keyed BLAKE3 of the run,

@@ -31,6 +31,21 @@ pub struct PagePlan {
     pub page_size: u32,
     /// The file as the previous backup stored it, if it did.
     pub baseline: Option<Arc<Baseline>>,
+    /// The file's bytes are only some of its pages (an incremental backup
+    /// sent the changed ones): the rest are the baseline's.
+    pub sparse: Option<Arc<SparsePages>>,
+}
+
+/// Which pages a sparse file's bytes are, and how long the whole file is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SparsePages {
+    /// The page number of each page of the bytes, ascending.
+    pub pages: Vec<u32>,
+    /// Pages of the whole file.
+    pub length: u32,
+    /// Pages before this that the bytes lack are the baseline's; at or
+    /// past it (or past the baseline) they are zeros.
+    pub truncation: u32,
 }
 
 /// A file's page map and runs in the previous backup.
@@ -106,6 +121,8 @@ struct Paging {
     carry: BytesMut,
     /// The run being filled: its index in `runs`, first page offset, bytes.
     open: Option<(u32, u64, BytesMut)>,
+    /// A sparse file, and how many of its pages came so far.
+    sparse: Option<(Arc<SparsePages>, usize)>,
 }
 
 impl Paging {
@@ -116,7 +133,14 @@ impl Paging {
             }
             _ => (Vec::new(), Vec::new()),
         };
+        if plan.sparse.is_some() && base.is_empty() {
+            return Err(Problem::new(
+                Code::BackupSourceUnreadable,
+                "an incremental file has no baseline in the previous backup",
+            ));
+        }
         Ok(Paging {
+            sparse: plan.sparse.map(|s| (s, 0)),
             page_size: plan.page_size as usize,
             base_runs,
             base,
@@ -143,19 +167,13 @@ impl Paging {
         hash.copy_from_slice(&full.as_bytes()[..PAGE_HASH]);
         let n = self.pages;
         self.pages += 1;
-        let reuse = self.base.get(n as usize).filter(|b| b.hash == hash);
+        let reuse = self
+            .base
+            .get(n as usize)
+            .filter(|b| b.hash == hash)
+            .copied();
         let rec = if let Some(b) = reuse {
-            let runs = &mut self.runs;
-            let base_runs = &self.base_runs;
-            let run = *self.remap.entry(b.run).or_insert_with(|| {
-                runs.push(base_runs[b.run as usize]);
-                (runs.len() - 1) as u32
-            });
-            PageRecord {
-                hash,
-                run,
-                slot: b.slot,
-            }
+            self.reuse(b)
         } else {
             self.pages_stored += 1;
             let ps = self.page_size;
@@ -181,6 +199,95 @@ impl Paging {
             rec
         };
         rec.encode_into(&mut self.records);
+    }
+
+    /// The record of a page the baseline holds: pointing at its run.
+    fn reuse(&mut self, b: PageRecord) -> PageRecord {
+        let runs = &mut self.runs;
+        let base_runs = &self.base_runs;
+        let run = *self.remap.entry(b.run).or_insert_with(|| {
+            runs.push(base_runs[b.run as usize]);
+            (runs.len() - 1) as u32
+        });
+        PageRecord {
+            hash: b.hash,
+            run,
+            slot: b.slot,
+        }
+    }
+
+    /// A sparse file: the pages before `target` the bytes lack, taken from
+    /// the baseline (before the truncation point) or zeros.
+    fn fill_to(
+        &mut self,
+        key: &[u8; 32],
+        run_pages: usize,
+        file: u64,
+        target: u64,
+        out: &mut dyn FnMut(Chunk),
+    ) {
+        let Some((sp, _)) = &self.sparse else { return };
+        let truncation = sp.truncation as u64;
+        let zeros = vec![0u8; self.page_size];
+        while self.pages < target {
+            let n = self.pages;
+            match self
+                .base
+                .get(n as usize)
+                .copied()
+                .filter(|_| n < truncation)
+            {
+                Some(b) => {
+                    self.pages += 1;
+                    let rec = self.reuse(b);
+                    rec.encode_into(&mut self.records);
+                }
+                None => self.page(key, run_pages, file, &zeros, out),
+            }
+        }
+    }
+
+    /// One page of the bytes: in a sparse file, the next page sent, after
+    /// the ones it skips.
+    fn next(
+        &mut self,
+        key: &[u8; 32],
+        run_pages: usize,
+        file: u64,
+        page: &[u8],
+        out: &mut dyn FnMut(Chunk),
+    ) -> Result<(), Problem> {
+        if let Some((sp, k)) = &mut self.sparse {
+            let Some(&at) = sp.pages.get(*k) else {
+                return Err(sparse_error("more pages than its header names"));
+            };
+            *k += 1;
+            if (at as u64) < self.pages {
+                return Err(sparse_error("page numbers out of order"));
+            }
+            self.fill_to(key, run_pages, file, at as u64, out);
+        }
+        self.page(key, run_pages, file, page, out);
+        Ok(())
+    }
+
+    /// The end of a sparse file: its remaining pages, and every page sent.
+    fn finish_sparse(
+        &mut self,
+        key: &[u8; 32],
+        run_pages: usize,
+        file: u64,
+        out: &mut dyn FnMut(Chunk),
+    ) -> Result<(), Problem> {
+        let Some((sp, k)) = &self.sparse else {
+            return Ok(());
+        };
+        if *k != sp.pages.len() {
+            return Err(sparse_error("fewer pages than its header names"));
+        }
+        let length = sp.length as u64;
+        self.fill_to(key, run_pages, file, length, out);
+        Ok(())
     }
 
     /// Emits the open run as a chunk whose id is already computed.
@@ -235,12 +342,12 @@ impl Splitter for PageAware {
             data = data.slice(need..);
             if paging.carry.len() == ps {
                 let page = paging.carry.split().freeze();
-                paging.page(&self.key, self.run_pages, file, &page, out);
+                paging.next(&self.key, self.run_pages, file, &page, out)?;
             }
         }
         let whole = data.len() / ps * ps;
         for page in data[..whole].chunks_exact(ps) {
-            paging.page(&self.key, self.run_pages, file, page, out);
+            paging.next(&self.key, self.run_pages, file, page, out)?;
         }
         paging.carry.extend_from_slice(&data[whole..]);
         if eof {
@@ -254,6 +361,7 @@ impl Splitter for PageAware {
                     ),
                 ));
             }
+            paging.finish_sparse(&self.key, self.run_pages, file, out)?;
             paging.close_run(&self.key, file, out);
             let mut p = match self.current.take() {
                 Some((_, Some(p))) => p,
@@ -273,6 +381,13 @@ impl Splitter for PageAware {
     }
 }
 
+fn sparse_error(m: &str) -> Problem {
+    Problem::new(
+        Code::BackupSourceUnreadable,
+        format!("an incremental file has {m}"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +400,7 @@ mod tests {
     #[derive(Default)]
     struct Planner {
         baseline: Option<Arc<Baseline>>,
+        sparse: Option<Arc<SparsePages>>,
         done: Mutex<Vec<(u64, PagedFile)>>,
     }
 
@@ -293,6 +409,7 @@ mod tests {
             (file != 99).then(|| PagePlan {
                 page_size: PS as u32,
                 baseline: self.baseline.clone(),
+                sparse: self.sparse.clone(),
             })
         }
         fn done(&self, file: u64, result: PagedFile) {
@@ -325,8 +442,18 @@ mod tests {
         block: usize,
         baseline: Option<Arc<Baseline>>,
     ) -> (Vec<Chunk>, PagedFile) {
+        split_sparse(data, block, baseline, None).expect("split")
+    }
+
+    fn split_sparse(
+        data: &[u8],
+        block: usize,
+        baseline: Option<Arc<Baseline>>,
+        sparse: Option<Arc<SparsePages>>,
+    ) -> Result<(Vec<Chunk>, PagedFile), Problem> {
         let planner = Arc::new(Planner {
             baseline,
+            sparse,
             ..Default::default()
         });
         let mut s = splitter(planner.clone());
@@ -341,11 +468,20 @@ mod tests {
                 eof: i + 1 == blocks.len(),
             };
             off += b.len() as u64;
-            s.push(blk, &mut |c| out.push(c)).expect("push");
+            s.push(blk, &mut |c| out.push(c))?;
+        }
+        if blocks.is_empty() {
+            let eof = Block {
+                file: 0,
+                offset: 0,
+                data: Bytes::new(),
+                eof: true,
+            };
+            s.push(eof, &mut |c| out.push(c))?;
         }
         let mut done = planner.done.lock().expect("lock");
         assert_eq!(done.len(), 1);
-        (out, done.remove(0).1)
+        Ok((out, done.remove(0).1))
     }
 
     /// Rebuilds the file from the map and a chunk store.
@@ -400,6 +536,65 @@ mod tests {
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), f2.runs.len());
+    }
+
+    /// An incremental backup's file: only the changed pages arrive, the rest
+    /// point at the baseline's runs (before the truncation point) or are
+    /// zeros; nothing unchanged is stored again.
+    #[test]
+    fn a_sparse_file_takes_the_pages_it_lacks_from_the_baseline() {
+        let d = pages(8, 1);
+        let (c1, f1) = split(&d, 1 << 20, None);
+        let mut store: HashMap<_, _> = c1.iter().map(|c| (c.id, c.data.clone())).collect();
+        let base = Arc::new(Baseline {
+            runs: f1.runs.clone(),
+            map: f1.map.clone(),
+        });
+        // Pages 2 and 9 sent; the file is 11 pages, truncated at 10: page 8
+        // lies past the baseline and page 10 past the truncation, so zeros.
+        let sent = [pages(1, 7), pages(1, 8)].concat();
+        let sparse = SparsePages {
+            pages: vec![2, 9],
+            length: 11,
+            truncation: 10,
+        };
+        let (c2, f2) = split_sparse(
+            &sent,
+            5000,
+            Some(base.clone()),
+            Some(Arc::new(sparse.clone())),
+        )
+        .expect("sparse");
+        assert_eq!(
+            (f2.pages, f2.pages_stored),
+            (11, 4),
+            "2, 8, 9 and 10 stored"
+        );
+        store.extend(c2.iter().map(|c| (c.id, c.data.clone())));
+        let mut want = d.clone();
+        want[2 * PS..3 * PS].copy_from_slice(&sent[..PS]);
+        want.extend_from_slice(&[0u8; PS]);
+        want.extend_from_slice(&sent[PS..]);
+        want.extend_from_slice(&[0u8; PS]);
+        assert_eq!(rebuild(&f2, &store), want);
+        // Nothing sent: the baseline as it was, cut at the truncation point.
+        let none = SparsePages {
+            pages: vec![],
+            length: 5,
+            truncation: 5,
+        };
+        let (c3, f3) =
+            split_sparse(&[], 1 << 20, Some(base.clone()), Some(Arc::new(none))).expect("empty");
+        assert!(c3.is_empty());
+        assert_eq!(rebuild(&f3, &store), d[..5 * PS].to_vec());
+        // More or fewer pages than named, or no baseline: refused.
+        let short = Arc::new(sparse.clone());
+        assert!(split_sparse(&sent[..PS], 5000, Some(base.clone()), Some(short)).is_err());
+        let long = [sent.clone(), pages(1, 3)].concat();
+        let named = Some(Arc::new(sparse.clone()));
+        assert!(split_sparse(&long, 5000, Some(base.clone()), named).is_err());
+        let orphan = Some(Arc::new(sparse));
+        assert!(split_sparse(&sent, 5000, None, orphan).is_err());
     }
 
     #[test]

@@ -657,6 +657,32 @@ impl Conn {
         }
     }
 
+    /// `UPLOAD_MANIFEST` (PostgreSQL 17+): hands the server the previous
+    /// backup's `backup_manifest`, against which a `BASE_BACKUP
+    /// (INCREMENTAL)` on this session sends only changed blocks.
+    pub fn upload_manifest(&mut self, manifest: &[u8]) -> Result<(), Problem> {
+        let mut b = BytesMut::new();
+        frontend::query("UPLOAD_MANIFEST", &mut b).map_err(proto)?;
+        self.send(&b)?;
+        let mut err = None;
+        loop {
+            match self.recv()? {
+                Message::CopyInResponse(_) => {
+                    let mut b = BytesMut::new();
+                    for piece in manifest.chunks(1 << 20) {
+                        frontend::CopyData::new(piece).map_err(proto)?.write(&mut b);
+                    }
+                    frontend::copy_done(&mut b);
+                    self.send(&b)?;
+                }
+                Message::ErrorResponse(e) => err = Some(server_error(&e)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        err.map_or(Ok(()), Err)
+    }
+
     pub fn identify_system(&mut self) -> Result<SystemInfo, Problem> {
         let sets = self.simple_query("IDENTIFY_SYSTEM")?;
         let row = sets
@@ -689,16 +715,20 @@ impl Conn {
     /// in PostgreSQL 15's framing ('n' archive, 'd' data, 'm' manifest),
     /// into which an older server's stream (one COPY per tablespace, then
     /// one for the manifest) is translated.
+    /// With `incremental` (PostgreSQL 17+, after [`Conn::upload_manifest`]
+    /// on this session), relation files come as `INCREMENTAL.<name>`.
     pub fn base_backup(
         &mut self,
         label: &str,
+        incremental: bool,
         on_copy: &mut dyn FnMut(CopyEvent) -> Result<(), Problem>,
     ) -> Result<(Vec<Rows>, Vec<Rows>), Problem> {
         let label = label.replace('\'', "''");
         let legacy = self.server_major() < 15;
+        let inc = if incremental { "INCREMENTAL, " } else { "" };
         let command = match legacy {
             false => format!(
-                "BASE_BACKUP (LABEL '{label}', CHECKPOINT 'fast', MANIFEST 'yes', WAL true, WAIT false)"
+                "BASE_BACKUP (LABEL '{label}', {inc}CHECKPOINT 'fast', MANIFEST 'yes', WAL true, WAIT false)"
             ),
             true => format!("BASE_BACKUP LABEL '{label}' FAST WAL NOWAIT MANIFEST 'yes'"),
         };

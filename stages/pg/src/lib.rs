@@ -5,6 +5,7 @@
 
 pub mod conn;
 pub mod conninfo;
+pub mod incremental;
 pub mod source;
 pub mod tar;
 pub mod tls;

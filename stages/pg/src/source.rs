@@ -4,11 +4,13 @@
 //! which builds the repository manifest from them.
 
 use crate::conn::{Conn, CopyEvent, Rows};
+use crate::incremental::{self, Incremental};
 use crate::tar::{Event, Header, Kind, Reader};
 use bytes::{Bytes, BytesMut};
 use pg_hardstorage_engine::stage::{Block, Source};
 use pg_hardstorage_engine::Code;
 use pg_hardstorage_engine::Problem;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// One member of the backup, in stream order; its index is its file id.
@@ -22,6 +24,8 @@ pub struct BaseBackupInfo {
     pub end_lsn: String,
     pub end_timeline: u32,
     pub has_manifest: bool,
+    /// Bytes of the tar stream and manifest the server sent.
+    pub bytes_received: u64,
     /// `(oid, location)` of each tablespace; their members are stored under
     /// `pg_tblspc/<oid>/`, where PostgreSQL's backup_manifest lists them.
     pub tablespaces: Vec<(String, String)>,
@@ -34,6 +38,13 @@ pub struct BaseBackupSource {
     pub entries: Arc<Mutex<Vec<TarEntry>>>,
     pub info: Arc<Mutex<BaseBackupInfo>>,
     block: usize,
+    /// `Some(block size)`: an incremental backup (the previous manifest was
+    /// uploaded on the connection).
+    incremental: Option<u32>,
+    /// Each `INCREMENTAL.*` member's header, by file id; the member itself
+    /// is renamed to its whole file, at its whole size, and its blocks are
+    /// what flows.
+    pub increments: Arc<Mutex<HashMap<u64, Incremental>>>,
 }
 
 impl BaseBackupSource {
@@ -44,7 +55,15 @@ impl BaseBackupSource {
             entries: Arc::new(Mutex::new(Vec::new())),
             info: Arc::new(Mutex::new(BaseBackupInfo::default())),
             block: 8 << 20,
+            incremental: None,
+            increments: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Asks for an incremental backup of pages of `block_size` bytes.
+    pub fn incremental(mut self, block_size: u32) -> Self {
+        self.incremental = Some(block_size);
+        self
     }
 }
 
@@ -57,6 +76,18 @@ struct Current {
     file: u64,
     offset: u64,
     pending: BytesMut,
+    /// Held back until the member ends or its header is read.
+    held: Held,
+}
+
+enum Held {
+    Nothing,
+    /// An `INCREMENTAL.*` member's bytes until its header is whole.
+    Header(BytesMut),
+    /// After the header: the block bytes still to come.
+    Blocks(u64),
+    /// `backup_label` of an incremental backup, rewritten at its end.
+    Label,
 }
 
 struct Emitter<'a> {
@@ -66,6 +97,11 @@ struct Emitter<'a> {
     block: usize,
     /// Prepended to member paths (`pg_tblspc/<oid>/` in a tablespace archive).
     prefix: String,
+    /// An incremental backup's block size.
+    incremental: Option<u32>,
+    increments: &'a Mutex<HashMap<u64, Incremental>>,
+    /// For the manifest: each rewritten member's path → (new path, size).
+    changes: HashMap<String, (String, u64)>,
 }
 
 impl Emitter<'_> {
@@ -77,6 +113,13 @@ impl Emitter<'_> {
                 format!("{}{}", self.prefix, h.path)
             };
         }
+        let held = match self.incremental {
+            Some(_) if h.kind == Kind::File && incremental::bare_path(&h.path).is_some() => {
+                Held::Header(BytesMut::new())
+            }
+            Some(_) if h.kind == Kind::File && h.path == "backup_label" => Held::Label,
+            _ => Held::Nothing,
+        };
         let mut entries = lock(self.entries);
         let file = entries.len() as u64;
         let is_file = h.kind == Kind::File && h.size > 0;
@@ -86,7 +129,44 @@ impl Emitter<'_> {
             file,
             offset: 0,
             pending: BytesMut::new(),
+            held,
         });
+        Ok(())
+    }
+
+    /// Reads an incremental member's header from the bytes held so far;
+    /// once whole, renames the member to its whole file and lets the
+    /// blocks after it through.
+    fn header(&mut self) -> Result<(), Problem> {
+        let (Some(c), Some(bs)) = (self.current.as_mut(), self.incremental) else {
+            return Ok(());
+        };
+        let Held::Header(buf) = &mut c.held else {
+            return Ok(());
+        };
+        let Some((inc, len)) = incremental::parse_header(buf, bs)? else {
+            return Ok(());
+        };
+        let rest = buf.split_off(len);
+        let blocks = inc.blocks.len() as u64 * bs as u64;
+        let left = blocks.checked_sub(rest.len() as u64).ok_or_else(|| {
+            Problem::new(
+                Code::PgProtocol,
+                "an incremental file holds more than its blocks",
+            )
+        })?;
+        c.pending.extend_from_slice(&rest);
+        c.held = Held::Blocks(left);
+        let size = inc.length_blocks() as u64 * bs as u64;
+        let mut entries = lock(self.entries);
+        let e = entries
+            .get_mut(c.file as usize)
+            .ok_or_else(|| Problem::internal("member vanished"))?;
+        let bare = incremental::bare_path(&e.path).unwrap_or_default();
+        self.changes
+            .insert(std::mem::replace(&mut e.path, bare.clone()), (bare, size));
+        e.size = size;
+        lock(self.increments).insert(c.file, inc);
         Ok(())
     }
 
@@ -97,8 +177,20 @@ impl Emitter<'_> {
                 "file data outside a file member",
             ));
         };
+        if let Held::Header(buf) = &mut c.held {
+            buf.extend_from_slice(&d);
+            return self.header();
+        }
+        if let Held::Blocks(left) = &mut c.held {
+            *left = left.checked_sub(d.len() as u64).ok_or_else(|| {
+                Problem::new(
+                    Code::PgProtocol,
+                    "an incremental file holds more than its blocks",
+                )
+            })?;
+        }
         c.pending.extend_from_slice(&d);
-        if c.pending.len() >= self.block {
+        if c.pending.len() >= self.block && !matches!(c.held, Held::Label) {
             let data = c.pending.split().freeze();
             let block = Block {
                 file: c.file,
@@ -114,6 +206,25 @@ impl Emitter<'_> {
 
     fn end(&mut self) -> Result<(), Problem> {
         if let Some(mut c) = self.current.take() {
+            match c.held {
+                Held::Header(_) | Held::Blocks(1..) => {
+                    return Err(Problem::new(
+                        Code::PgProtocol,
+                        "an incremental file ended before its blocks",
+                    ))
+                }
+                Held::Label => {
+                    let text = incremental::rewrite_label(&c.pending);
+                    let size = text.len() as u64;
+                    if let Some(e) = lock(self.entries).get_mut(c.file as usize) {
+                        e.size = size;
+                    }
+                    self.changes
+                        .insert("backup_label".into(), ("backup_label".into(), size));
+                    c.pending = BytesMut::from(&text[..]);
+                }
+                _ => {}
+            }
             (self.emit)(Block {
                 file: c.file,
                 offset: c.offset,
@@ -157,11 +268,17 @@ impl Source for BaseBackupSource {
             current: None,
             block: self.block,
             prefix: String::new(),
+            incremental: self.incremental,
+            increments: &self.increments,
+            changes: HashMap::new(),
         };
+        // An incremental backup's manifest is rewritten whole at its end.
+        let mut manifest: Option<Vec<u8>> = self.incremental.map(|_| Vec::new());
         let mut tablespaces = Vec::new();
         let mut reader = Reader::new();
         let mut archives = 0;
         let mut in_manifest = false;
+        let mut received = 0u64;
         let (before, after) = {
             let mut on_copy = |ev: CopyEvent| -> Result<(), Problem> {
                 let CopyEvent::Data(bytes) = ev;
@@ -169,6 +286,7 @@ impl Source for BaseBackupSource {
                     return Ok(());
                 };
                 let payload = bytes.slice(1..);
+                received += payload.len() as u64;
                 match kind {
                     b'n' => {
                         if archives > 0 && !reader.is_done() {
@@ -197,7 +315,13 @@ impl Source for BaseBackupSource {
                         reader = Reader::new();
                         Ok(())
                     }
-                    b'd' if in_manifest => out.data(payload),
+                    b'd' if in_manifest => match manifest.as_mut() {
+                        Some(m) => {
+                            m.extend_from_slice(&payload);
+                            Ok(())
+                        }
+                        None => out.data(payload),
+                    },
                     b'd' => reader.feed(payload, &mut |e| match e {
                         Event::Member(h) => out.member(h),
                         Event::Data(d) => out.data(d),
@@ -227,8 +351,12 @@ impl Source for BaseBackupSource {
                     )),
                 }
             };
-            conn.base_backup(&self.label, &mut on_copy)?
+            conn.base_backup(&self.label, self.incremental.is_some(), &mut on_copy)?
         };
+        if let (Some(m), true) = (manifest.take(), in_manifest) {
+            let whole = incremental::rewrite_manifest(&m, &out.changes)?;
+            out.data(Bytes::from(whole))?;
+        }
         out.end()?;
         if !reader.is_done() {
             return Err(Problem::new(
@@ -244,6 +372,7 @@ impl Source for BaseBackupSource {
             end_lsn,
             end_timeline,
             has_manifest: in_manifest,
+            bytes_received: received,
             tablespaces,
         };
         Ok(())
