@@ -136,6 +136,7 @@ codes! {
     BackupHeld = "backup.held", Conflict, false;
     HoldNotFound = "hold.not_found", NotFound, false;
     BackupSourceUnreadable = "backup.source_unreadable", Preflight, false;
+    BackupIncrementalMismatch = "backup.incremental_mismatch", Verify, false;
     WalSegmentNotFound = "wal.segment_not_found", NotFound, false;
     RestoreTargetNotEmpty = "restore.target_not_empty", Preflight, false;
     RestoreTargetInvalid = "restore.target_invalid", Preflight, false;

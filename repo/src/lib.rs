@@ -11,6 +11,7 @@ pub mod bench_restore;
 pub mod catalog;
 pub mod check;
 pub mod chunks;
+pub mod crosscheck;
 pub mod deployment;
 pub mod doctor;
 pub mod fleet;

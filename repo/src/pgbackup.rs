@@ -188,6 +188,9 @@ fn run(
     let first = at.take(&mut try_incremental);
     match first {
         Err(p) if try_incremental && retry_in_full(&p) => {
+            if p.code == "backup.incremental_mismatch" {
+                bus.publish(Event::failure("backup_incremental_mismatch", &p));
+            }
             fallback(
                 bus,
                 name,
@@ -203,7 +206,10 @@ fn run(
 fn retry_in_full(p: &Problem) -> bool {
     matches!(
         p.code.as_ref(),
-        "pg.server_error" | "pg.protocol" | "backup.source_unreadable"
+        "pg.server_error"
+            | "pg.protocol"
+            | "backup.source_unreadable"
+            | "backup.incremental_mismatch"
     )
 }
 
@@ -214,6 +220,26 @@ fn fallback(bus: &EventBus, deployment: &str, reason: &str) {
             "deployment": deployment, "reason": reason,
         })),
     );
+}
+
+/// Reads back a sample of the pages an incremental backup did not receive
+/// ([`crate::crosscheck`]); member `i` is entry `i + 1`.
+fn cross_check(
+    repo: &Repository,
+    ci: &ConnInfo,
+    m: &Manifest,
+    incs: &std::collections::HashMap<u64, phs_pg::incremental::Incremental>,
+    start_lsn: &str,
+    bus: &EventBus,
+) -> Result<(), Problem> {
+    let start = phs_pg::parse_lsn(start_lsn)
+        .ok_or_else(|| Problem::new(Code::PgProtocol, format!("start LSN {start_lsn:?}")))?;
+    let mut files: Vec<_> = incs
+        .iter()
+        .filter_map(|(f, inc)| m.entries.get(*f as usize + 1).map(|e| (e, inc)))
+        .collect();
+    files.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+    crate::crosscheck::check(repo, ci, &files, start, bus)
 }
 
 /// What one attempt at the backup needs.
@@ -340,7 +366,7 @@ fn take(
     // Relation files are paged against the deployment's newest backup.
     let planner = Arc::new(RelationPlanner::new(
         members.clone(),
-        increments,
+        increments.clone(),
         page_size,
         previous,
         &dedup,
@@ -434,6 +460,10 @@ fn take(
         entries,
     };
     manifest.validate()?;
+    if from.is_some() {
+        let incs = increments.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        cross_check(repo, ci, &manifest, &incs, &info.start_lsn, bus)?;
+    }
     crate::backup::ensure_indexed(repo, &manifest)?;
     lease.ensure_held()?;
     commit(repo, &manifest)?;
