@@ -57,7 +57,9 @@ pub fn check(
         match compare(repo, &mut conn, p, start_lsn) {
             Ok(true) => compared += 1,
             Ok(false) => {}
-            Err(e) if e.code == "pg.server_error" => {
+            // Not allowed to read server files (42501 reads as
+            // pg.replication_denied), or the function refused.
+            Err(e) if matches!(e.code.as_ref(), "pg.server_error" | "pg.replication_denied") => {
                 return unchecked(
                     bus,
                     &format!("the pages cannot be read back: {}", e.message),

@@ -78,6 +78,29 @@ impl Findings {
     }
 }
 
+/// A finding when the newest backup met pages PostgreSQL's checksums say
+/// are damaged: the cluster's storage needs looking at.
+fn damaged_pages(
+    repo: &Repository,
+    deployment: &str,
+    backup_id: &str,
+    f: &mut Findings,
+) -> Result<(), Problem> {
+    let m = crate::catalog::load_manifest(repo, deployment, backup_id)?;
+    let bad = &m.source["page_checksum_failures"];
+    let count = bad["count"].as_u64().unwrap_or(0);
+    if count > 0 {
+        f.add(
+            "error",
+            "doctor.page_checksum_failures",
+            format!("the newest backup of {deployment} read {count} page(s) whose checksum PostgreSQL found wrong: {}", bad["pages"]),
+            json!({"deployment": deployment, "backup_id": backup_id, "count": count, "pages": bad["pages"]}),
+            Some(format!("pg_amcheck --all  # on the cluster of {deployment}")),
+        );
+    }
+    Ok(())
+}
+
 fn free_space(path: &str) -> Option<(u64, u64)> {
     let c = std::ffi::CString::new(path).ok()?;
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -147,6 +170,7 @@ pub fn doctor(
                     .unwrap_or(u64::MAX);
                 info["newest_backup"] = json!(b.backup_id);
                 info["newest_backup_age_seconds"] = json!(age);
+                damaged_pages(repo, &d.name, &b.backup_id, &mut f)?;
                 if age > opts.max_backup_age.as_secs() {
                     f.add(
                         "error",

@@ -222,6 +222,17 @@ fn fallback(bus: &EventBus, deployment: &str, reason: &str) {
     );
 }
 
+/// One `page_checksum_failed` warning per damaged page the server named.
+fn report_bad_pages(bus: &EventBus, deployment: &str, info: &phs_pg::BaseBackupInfo) {
+    for (path, block) in &info.bad_pages {
+        bus.publish(
+            Event::new(Severity::Warning, "page_checksum_failed").body(json!({
+                "deployment": deployment, "path": path, "block": block,
+            })),
+        );
+    }
+}
+
 /// Reads back a sample of the pages an incremental backup did not receive
 /// ([`crate::crosscheck`]); member `i` is entry `i + 1`.
 fn cross_check(
@@ -391,6 +402,7 @@ fn take(
     )?;
     let members = members.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let info = info.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    report_bad_pages(bus, name, &info);
     let first = members.first();
     let mut entries = vec![Entry {
         path: ".".into(),
@@ -451,6 +463,12 @@ fn take(
             // restores on its own either way.
             "incremental_from": from,
             "bytes_received": info.bytes_received,
+            // Pages the server found damaged (data_checksums): the
+            // database's damage, stored as read; at most five a file named.
+            "page_checksum_failures": {
+                "count": info.checksum_failures,
+                "pages": info.bad_pages.iter().map(|(p, b)| json!({"path": p, "block": b})).collect::<Vec<_>>(),
+            },
             "tablespaces": info.tablespaces.iter().map(|(oid, loc)| json!({"oid": oid, "location": loc})).collect::<Vec<_>>(),
         }),
         started_at,

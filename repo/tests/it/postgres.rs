@@ -593,3 +593,61 @@ fn incremental_major() -> Option<u32> {
         None => Some(18),
     }
 }
+
+/// A cluster with `data_checksums` and one damaged page (changed on disk
+/// while the server was down): the backup completes, with exactly one
+/// `page_checksum_failed` naming the file and block, recorded in the
+/// backup (the database's damage, stored as read, not ours to refuse).
+#[test]
+fn a_damaged_page_is_reported_and_the_backup_completes() {
+    let (_tmp, repo) = local_repo(Default::default());
+    let src = PgCluster::initdb_with(
+        pg_hardstorage_testkit::pg::default_major(),
+        &["--data-checksums"],
+    );
+    let src = src.started();
+    src.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT g, repeat('y', 100) AS pad FROM generate_series(1, 5000) g",
+    );
+    src.psql("postgres", "CHECKPOINT");
+    let rel = src.psql("postgres", "SELECT pg_relation_filepath('t')");
+    let rel = rel.trim().to_string();
+    let file = src.data.join(&rel);
+    let mut src = src;
+    src.stop();
+    let mut bytes = std::fs::read(&file).expect("relation file");
+    bytes[3 * 8192 + 8000] ^= 0x5a;
+    std::fs::write(&file, &bytes).expect("damage");
+    let src = src.try_started().expect("restart");
+    add_pg_deployment(&repo, "bad", &src);
+    let (m, events) = backup(&repo, "bad").expect("the backup completes");
+    let bad: Vec<_> = events
+        .events()
+        .into_iter()
+        .filter(|e| e.op == "page_checksum_failed")
+        .filter_map(|e| e.body)
+        .collect();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(
+        (bad[0]["path"].as_str(), bad[0]["block"].as_u64()),
+        (Some(rel.as_str()), Some(3))
+    );
+    let recorded = &m.source["page_checksum_failures"];
+    assert_eq!(recorded["count"], 1, "{recorded}");
+    assert_eq!(recorded["pages"][0]["path"], rel.as_str());
+    // doctor says so (and is unhealthy for it).
+    let e = pg_hardstorage_repo::doctor::doctor(&repo, Some("bad"), None, &Default::default())
+        .expect_err("unhealthy");
+    let findings = e.subject["report"]["findings"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let found = findings
+        .iter()
+        .find(|f| f["code"] == "doctor.page_checksum_failures");
+    assert!(
+        found.is_some_and(|f| f["subject"]["count"] == 1),
+        "{findings:?}"
+    );
+}

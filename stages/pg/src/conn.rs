@@ -41,6 +41,8 @@ pub struct Conn {
     /// How it was reached: a second, plain session for what a walsender of
     /// an older server cannot answer.
     ci: ConnInfo,
+    /// Warnings a `BASE_BACKUP` sent (checksum failures), in order.
+    notices: Vec<String>,
 }
 
 /// What `IDENTIFY_SYSTEM` answers.
@@ -146,6 +148,21 @@ fn io_err(e: std::io::Error) -> Problem {
         "Check that the server runs and the deployment's --pg connection string",
         None,
     )
+}
+
+/// The SQLSTATE and message of an error or notice.
+fn code_and_message(
+    mut fields: postgres_protocol::message::backend::ErrorFields<'_>,
+) -> (String, String) {
+    let (mut code, mut msg) = (String::new(), String::new());
+    while let Ok(Some(f)) = fields.next() {
+        match f.type_() {
+            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'M' => msg = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    (code, msg)
 }
 
 fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -> Problem {
@@ -441,6 +458,7 @@ impl Conn {
             server_version: String::new(),
             end_point,
             ci: ci.clone(),
+            notices: Vec::new(),
         };
         c.startup(ci, replication)?;
         Ok(c)
@@ -657,6 +675,11 @@ impl Conn {
         }
     }
 
+    /// The warnings the last `BASE_BACKUP` sent.
+    pub fn take_notices(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notices)
+    }
+
     /// `UPLOAD_MANIFEST` (PostgreSQL 17+): hands the server the previous
     /// backup's `backup_manifest`, against which a `BASE_BACKUP
     /// (INCREMENTAL)` on this session sends only changed blocks.
@@ -791,8 +814,21 @@ impl Conn {
                         }
                     }
                 }
+                Message::NoticeResponse(n) => {
+                    let (_, msg) = code_and_message(n.fields());
+                    self.notices.push(msg);
+                }
                 Message::ErrorResponse(e) => {
-                    err.get_or_insert(server_error(&e));
+                    // Damaged pages (data_checksums): the server sent the
+                    // whole backup, its end included, then says so. It is
+                    // the database's damage, reported page by page in the
+                    // warnings before; the backup stands.
+                    let (code, msg) = code_and_message(e.fields());
+                    if code == "XX001" && copying_done && !after.is_empty() && err.is_none() {
+                        self.notices.push(msg);
+                    } else {
+                        err.get_or_insert(server_error(&e));
+                    }
                 }
                 Message::ReadyForQuery(_) => break,
                 _ => {}

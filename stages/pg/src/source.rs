@@ -26,6 +26,11 @@ pub struct BaseBackupInfo {
     pub has_manifest: bool,
     /// Bytes of the tar stream and manifest the server sent.
     pub bytes_received: u64,
+    /// Pages whose checksum the server found wrong (`data_checksums`):
+    /// `(path in the data directory, block)`, as its warnings name them (at
+    /// most five a file; `checksum_failures` counts them all).
+    pub bad_pages: Vec<(String, u32)>,
+    pub checksum_failures: u64,
     /// `(oid, location)` of each tablespace; their members are stored under
     /// `pg_tblspc/<oid>/`, where PostgreSQL's backup_manifest lists them.
     pub tablespaces: Vec<(String, String)>,
@@ -236,6 +241,41 @@ impl Emitter<'_> {
     }
 }
 
+/// The damaged pages the server's warnings name, and how many failures
+/// it counted (its per-file totals, else the pages named).
+pub fn checksum_failures(notices: &[String]) -> (Vec<(String, u32)>, u64) {
+    let mut pages = Vec::new();
+    // Per file: pages named, and the total the server gave (from two).
+    let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
+    for n in notices {
+        if let Some(rest) = n.strip_prefix("checksum verification failed in file \"") {
+            let Some((file, tail)) = rest.split_once("\", block ") else {
+                continue;
+            };
+            let block = tail
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap_or("");
+            if let Ok(b) = block.parse() {
+                let file = file.trim_start_matches("./").to_string();
+                counts.entry(file.clone()).or_default().0 += 1;
+                pages.push((file, b));
+            }
+        } else if let Some(rest) = n.strip_prefix("file \"") {
+            let Some((file, tail)) = rest.split_once("\" has a total of ") else {
+                continue;
+            };
+            let total = tail.split(' ').next().unwrap_or("").parse().unwrap_or(0);
+            counts
+                .entry(file.trim_start_matches("./").into())
+                .or_default()
+                .1 = total;
+        }
+    }
+    let total = counts.values().map(|(named, all)| (*named).max(*all)).sum();
+    (pages, total)
+}
+
 fn cstrings(b: &[u8]) -> Vec<String> {
     b.split(|c| *c == 0)
         .map(|s| String::from_utf8_lossy(s).into_owned())
@@ -364,6 +404,7 @@ impl Source for BaseBackupSource {
                 "the base backup tar stream ended early",
             ));
         }
+        let (bad_pages, checksum_failures) = checksum_failures(&conn.take_notices());
         let (start_lsn, start_timeline) = lsn_row(&before, 0);
         let (end_lsn, end_timeline) = lsn_row(&after, 0);
         *lock(&self.info) = BaseBackupInfo {
@@ -373,8 +414,37 @@ impl Source for BaseBackupSource {
             end_timeline,
             has_manifest: in_manifest,
             bytes_received: received,
+            bad_pages,
+            checksum_failures,
             tablespaces,
         };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damaged_pages_are_read_from_the_servers_warnings() {
+        let n = |s: &str| s.to_string();
+        let mut notices = vec![n("checksum verification failed in file \"./base/5/16384\", block 3: calculated 1A2B but expected 3C4D")];
+        for b in 0..5 {
+            notices.push(format!("checksum verification failed in file \"./base/5/99\", block {b}: calculated 1 but expected 2"));
+        }
+        notices.push(n(
+            "further checksum verification failures in file \"./base/5/99\" will not be reported",
+        ));
+        notices.push(n(
+            "file \"./base/5/99\" has a total of 9 checksum verification failures",
+        ));
+        notices.push(n("10 total checksum verification failures"));
+        notices.push(n("checksum verification failure during base backup"));
+        let (pages, total) = checksum_failures(&notices);
+        assert_eq!(pages[0], ("base/5/16384".to_string(), 3));
+        assert_eq!(pages.len(), 6);
+        assert_eq!(total, 10, "1 in one file, 9 in the other");
+        assert_eq!(checksum_failures(&[]), (Vec::new(), 0));
     }
 }
