@@ -651,3 +651,50 @@ fn a_damaged_page_is_reported_and_the_backup_completes() {
         "{findings:?}"
     );
 }
+
+/// The cross-check needs the right to read server files; a replication
+/// role without it still gets its incremental backup, with a warning that
+/// the sample was not compared.
+#[test]
+fn an_incremental_backup_by_a_role_that_may_not_read_files_says_it_was_unchecked() {
+    let Some(m) = incremental_major() else {
+        eprintln!("not applicable before PostgreSQL 17");
+        return;
+    };
+    let (_tmp, repo) = local_repo(Default::default());
+    let src = PgCluster::initdb_with(m, &["--data-checksums"]);
+    src.configure(&["summarize_wal = on"]);
+    let src = src.started();
+    src.psql("postgres", "CREATE ROLE rep REPLICATION LOGIN");
+    src.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT generate_series(1, 20000) g",
+    );
+    let conninfo = src.conninfo().replace("user=postgres", "user=rep");
+    deployment::create(
+        &repo,
+        Deployment {
+            name: "rep".into(),
+            kind: Kind::Postgres,
+            path: None,
+            pg: Some(conninfo),
+            pgdata: None,
+            created_at: String::new(),
+            system_identifier: None,
+            tenant: None,
+        },
+    )
+    .expect("deployment");
+    let (m1, _) = backup(&repo, "rep").expect("first");
+    src.psql("postgres", "UPDATE t SET g = g + 1 WHERE g % 100 = 0");
+    let (m2, events) = backup(&repo, "rep").expect("incremental");
+    assert_eq!(
+        m2.source["incremental_from"],
+        m1.backup_id,
+        "{:?}",
+        events.ops()
+    );
+    let why = event_body(&events, "backup_incremental_unchecked");
+    let reason = why["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("cannot be read back"), "{why}");
+}
