@@ -62,23 +62,40 @@ fn tool_major(tool: &Path) -> Option<u32> {
     major_of_version(&String::from_utf8_lossy(&o.stdout))
 }
 
-/// The newest data major another major's tool checks correctly: up to 16
-/// manifests are version 1 and the files are all it checks (WAL parsing is
-/// turned off); from 17 a manifest names the system identifier, which a
-/// tool checks in `pg_control`, whose layout is its own major's (18's tool
-/// calls 17's pg_control CRC incorrect).
-const CROSS_MAJOR_UP_TO: u32 = 16;
-
-/// The best tool for a backup of `major`: that major's; else, for a
-/// manifest of version 1, the newest newer one (older tools refuse newer
-/// manifests, and newer ones read older).
-pub fn choose(tools: &[(PathBuf, u32)], major: u32) -> Option<&(PathBuf, u32)> {
+/// The best tool for a backup of `major` whose manifest has `version`:
+/// that major's; else, for a version-1 manifest, the newest newer one
+/// (older tools refuse newer manifests, newer ones read older). A
+/// version-1 manifest's files are all another major's tool checks (WAL
+/// parsing turned off); a version-2 one names the system identifier, which
+/// a tool checks in `pg_control`, whose layout is its own major's (18's
+/// tool calls 17's pg_control CRC incorrect).
+pub fn choose(tools: &[(PathBuf, u32)], major: u32, version: u32) -> Option<&(PathBuf, u32)> {
     tools.iter().find(|(_, m)| *m == major).or_else(|| {
         tools
             .iter()
-            .filter(|(_, m)| major <= CROSS_MAJOR_UP_TO && *m > major)
+            .filter(|(_, m)| version == 1 && *m > major)
             .max_by_key(|(_, m)| *m)
     })
+}
+
+/// `PostgreSQL-Backup-Manifest-Version` of the restored `backup_manifest`
+/// (its first line), as the server wrote it.
+fn manifest_version(target: &Path) -> Result<u32, Problem> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(target.join("backup_manifest"))
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| Problem::io(Code::VerifyMalformed, "backup_manifest of the restore", &e))?;
+    let text = String::from_utf8_lossy(&head[..n]);
+    text.split_once("\"PostgreSQL-Backup-Manifest-Version\":")
+        .and_then(|(_, v)| {
+            v.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .ok_or_else(|| Problem::new(Code::VerifyMalformed, "backup_manifest names no version"))
 }
 
 /// The restored cluster's major, from its `PG_VERSION`.
@@ -106,11 +123,12 @@ pub fn run(
         return Ok("skipped");
     }
     let major = data_major(target)?;
+    let version = manifest_version(target)?;
     let tools: Vec<(PathBuf, u32)> = candidates(extra)
         .into_iter()
         .filter_map(|t| tool_major(&t).map(|m| (t, m)))
         .collect();
-    let Some((tool, tool_major)) = choose(&tools, major) else {
+    let Some((tool, tool_major)) = choose(&tools, major, version) else {
         return unavailable(mode, major, &tools, bus);
     };
     let mut cmd = std::process::Command::new(tool);
@@ -193,14 +211,35 @@ mod tests {
         assert_eq!(major_of_version("garbage"), None);
         let t = |m: u32| (PathBuf::from(format!("/pg{m}/pg_verifybackup")), m);
         let tools = [t(15), t(18), t(17)];
-        assert_eq!(choose(&tools, 15), Some(&t(15)));
-        assert_eq!(choose(&tools, 16), Some(&t(18)));
-        assert_eq!(choose(&tools, 17), Some(&t(17)));
-        assert_eq!(choose(&tools, 18), Some(&t(18)));
-        assert_eq!(choose(&[t(15)], 13), Some(&t(15)));
+        assert_eq!(choose(&tools, 15, 1), Some(&t(15)));
+        assert_eq!(choose(&tools, 16, 1), Some(&t(18)));
+        assert_eq!(choose(&tools, 17, 2), Some(&t(17)));
+        assert_eq!(choose(&tools, 18, 2), Some(&t(18)));
+        assert_eq!(choose(&[t(15)], 13, 1), Some(&t(15)));
         // An older tool refuses a newer manifest: never chosen; nor another
         // major's for a version-2 manifest (it misreads pg_control).
-        assert_eq!(choose(&[t(15)], 18), None);
-        assert_eq!(choose(&[t(15), t(18)], 17), None);
+        assert_eq!(choose(&[t(15)], 18, 2), None);
+        assert_eq!(choose(&[t(15), t(18)], 17, 2), None);
+        assert_eq!(choose(&[t(18)], 16, 2), None, "the manifest decides");
+    }
+
+    #[test]
+    fn the_manifest_version_is_read_from_the_restored_manifest() {
+        let d = tempfile::tempdir().expect("tmp");
+        let m = d.path().join("backup_manifest");
+        std::fs::write(
+            &m,
+            "{ \"PostgreSQL-Backup-Manifest-Version\": 2,\n\"System-Identifier\": 7,\n",
+        )
+        .expect("w");
+        assert_eq!(manifest_version(d.path()).expect("v"), 2);
+        std::fs::write(
+            &m,
+            "{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [",
+        )
+        .expect("w");
+        assert_eq!(manifest_version(d.path()).expect("v"), 1);
+        std::fs::write(&m, "{}").expect("w");
+        assert!(manifest_version(d.path()).is_err());
     }
 }
