@@ -689,6 +689,7 @@ fn restore_cmd(cli: &Cli, out: &mut Out, a: &RestoreArgs) -> R {
         tablespace_mapping: a.tablespace_mapping.clone(),
         delta: a.delta,
         wal_prefetch: a.wal_prefetch,
+        standby: a.standby.then(|| a.primary_conninfo.clone()),
     };
     let (m, opts) = ops::restore_plan(&r, &req, &|| restore_command(cli, &a.deployment), &out.bus)?;
     out.stream_events();

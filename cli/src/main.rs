@@ -397,6 +397,13 @@ pub struct RestoreArgs {
     /// files and pages that differ, remove what the backup does not have
     #[arg(long)]
     pub delta: bool,
+    /// Start the restored cluster as a standby (writes standby.signal);
+    /// re-seed a replica with --delta --standby
+    #[arg(long)]
+    pub standby: bool,
+    /// With --standby: the primary_conninfo to follow (else the backup's)
+    #[arg(long, requires = "standby")]
+    pub primary_conninfo: Option<String>,
     /// WAL segments staged into the target and kept staged ahead of replay
     /// when PostgreSQL can read key material (0: stage all it may need)
     #[arg(long, default_value_t = pg_hardstorage_repo::restore::DEFAULT_PREFETCH)]

@@ -192,6 +192,9 @@ pub struct RestoreRequest {
     /// WAL segments the restore stages and `restore_command` keeps staged
     /// ahead of replay, when PostgreSQL can reach the repository (0: all).
     pub wal_prefetch: usize,
+    /// Start the restored cluster as a standby, of this `primary_conninfo`
+    /// when `Some(Some(…))`.
+    pub standby: Option<Option<String>>,
 }
 
 impl RestoreRequest {
@@ -309,6 +312,10 @@ pub fn restore_plan(
         tablespace_mapping,
         delta: req.delta,
         pg_bindirs: crate::restore::pgverify::bindirs_from_env(),
+        standby: req
+            .standby
+            .clone()
+            .map(|primary_conninfo| crate::restore::Standby { primary_conninfo }),
     };
     crate::restore::check(&m, &opts)?;
     Ok((m, opts))

@@ -32,6 +32,12 @@ pub struct StartRestore {
     /// files and pages that differ, remove what the backup does not have.
     #[serde(default)]
     pub delta: Option<bool>,
+    /// Start the restored cluster as a standby (`standby.signal`).
+    #[serde(default)]
+    pub standby: Option<bool>,
+    /// With `standby`: the `primary_conninfo` to follow (else the backup's).
+    #[serde(default)]
+    pub primary_conninfo: Option<String>,
 }
 
 impl StartRestore {
@@ -49,6 +55,10 @@ impl StartRestore {
             tablespace_mapping: self.tablespace_mapping.unwrap_or_default(),
             delta: self.delta.unwrap_or(false),
             wal_prefetch: pg_hardstorage_repo::restore::DEFAULT_PREFETCH,
+            standby: self
+                .standby
+                .unwrap_or(false)
+                .then_some(self.primary_conninfo),
         }
     }
 }

@@ -19,7 +19,7 @@ mod preflight;
 mod recovery;
 pub mod spool;
 
-pub use recovery::{command_word, Recovery, RecoveryTarget, DEFAULT_PREFETCH};
+pub use recovery::{command_word, Recovery, RecoveryTarget, Standby, DEFAULT_PREFETCH};
 
 use crate::index::RepoIndex;
 use crate::Repository;
@@ -52,6 +52,8 @@ pub struct RestoreOptions {
     /// Directories to look for `pg_verifybackup` in first
     /// ([`pgverify::BINDIRS_ENV`]); the tool of the backup's major is used.
     pub pg_bindirs: Vec<PathBuf>,
+    /// Start the restored PostgreSQL cluster as a standby (`--standby`).
+    pub standby: Option<Standby>,
 }
 
 /// `--verify`: every chunk is always verified as it is read; this decides
@@ -212,6 +214,16 @@ fn checked_places(m: &Manifest, opts: &RestoreOptions) -> Result<Places, Problem
         // A setting that cannot be written safely is refused before any write.
         recovery::recovery_conf(r, &opts.target.join(recovery::SPOOL), &m.backup_id)?;
     }
+    if let Some(s) = &opts.standby {
+        if opts.recovery.is_some() || m.source["type"] != "postgres" {
+            return Err(Problem::new(
+                Code::UsageInvalidArgument,
+                "--standby restores a PostgreSQL backup as a standby; it takes no recovery target (--to, --to-lsn, --to-name)",
+            )
+            .suggest("Drop the recovery target, or --standby", None));
+        }
+        recovery::standby_conf(s, &m.backup_id)?;
+    }
     Places::new(m, opts)
 }
 
@@ -268,6 +280,13 @@ fn run(
             .ok_or_else(|| Problem::new(Code::VerifyMalformed, "manifest has no root entry"))?;
         stage_wal(repo, &index, m, target, r, root, opts.threads)?;
         recovery::write_recovery(target, r, root, &m.backup_id)?;
+    }
+    if let Some(s) = &opts.standby {
+        let root = m
+            .entries
+            .first()
+            .ok_or_else(|| Problem::new(Code::VerifyMalformed, "manifest has no root entry"))?;
+        recovery::write_standby(target, s, root, &m.backup_id)?;
     }
     for r in &roots {
         r.sync()?;

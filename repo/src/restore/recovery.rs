@@ -126,13 +126,50 @@ pub fn write_recovery(
     backup_id: &str,
 ) -> Result<(), Problem> {
     let conf = recovery_conf(r, &target.path().join(SPOOL), backup_id)?;
+    write_signal(target, &conf, "recovery.signal", root)
+}
+
+/// `restore --standby`: the restored cluster starts as a standby
+/// (`standby.signal`), of `primary_conninfo` when given (appended to
+/// `postgresql.auto.conf`; else the one the backup holds, if any).
+#[derive(Clone, Debug, Default)]
+pub struct Standby {
+    pub primary_conninfo: Option<String>,
+}
+
+/// The settings a standby restore appends.
+pub fn standby_conf(s: &Standby, backup_id: &str) -> Result<String, Problem> {
+    let mut conf = format!(
+        "\n# pg_hardstorage: a standby restored from {}\n",
+        backup_id.replace(|c: char| c.is_control(), "")
+    );
+    if let Some(ci) = &s.primary_conninfo {
+        conf.push_str(&format!(
+            "primary_conninfo = {}\n",
+            quote_conf("primary_conninfo", ci)?
+        ));
+    }
+    Ok(conf)
+}
+
+/// Writes `standby.signal` and the standby settings beneath `target`.
+pub fn write_standby(
+    target: &Root,
+    s: &Standby,
+    root: &Entry,
+    backup_id: &str,
+) -> Result<(), Problem> {
+    write_signal(target, &standby_conf(s, backup_id)?, "standby.signal", root)
+}
+
+/// Appends `conf` to `postgresql.auto.conf` and creates `signal`, both
+/// owned like the data directory. A link at either name is replaced by a
+/// file, never followed.
+fn write_signal(target: &Root, conf: &str, signal: &str, root: &Entry) -> Result<(), Problem> {
     let auto = target.append(b"postgresql.auto.conf", conf.as_bytes())?;
-    let signal = target.create_file(b"recovery.signal", 0)?;
+    let sig = target.create_file(signal.as_bytes(), 0)?;
     if unsafe { libc::geteuid() } == 0 {
-        for (f, name) in [
-            (&auto, "postgresql.auto.conf"),
-            (&signal, "recovery.signal"),
-        ] {
+        for (f, name) in [(&auto, "postgresql.auto.conf"), (&sig, signal)] {
             std::os::unix::fs::fchown(f, Some(root.uid), Some(root.gid))
                 .map_err(|e| super::dest::werr(&target.path().join(name), e))?;
         }

@@ -49,6 +49,7 @@ fn a_delta_restore_writes_about_the_changed_pages_and_boots() {
         tablespace_mapping: Vec::new(),
         delta: true,
         pg_bindirs: pg_hardstorage_repo::restore::pgverify::bindirs_from_env(),
+        standby: None,
     };
     let summary = restore(&repo, &m2, &opts, &bus).expect("delta restore");
     bus.close();

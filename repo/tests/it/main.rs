@@ -106,6 +106,7 @@ pub fn restore_to(repo: &Repository, m: &Manifest, target: &Path) -> Result<(), 
             tablespace_mapping: Vec::new(),
             delta: false,
             pg_bindirs: Vec::new(),
+            standby: None,
         },
         &EventBus::new(),
     )

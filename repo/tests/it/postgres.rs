@@ -143,6 +143,7 @@ fn restore_refuses_a_live_postmaster_even_with_force() {
             tablespace_mapping: Vec::new(),
             delta: false,
             pg_bindirs: Vec::new(),
+            standby: None,
         },
         &pg_hardstorage_engine::event::EventBus::new(),
     )
@@ -205,6 +206,7 @@ fn tablespace_is_backed_up_and_restored() {
             tablespace_mapping: vec![(ts.display().to_string(), moved.clone())],
             delta: false,
             pg_bindirs: Vec::new(),
+            standby: None,
         },
         &pg_hardstorage_engine::event::EventBus::new(),
     )
@@ -242,6 +244,7 @@ fn restore_pg(
             tablespace_mapping: Vec::new(),
             delta: false,
             pg_bindirs,
+            standby: None,
         },
         bus,
     )
@@ -697,4 +700,69 @@ fn an_incremental_backup_by_a_role_that_may_not_read_files_says_it_was_unchecked
     let why = event_body(&events, "backup_incremental_unchecked");
     let reason = why["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("cannot be read back"), "{why}");
+}
+
+/// `restore --standby --primary-conninfo …`: the restored cluster starts
+/// as a streaming standby of the primary and follows it (a row written on
+/// the primary after the backup arrives); a recovery target with
+/// `--standby` is refused before anything is written.
+#[test]
+fn a_backup_restores_as_a_standby_that_follows_the_primary() {
+    use pg_hardstorage_repo::restore::{restore, RestoreOptions, Standby};
+    let (tmp, repo) = local_repo(Default::default());
+    let primary = PgCluster::start();
+    primary.configure(&["wal_keep_size = '1GB'"]);
+    primary.psql("postgres", "SELECT pg_reload_conf()");
+    primary.psql("postgres", "CREATE TABLE t AS SELECT 1 AS v");
+    add_pg_deployment(&repo, "p", &primary);
+    let (m, _) = backup(&repo, "p").expect("backup");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let target = tmp.path().join("replica");
+    let opts = RestoreOptions {
+        target: target.clone(),
+        force: false,
+        threads: 2,
+        recovery: None,
+        verify: Default::default(),
+        tablespace_mapping: Vec::new(),
+        delta: false,
+        pg_bindirs: Vec::new(),
+        standby: Some(Standby {
+            primary_conninfo: Some(format!(
+                "host={} port={} user=postgres",
+                primary.sock.display(),
+                primary.port
+            )),
+        }),
+    };
+    let bus = pg_hardstorage_engine::event::EventBus::new();
+    restore(&repo, &m, &opts, &bus).expect("standby restore");
+    assert!(target.join("standby.signal").exists());
+    let replica = PgCluster::on_existing(&target).started();
+    primary.psql("postgres", "INSERT INTO t VALUES (2)");
+    replica.catch_up(&primary);
+    let in_recovery = replica.psql("postgres", "SELECT pg_is_in_recovery()");
+    assert_eq!(in_recovery.trim(), "t");
+    let rows = replica.psql(
+        "postgres",
+        "SELECT string_agg(v::text, ',' ORDER BY v) FROM t",
+    );
+    assert_eq!(rows.trim(), "1,2", "the standby follows the primary");
+    let both = RestoreOptions {
+        target: tmp.path().join("both"),
+        recovery: Some(pg_hardstorage_repo::restore::Recovery {
+            restore_command: None,
+            target: pg_hardstorage_repo::restore::RecoveryTarget::Latest,
+            staged: Vec::new(),
+            prefetch: 0,
+        }),
+        ..opts
+    };
+    let e = pg_hardstorage_repo::restore::check(&m, &both).expect_err("refused");
+    assert_eq!(e.code, "usage.invalid_argument", "{e}");
+    assert!(!tmp.path().join("both").exists(), "nothing written");
 }

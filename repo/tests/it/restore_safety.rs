@@ -20,6 +20,7 @@ fn opts(target: &Path, force: bool, recovery: Option<Recovery>) -> RestoreOption
         tablespace_mapping: Vec::new(),
         delta: false,
         pg_bindirs: Vec::new(),
+        standby: None,
     }
 }
 
