@@ -766,3 +766,71 @@ fn a_backup_restores_as_a_standby_that_follows_the_primary() {
     assert_eq!(e.code, "usage.invalid_argument", "{e}");
     assert!(!tmp.path().join("both").exists(), "nothing written");
 }
+
+/// An incremental backup across a promotion (the upstream risk of a
+/// standby promoted at a WAL-summary boundary): the deployment names the
+/// primary and its standby (`target_session_attrs=read-write`), both
+/// summarize WAL; after a first backup on the primary, the primary stops,
+/// the standby is promoted and written to, and the next backup — on the new
+/// primary, timeline 2 — is incremental against the first and restores to
+/// the new primary's tables.
+#[test]
+fn an_incremental_backup_follows_a_promotion() {
+    let Some(m) = incremental_major() else {
+        eprintln!("not applicable before PostgreSQL 17");
+        return;
+    };
+    let (tmp, repo) = local_repo(Default::default());
+    let primary = PgCluster::initdb_with(m, &["--data-checksums"]);
+    primary.configure(&["summarize_wal = on"]);
+    let mut primary = primary.started();
+    primary.run("pgbench", &["-i", "-s", "5", "-q", "postgres"]);
+    let standby = primary.standby().started();
+    standby.catch_up(&primary);
+    let conninfo = format!(
+        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
+        primary.sock.display(),
+        standby.sock.display(),
+        primary.port,
+        standby.port
+    );
+    deployment::create(
+        &repo,
+        Deployment {
+            name: "ha".into(),
+            kind: Kind::Postgres,
+            path: None,
+            pg: Some(conninfo),
+            pgdata: None,
+            created_at: String::new(),
+            system_identifier: None,
+            tenant: None,
+        },
+    )
+    .expect("deployment");
+    let (m1, _) = backup(&repo, "ha").expect("first, on the primary");
+    primary.run("pgbench", &["-c", "2", "-j", "2", "-t", "200", "postgres"]);
+    standby.catch_up(&primary);
+    primary.stop();
+    standby.promote();
+    standby.run("pgbench", &["-c", "2", "-j", "2", "-t", "200", "postgres"]);
+    let before = checksums(&standby);
+    let (m2, events) = backup(&repo, "ha").expect("second, on the new primary");
+    assert_eq!(m2.source["timeline"], 2, "{}", m2.source);
+    assert_eq!(
+        m2.source["incremental_from"],
+        m1.backup_id,
+        "{:?}",
+        events.ops()
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let target = tmp.path().join("restored");
+    restore_to(&repo, &m2, &target).expect("restore");
+    let restored = PgCluster::on_existing_major(&target, m).started();
+    assert_eq!(checksums(&restored), before, "restored tables differ");
+    restored.amcheck();
+}
