@@ -202,11 +202,14 @@ fn run(
     }
 }
 
-/// Errors of an incremental attempt that a full read may not meet.
+/// Errors of an incremental attempt that a full read may not meet. WAL
+/// summaries missing for the range are SQLSTATE 55000, which reads as
+/// `pg.replication_denied`.
 fn retry_in_full(p: &Problem) -> bool {
     matches!(
         p.code.as_ref(),
         "pg.server_error"
+            | "pg.replication_denied"
             | "pg.protocol"
             | "backup.source_unreadable"
             | "backup.incremental_mismatch"

@@ -834,3 +834,46 @@ fn an_incremental_backup_follows_a_promotion() {
     assert_eq!(checksums(&restored), before, "restored tables differ");
     restored.amcheck();
 }
+
+/// The server's summaries do not cover the range since the previous backup
+/// (summarization was off while the WAL in between was recycled): the
+/// server refuses the incremental (SQLSTATE 55000), and the backup is taken
+/// in full after a `backup_incremental_fallback` saying so.
+#[test]
+fn an_incremental_backup_without_summaries_for_the_range_is_taken_in_full() {
+    let Some(m) = incremental_major() else {
+        eprintln!("not applicable before PostgreSQL 17");
+        return;
+    };
+    let (_tmp, repo) = local_repo(Default::default());
+    let src = PgCluster::initdb_major(m);
+    src.configure(&[
+        "summarize_wal = on",
+        "max_wal_size = '32MB'",
+        "min_wal_size = '32MB'",
+    ]);
+    let mut src = src.started();
+    src.psql("postgres", "CREATE TABLE t (v text)");
+    add_pg_deployment(&repo, "gap", &src);
+    backup(&repo, "gap").expect("first");
+    src.configure(&["summarize_wal = off"]);
+    src.stop();
+    let mut src = src.try_started().expect("restart without summaries");
+    for _ in 0..6 {
+        src.psql(
+            "postgres",
+            "INSERT INTO t SELECT repeat('z', 500) FROM generate_series(1, 20000)",
+        );
+        src.psql("postgres", "SELECT pg_switch_wal()");
+        src.psql("postgres", "CHECKPOINT");
+    }
+    src.configure(&["summarize_wal = on"]);
+    src.stop();
+    let src = src.try_started().expect("restart with summaries");
+    let (m2, events) = backup(&repo, "gap").expect("taken in full");
+    assert!(m2.source["incremental_from"].is_null(), "{}", m2.source);
+    let why = event_body(&events, "backup_incremental_fallback");
+    let said = why["reason"].as_str().unwrap_or_default();
+    assert!(said.contains("WAL summaries"), "{why}");
+    drop(src);
+}
