@@ -43,12 +43,7 @@ pub fn check(
     bus: &EventBus,
 ) -> Result<(), Problem> {
     let mut conn = Conn::connect(ci, false)?;
-    let show = |c: &mut Conn, what: &str| -> Result<bool, Problem> {
-        let rows = c.simple_query(&format!("SHOW {what}"))?;
-        let v = rows.first().and_then(|s| s.first()).and_then(|r| r.first());
-        Ok(v.cloned().flatten().as_deref() == Some("on"))
-    };
-    if !(show(&mut conn, "data_checksums")? || show(&mut conn, "wal_log_hints")?) {
+    if !(conn.show("data_checksums")? == "on" || conn.show("wal_log_hints")? == "on") {
         return unchecked(bus, "without data_checksums or wal_log_hints, hint bits change pages without WAL: the sample cannot be compared");
     }
     let probes = sample(files)?;

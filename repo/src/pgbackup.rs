@@ -55,7 +55,7 @@ pub fn preflight(
 ) -> Result<phs_pg::SystemInfo, Problem> {
     let system = conn.identify_system()?;
     deployment::bind_system(repo, name, &system.system_identifier)?;
-    if show(conn, "wal_level")? == "minimal" {
+    if conn.show("wal_level")? == "minimal" {
         return Err(Problem::new(
             Code::PgReplicationDenied,
             "wal_level is minimal: base backups and WAL streaming need replica or logical",
@@ -67,7 +67,7 @@ pub fn preflight(
     }
     // Segment names and offsets assume 16 MiB segments: another size
     // (initdb --wal-segsize) is refused rather than archived wrongly.
-    let segment = show(conn, "wal_segment_size")?;
+    let segment = conn.show("wal_segment_size")?;
     if segment != "16MB" {
         return Err(Problem::new(
             Code::PgWalSegmentSizeUnsupported,
@@ -79,7 +79,7 @@ pub fn preflight(
             None,
         ));
     }
-    if show(conn, "max_slot_wal_keep_size")? == "-1" {
+    if conn.show("max_slot_wal_keep_size")? == "-1" {
         bus.publish(Event::new(Severity::Warning, "pg_preflight_warning").body(json!({
             "deployment": name,
             "setting": "max_slot_wal_keep_size",
@@ -92,7 +92,7 @@ pub fn preflight(
 
 /// The server's page size (`block_size`, 8192 unless PostgreSQL was built otherwise).
 fn block_size(conn: &mut Conn) -> Result<u32, Problem> {
-    let v = show(conn, "block_size")?;
+    let v = conn.show("block_size")?;
     v.parse::<u32>()
         .ok()
         .filter(|n| n.is_power_of_two() && (512..=65536).contains(n))
@@ -102,15 +102,6 @@ fn block_size(conn: &mut Conn) -> Result<u32, Problem> {
                 format!("server reports block_size {v:?}, not a page size"),
             )
         })
-}
-
-fn show(conn: &mut Conn, what: &str) -> Result<String, Problem> {
-    Ok(conn
-        .simple_query(&format!("SHOW {what}"))?
-        .first()
-        .and_then(|s| s.first())
-        .and_then(|r| r.first().cloned().flatten())
-        .unwrap_or_default())
 }
 
 /// Takes a base backup of a postgres deployment.
@@ -274,6 +265,7 @@ struct Attempt<'a> {
 /// server could have) when not.
 fn incremental_base(
     repo: &Repository,
+    index: &RepoIndex,
     conn: &mut Conn,
     previous: Option<&Manifest>,
     deployment: &str,
@@ -282,7 +274,7 @@ fn incremental_base(
     if conn.server_major() < 17 {
         return Ok(None);
     }
-    if show(conn, "summarize_wal")? != "on" {
+    if conn.show("summarize_wal")? != "on" {
         fallback(
             bus,
             deployment,
@@ -301,8 +293,7 @@ fn incremental_base(
         );
         return Ok(None);
     };
-    let index = RepoIndex::load(repo)?;
-    let text = crate::chunks::read_chunks(repo, &index, &e.chunks, "backup_manifest")?;
+    let text = crate::chunks::read_chunks(repo, index, &e.chunks, "backup_manifest")?;
     if let Err(p) = conn.upload_manifest(&text) {
         fallback(
             bus,
@@ -331,163 +322,138 @@ impl Attempt<'_> {
             opts,
             previous,
         } = *self;
-        take(
-            repo,
-            lease,
-            name,
-            ci,
-            backup_id,
-            bus,
-            opts,
-            previous,
-            incremental,
-        )
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn take(
-    repo: &Repository,
-    lease: &Lease,
-    name: &str,
-    ci: &ConnInfo,
-    backup_id: &str,
-    bus: &EventBus,
-    opts: &BackupOptions,
-    previous: Option<&Manifest>,
-    incremental: &mut bool,
-) -> Result<(Manifest, bool), Problem> {
-    let started_at = pg_hardstorage_engine::event::now_rfc3339();
-    let mut conn = Conn::connect(ci, true)?;
-    let system = preflight(repo, name, &mut conn, bus)?;
-    let server_version = conn.server_version.clone();
-    let label = format!("pg_hardstorage {backup_id}");
-    let page_size = block_size(&mut conn)?;
-    let from = match *incremental {
-        true => incremental_base(repo, &mut conn, previous, name, bus)?,
-        false => None,
-    };
-    *incremental = from.is_some();
-    let mut source = BaseBackupSource::new(conn, label.clone());
-    if from.is_some() {
-        source = source.incremental(page_size);
-    }
-    let (members, info) = (source.entries.clone(), source.info.clone());
-    let increments = source.increments.clone();
-    let index = RepoIndex::load(repo)?;
-    let dedup = Arc::new(index.dedup());
-    drop(index);
-    // Relation files are paged against the deployment's newest backup.
-    let planner = Arc::new(RelationPlanner::new(
-        members.clone(),
-        increments.clone(),
-        page_size,
-        previous,
-        &dedup,
-    ));
-    let mut added = crate::pages::Added::default();
-    let mut chunks: Vec<Vec<(ChunkId, u32)>> = Vec::new();
-    let report = run_pipeline(
-        repo,
-        Box::new(source),
-        dedup,
-        bus,
-        &opts.pipeline,
-        Some(planner.clone()),
-        &mut |c| {
-            added.record(&c);
-            let i = c.file as usize;
-            if chunks.len() <= i {
-                chunks.resize_with(i + 1, Vec::new);
-            }
-            chunks[i].push((c.id, c.len));
-        },
-    )?;
-    let members = members.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let info = info.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    report_bad_pages(bus, name, &info);
-    let first = members.first();
-    let mut entries = vec![Entry {
-        path: ".".into(),
-        path_hex: false,
-        kind: EntryKind::Dir,
-        mode: 0o700,
-        uid: first.map_or(0, |h| h.uid),
-        gid: first.map_or(0, |h| h.gid),
-        mtime_s: first.map_or(0, |h| h.mtime),
-        mtime_ns: 0,
-        size: 0,
-        target: None,
-        chunks: Vec::new(),
-        pages: None,
-    }];
-    chunks.resize_with(members.len(), Vec::new);
-    for (h, c) in members.iter().zip(chunks) {
-        let mut e = entry(h, c);
-        // A tablespace's link becomes the directory its files are restored
-        // into, where PostgreSQL's backup_manifest expects them.
-        let is_ts_link = e.kind == EntryKind::Symlink
-            && info
-                .tablespaces
-                .iter()
-                .any(|(oid, _)| e.path == format!("pg_tblspc/{oid}"));
-        if is_ts_link {
-            e.kind = EntryKind::Dir;
-            e.mode = 0o700;
-            e.target = None;
+        let started_at = pg_hardstorage_engine::event::now_rfc3339();
+        let mut conn = Conn::connect(ci, true)?;
+        let system = preflight(repo, name, &mut conn, bus)?;
+        let server_version = conn.server_version.clone();
+        let label = format!("pg_hardstorage {backup_id}");
+        let page_size = block_size(&mut conn)?;
+        let index = RepoIndex::load(repo)?;
+        let from = match *incremental {
+            true => incremental_base(repo, &index, &mut conn, previous, name, bus)?,
+            false => None,
+        };
+        *incremental = from.is_some();
+        let mut source = BaseBackupSource::new(conn, label.clone());
+        if from.is_some() {
+            source = source.incremental(page_size);
         }
-        entries.push(e);
-    }
-    let mut paged = BackupStats::default();
-    planner.apply(&mut entries, 1, &added.by_file, &mut paged);
-    let mut stats = settle(&mut entries, &report);
-    stats.paged_bytes = paged.paged_bytes;
-    stats.pages = paged.pages;
-    stats.pages_stored = paged.pages_stored;
-    stats.paged_bytes_added = paged.paged_bytes_added;
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        backup_id: backup_id.to_string(),
-        deployment: name.to_string(),
-        kind: "full".into(),
-        source: json!({
-            "type": "postgres",
-            "system_identifier": system.system_identifier,
-            "timeline": info.start_timeline,
-            "start_lsn": info.start_lsn,
-            "end_lsn": info.end_lsn,
-            "end_timeline": info.end_timeline,
-            "server_version": server_version,
-            "label": label,
-            "wal_included": true,
-            "has_backup_manifest": info.has_manifest,
-            // The backup whose manifest the server compared against, when
-            // it sent only changed blocks (PostgreSQL 17+); every backup
-            // restores on its own either way.
-            "incremental_from": from,
-            "bytes_received": info.bytes_received,
-            // Pages the server found damaged (data_checksums): the
-            // database's damage, stored as read; at most five a file named.
-            "page_checksum_failures": {
-                "count": info.checksum_failures,
-                "pages": info.bad_pages.iter().map(|(p, b)| json!({"path": p, "block": b})).collect::<Vec<_>>(),
+        let (members, info) = (source.entries.clone(), source.info.clone());
+        let increments = source.increments.clone();
+        let dedup = Arc::new(index.dedup());
+        drop(index);
+        // Relation files are paged against the deployment's newest backup.
+        let planner = Arc::new(RelationPlanner::new(
+            members.clone(),
+            increments.clone(),
+            page_size,
+            previous,
+            &dedup,
+        ));
+        let mut added = crate::pages::Added::default();
+        let mut chunks: Vec<Vec<(ChunkId, u32)>> = Vec::new();
+        let report = run_pipeline(
+            repo,
+            Box::new(source),
+            dedup,
+            bus,
+            &opts.pipeline,
+            Some(planner.clone()),
+            &mut |c| {
+                added.record(&c);
+                let i = c.file as usize;
+                if chunks.len() <= i {
+                    chunks.resize_with(i + 1, Vec::new);
+                }
+                chunks[i].push((c.id, c.len));
             },
-            "tablespaces": info.tablespaces.iter().map(|(oid, loc)| json!({"oid": oid, "location": loc})).collect::<Vec<_>>(),
-        }),
-        started_at,
-        finished_at: pg_hardstorage_engine::event::now_rfc3339(),
-        chunker: repo.config.chunker.clone(),
-        stats,
-        entries,
-    };
-    manifest.validate()?;
-    if from.is_some() {
-        let incs = increments.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        cross_check(repo, ci, &manifest, &incs, &info.start_lsn, bus)?;
+        )?;
+        let members = members.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let info = info.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        report_bad_pages(bus, name, &info);
+        let first = members.first();
+        let mut entries = vec![Entry {
+            path: ".".into(),
+            path_hex: false,
+            kind: EntryKind::Dir,
+            mode: 0o700,
+            uid: first.map_or(0, |h| h.uid),
+            gid: first.map_or(0, |h| h.gid),
+            mtime_s: first.map_or(0, |h| h.mtime),
+            mtime_ns: 0,
+            size: 0,
+            target: None,
+            chunks: Vec::new(),
+            pages: None,
+        }];
+        chunks.resize_with(members.len(), Vec::new);
+        for (h, c) in members.iter().zip(chunks) {
+            let mut e = entry(h, c);
+            // A tablespace's link becomes the directory its files are restored
+            // into, where PostgreSQL's backup_manifest expects them.
+            let is_ts_link = e.kind == EntryKind::Symlink
+                && info
+                    .tablespaces
+                    .iter()
+                    .any(|(oid, _)| e.path == format!("pg_tblspc/{oid}"));
+            if is_ts_link {
+                e.kind = EntryKind::Dir;
+                e.mode = 0o700;
+                e.target = None;
+            }
+            entries.push(e);
+        }
+        let mut paged = BackupStats::default();
+        planner.apply(&mut entries, 1, &added.by_file, &mut paged);
+        let mut stats = settle(&mut entries, &report);
+        stats.paged_bytes = paged.paged_bytes;
+        stats.pages = paged.pages;
+        stats.pages_stored = paged.pages_stored;
+        stats.paged_bytes_added = paged.paged_bytes_added;
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            backup_id: backup_id.to_string(),
+            deployment: name.to_string(),
+            kind: "full".into(),
+            source: json!({
+                "type": "postgres",
+                "system_identifier": system.system_identifier,
+                "timeline": info.start_timeline,
+                "start_lsn": info.start_lsn,
+                "end_lsn": info.end_lsn,
+                "end_timeline": info.end_timeline,
+                "server_version": server_version,
+                "label": label,
+                "wal_included": true,
+                "has_backup_manifest": info.has_manifest,
+                // The backup whose manifest the server compared against, when
+                // it sent only changed blocks (PostgreSQL 17+); every backup
+                // restores on its own either way.
+                "incremental_from": from,
+                "bytes_received": info.bytes_received,
+                // Pages the server found damaged (data_checksums): the
+                // database's damage, stored as read; at most five a file named.
+                "page_checksum_failures": {
+                    "count": info.checksum_failures,
+                    "pages": info.bad_pages.iter().map(|(p, b)| json!({"path": p, "block": b})).collect::<Vec<_>>(),
+                },
+                "tablespaces": info.tablespaces.iter().map(|(oid, loc)| json!({"oid": oid, "location": loc})).collect::<Vec<_>>(),
+            }),
+            started_at,
+            finished_at: pg_hardstorage_engine::event::now_rfc3339(),
+            chunker: repo.config.chunker.clone(),
+            stats,
+            entries,
+        };
+        manifest.validate()?;
+        if from.is_some() {
+            let incs = increments.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            cross_check(repo, ci, &manifest, &incs, &info.start_lsn, bus)?;
+        }
+        crate::backup::ensure_indexed(repo, &manifest)?;
+        lease.ensure_held()?;
+        commit(repo, &manifest)?;
+        let verified = crate::catalog::load_manifest(repo, name, backup_id).is_ok();
+        Ok((manifest, verified))
     }
-    crate::backup::ensure_indexed(repo, &manifest)?;
-    lease.ensure_held()?;
-    commit(repo, &manifest)?;
-    let verified = crate::catalog::load_manifest(repo, name, backup_id).is_ok();
-    Ok((manifest, verified))
 }

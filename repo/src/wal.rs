@@ -365,22 +365,10 @@ pub fn slot_name(deployment: &str) -> String {
     )
 }
 
-/// Where streaming resumes: the end of the newest archived segment of the
-/// timeline, or the slot's restart point, whichever is later.
-fn resume_point(
-    repo: &Repository,
-    deployment: &str,
-    timeline: u32,
-    slot_restart: u64,
-) -> Result<u64, Problem> {
-    let archived = list_names(repo, deployment)?
-        .iter()
-        .filter_map(|n| parse_segment_name(n))
-        .filter(|(t, _)| *t == timeline)
-        .map(|(_, s)| (s + 1) * SEGMENT_SIZE)
-        .max()
-        .unwrap_or(0);
-    Ok(archived.max(slot_restart - slot_restart % SEGMENT_SIZE))
+/// The end of the newest segment archived on `timeline` (0: none).
+fn archived_until(repo: &Repository, deployment: &str, timeline: u32) -> Result<u64, Problem> {
+    let names = list_names(repo, deployment)?;
+    Ok(crate::timelines::archive_end(&names, &[], timeline).unwrap_or(0))
 }
 
 /// Where streaming starts, and on which timeline: after the newest segment
@@ -430,7 +418,7 @@ pub fn stream_once(
             // PostgreSQL invalidated the slot (max_slot_wal_keep_size): the
             // WAL it held is gone from the server. Say so loudly, make the
             // hole visible, and carry on from a fresh slot.
-            let archived = resume_point(repo, deployment, system.timeline, 0)?;
+            let archived = archived_until(repo, deployment, system.timeline)?;
             bus.publish(
                 Event::new(Severity::Error, "wal_slot_invalidated").body(json!({
                     "deployment": deployment, "slot": slot,
@@ -598,7 +586,7 @@ pub fn repair(
     }
     conn.create_slot(&slot)?;
     let fresh = conn.read_slot(&slot)?.map(|(l, _)| l).unwrap_or(0);
-    let archived = resume_point(repo, deployment, system.timeline, 0)?;
+    let archived = archived_until(repo, deployment, system.timeline)?;
     let start = fresh - fresh % SEGMENT_SIZE;
     let gap = (archived > 0 && start > archived).then(|| {
         json!({

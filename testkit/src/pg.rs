@@ -441,6 +441,19 @@ impl PgCluster {
         }
     }
 
+    /// A libpq connection string naming `hosts` in order, settling on the
+    /// one that accepts writes (`target_session_attrs=read-write`).
+    pub fn read_write_conninfo(hosts: &[&PgCluster]) -> String {
+        let list = |f: &dyn Fn(&PgCluster) -> String| {
+            hosts.iter().map(|h| f(h)).collect::<Vec<_>>().join(",")
+        };
+        format!(
+            "host={} port={} user=postgres dbname=postgres target_session_attrs=read-write",
+            list(&|h| h.sock.display().to_string()),
+            list(&|h| h.port.to_string())
+        )
+    }
+
     /// `pg_ctl promote`, waiting until the server accepts writes.
     pub fn promote(&self) {
         let data = self.data.to_str().expect("utf8");

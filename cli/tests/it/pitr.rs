@@ -976,6 +976,35 @@ fn doctor_reports_a_missing_slot_a_stale_backup_and_a_wal_gap() {
     assert_eq!(slot["command"], "pg_hardstorage wal repair pg");
 }
 
+/// `wal stream pg` with key `k`, its events to `out`.
+fn stream_wal(env: &Env, k: &str, out: impl Into<Stdio>) -> Streamer {
+    Streamer(
+        env.cmd(&["wal", "stream", "pg", "--key-file", k, "-o", "ndjson"])
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("wal stream"),
+    )
+}
+
+/// An environment with a repository keyed by a key file PostgreSQL's user
+/// can read (`hex` repeated), shared with postgres's group; the key's path.
+fn keyed_env(hex: &str) -> (Env, String) {
+    let env = Env::new();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let key = env.path("repo.key");
+    std::fs::write(&key, hex.repeat(32)).expect("key");
+    give_to_postgres(&key);
+    let key = key.to_str().expect("utf8").to_string();
+    env.ok(&["repo", "init", "--key-file", &key]);
+    share_with_postgres_group(&env.repo());
+    (env, key)
+}
+
 /// Waits until `wal list` shows segment `name` and history file `history`
 /// (if any); returns the listing.
 fn wait_archived(env: &Env, k: &str, name: &str, history: Option<&str>) -> serde_json::Value {
@@ -1024,28 +1053,12 @@ fn switch_wal(pg: &PgCluster, timeline: u32) -> String {
 /// after the promotion lands exactly there.
 #[test]
 fn wal_streaming_follows_a_failover_to_the_promoted_standby() {
-    let env = Env::new();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
-    }
-    let key = env.path("repo.key");
-    std::fs::write(&key, "5a".repeat(32)).expect("key");
-    give_to_postgres(&key);
-    let k = key.to_str().expect("utf8");
+    let (env, key) = keyed_env("5a");
+    let k = key.as_str();
     let mut primary = PgCluster::start();
     primary.psql("postgres", "CREATE TABLE t (v text)");
     let standby = primary.standby().started();
-    env.ok(&["repo", "init", "--key-file", k]);
-    share_with_postgres_group(&env.repo());
-    let conninfo = format!(
-        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
-        standby.sock.display(),
-        primary.sock.display(),
-        standby.port,
-        primary.port
-    );
+    let conninfo = PgCluster::read_write_conninfo(&[&standby, &primary]);
     env.ok(&[
         "deployment",
         "create",
@@ -1064,13 +1077,7 @@ fn wal_streaming_follows_a_failover_to_the_promoted_standby() {
             .append(true)
             .open(env.path("stream.ndjson"))
             .expect("log");
-        Streamer(
-            env.cmd(&["wal", "stream", "pg", "--key-file", k, "-o", "ndjson"])
-                .stdout(log)
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("wal stream"),
-        )
+        stream_wal(&env, k, log)
     };
     let first = streamer();
     primary.psql("postgres", "INSERT INTO t VALUES ('a')");
@@ -1201,29 +1208,13 @@ fn a_clean_shutdown_is_confirmed_with_a_partial_segment() {
 /// and the restored cluster passes pg_amcheck.
 #[test]
 fn wal_stream_rides_through_a_promotion_in_the_middle_of_pgbench() {
-    let env = Env::new();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
-    }
-    let key = env.path("repo.key");
-    std::fs::write(&key, "6b".repeat(32)).expect("key");
-    give_to_postgres(&key);
-    let k = key.to_str().expect("utf8");
+    let (env, key) = keyed_env("6b");
+    let k = key.as_str();
     let mut primary = PgCluster::start();
     primary.run("pgbench", &["-i", "-s", "2", "-q", "postgres"]);
     primary.psql("postgres", "CREATE TABLE t (v text)");
     let standby = primary.standby().started();
-    env.ok(&["repo", "init", "--key-file", k]);
-    share_with_postgres_group(&env.repo());
-    let conninfo = format!(
-        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
-        primary.sock.display(),
-        standby.sock.display(),
-        primary.port,
-        standby.port
-    );
+    let conninfo = PgCluster::read_write_conninfo(&[&primary, &standby]);
     env.ok(&[
         "deployment",
         "create",
@@ -1234,13 +1225,7 @@ fn wal_stream_rides_through_a_promotion_in_the_middle_of_pgbench() {
         k,
     ]);
     env.ok(&["backup", "run", "pg", "--key-file", k]);
-    let _streamer = Streamer(
-        env.cmd(&["wal", "stream", "pg", "--key-file", k, "-o", "ndjson"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("wal stream"),
-    );
+    let _streamer = stream_wal(&env, k, Stdio::null());
     let port = primary.port.to_string();
     let mut bench = std::process::Command::new("runuser")
         .args(["-u", "postgres", "--"])
@@ -1310,21 +1295,11 @@ fn wal_stream_rides_through_a_promotion_in_the_middle_of_pgbench() {
 /// on the primary.
 #[test]
 fn a_standby_deployment_streams_wal_and_recovers_to_a_point_in_time() {
-    let env = Env::new();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
-    }
-    let key = env.path("repo.key");
-    std::fs::write(&key, "7c".repeat(32)).expect("key");
-    give_to_postgres(&key);
-    let k = key.to_str().expect("utf8");
+    let (env, key) = keyed_env("7c");
+    let k = key.as_str();
     let mut primary = PgCluster::start();
     primary.psql("postgres", "CREATE TABLE t (v text)");
     let standby = primary.standby().started();
-    env.ok(&["repo", "init", "--key-file", k]);
-    share_with_postgres_group(&env.repo());
     let conninfo = standby.conninfo();
     env.ok(&[
         "deployment",
@@ -1336,13 +1311,7 @@ fn a_standby_deployment_streams_wal_and_recovers_to_a_point_in_time() {
         k,
     ]);
     env.ok(&["backup", "run", "pg", "--key-file", k]);
-    let _streamer = Streamer(
-        env.cmd(&["wal", "stream", "pg", "--key-file", k, "-o", "ndjson"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("wal stream"),
-    );
+    let _streamer = stream_wal(&env, k, Stdio::null());
     primary.psql("postgres", "INSERT INTO t VALUES ('a')");
     std::thread::sleep(Duration::from_millis(1100));
     let t = now_utc(&primary);

@@ -15,13 +15,18 @@ const TABLES: [&str; 4] = [
 ];
 
 pub fn add_pg_deployment(repo: &pg_hardstorage_repo::Repository, name: &str, pg: &PgCluster) {
+    add_pg_deployment_at(repo, name, pg.conninfo());
+}
+
+/// A postgres deployment reached through `conninfo`.
+fn add_pg_deployment_at(repo: &pg_hardstorage_repo::Repository, name: &str, conninfo: String) {
     deployment::create(
         repo,
         Deployment {
             name: name.into(),
             kind: Kind::Postgres,
             path: None,
-            pg: Some(pg.conninfo()),
+            pg: Some(conninfo),
             pgdata: None,
             created_at: String::new(),
             system_identifier: None,
@@ -674,20 +679,7 @@ fn an_incremental_backup_by_a_role_that_may_not_read_files_says_it_was_unchecked
         "CREATE TABLE t AS SELECT generate_series(1, 20000) g",
     );
     let conninfo = src.conninfo().replace("user=postgres", "user=rep");
-    deployment::create(
-        &repo,
-        Deployment {
-            name: "rep".into(),
-            kind: Kind::Postgres,
-            path: None,
-            pg: Some(conninfo),
-            pgdata: None,
-            created_at: String::new(),
-            system_identifier: None,
-            tenant: None,
-        },
-    )
-    .expect("deployment");
+    add_pg_deployment_at(&repo, "rep", conninfo);
     let (m1, _) = backup(&repo, "rep").expect("first");
     src.psql("postgres", "UPDATE t SET g = g + 1 WHERE g % 100 = 0");
     let (m2, events) = backup(&repo, "rep").expect("incremental");
@@ -787,27 +779,8 @@ fn an_incremental_backup_follows_a_promotion() {
     primary.run("pgbench", &["-i", "-s", "5", "-q", "postgres"]);
     let standby = primary.standby().started();
     standby.catch_up(&primary);
-    let conninfo = format!(
-        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
-        primary.sock.display(),
-        standby.sock.display(),
-        primary.port,
-        standby.port
-    );
-    deployment::create(
-        &repo,
-        Deployment {
-            name: "ha".into(),
-            kind: Kind::Postgres,
-            path: None,
-            pg: Some(conninfo),
-            pgdata: None,
-            created_at: String::new(),
-            system_identifier: None,
-            tenant: None,
-        },
-    )
-    .expect("deployment");
+    let conninfo = PgCluster::read_write_conninfo(&[&primary, &standby]);
+    add_pg_deployment_at(&repo, "ha", conninfo);
     let (m1, _) = backup(&repo, "ha").expect("first, on the primary");
     primary.run("pgbench", &["-c", "2", "-j", "2", "-t", "200", "postgres"]);
     standby.catch_up(&primary);

@@ -392,15 +392,18 @@ impl Conn {
         Err(no_host(ci, tried))
     }
 
+    /// `SHOW name`: the setting's value (empty if the server gave none).
+    pub fn show(&mut self, name: &str) -> Result<String, Problem> {
+        let rows = self.simple_query(&format!("SHOW {name}"))?;
+        let v = rows.first().and_then(|s| s.first()).and_then(|r| r.first());
+        Ok(v.cloned().flatten().unwrap_or_default())
+    }
+
     /// Whether this session is what `want` asks for.
     fn session_is(&mut self, want: crate::conninfo::SessionAttrs) -> Result<bool, Problem> {
         use crate::conninfo::SessionAttrs;
         let major = self.server_major();
-        let mut show = |what: &str| -> Result<bool, Problem> {
-            let rows = self.simple_query(&format!("SHOW {what}"))?;
-            let v = rows.first().and_then(|s| s.first()).and_then(|r| r.first());
-            Ok(v.cloned().flatten().as_deref() == Some("on"))
-        };
+        let mut show = |what: &str| self.show(what).map(|v| v == "on");
         Ok(match want {
             SessionAttrs::Any => true,
             SessionAttrs::ReadWrite => !show("transaction_read_only")?,

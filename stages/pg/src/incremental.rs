@@ -168,24 +168,6 @@ fn rewrite_line(
     ))
 }
 
-/// What an incremental backup's members need to become whole files:
-/// `changes` for [`rewrite_manifest`] from each member's header.
-pub fn manifest_changes(
-    members: &HashMap<String, Incremental>,
-    block_size: u32,
-) -> HashMap<String, (String, u64)> {
-    members
-        .iter()
-        .filter_map(|(path, inc)| {
-            let bare = bare_path(path)?;
-            Some((
-                path.clone(),
-                (bare, inc.length_blocks() as u64 * block_size as u64),
-            ))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
