@@ -820,16 +820,18 @@ fn an_incremental_backup_without_summaries_for_the_range_is_taken_in_full() {
     };
     let (_tmp, repo) = local_repo(Default::default());
     let src = PgCluster::initdb_major(m);
-    src.configure(&[
-        "summarize_wal = on",
-        "max_wal_size = '32MB'",
-        "min_wal_size = '32MB'",
-    ]);
+    src.configure(&["summarize_wal = on"]);
     let mut src = src.started();
     src.psql("postgres", "CREATE TABLE t (v text)");
     add_pg_deployment(&repo, "gap", &src);
     backup(&repo, "gap").expect("first");
-    src.configure(&["summarize_wal = off"]);
+    // WAL recycled quickly only while nothing summarizes it (not during
+    // a backup, whose own WAL must stay until it is sent).
+    src.configure(&[
+        "summarize_wal = off",
+        "max_wal_size = '32MB'",
+        "min_wal_size = '32MB'",
+    ]);
     src.stop();
     let mut src = src.try_started().expect("restart without summaries");
     for _ in 0..6 {
@@ -840,7 +842,11 @@ fn an_incremental_backup_without_summaries_for_the_range_is_taken_in_full() {
         src.psql("postgres", "SELECT pg_switch_wal()");
         src.psql("postgres", "CHECKPOINT");
     }
-    src.configure(&["summarize_wal = on"]);
+    src.configure(&[
+        "summarize_wal = on",
+        "max_wal_size = '1GB'",
+        "min_wal_size = '80MB'",
+    ]);
     src.stop();
     let src = src.try_started().expect("restart with summaries");
     let (m2, events) = backup(&repo, "gap").expect("taken in full");
